@@ -1,0 +1,359 @@
+"""What the scripts share: features, tags, splits, the multi-scale CNN and metrics.
+
+Reference: Dabral, Deshmukh and Malapati, "A Multi-scale Convolutional Neural Network
+Architecture for Music Auto-Tagging", Springer 2018. Every constant below is the
+original system's (see the README for where we deliberately differ).
+"""
+import csv
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Features: log-mel spectrogram, 128 bands x 628 frames for a 29.1 s MTAT clip
+SAMPLE_RATE = 11025  # Hz, audio is resampled to this on load
+N_FFT = 2048  # samples per FFT window (186 ms at 11,025 Hz)
+HOP_LENGTH = 512  # samples between frames (46 ms)
+N_MELS = 128
+N_FRAMES = 628  # frames of one MTAT clip, the network's input width
+LOG_FLOOR = 1e-20  # mel power is clipped here before the natural log
+
+
+def feature_params():
+    """The feature parameters as a dict; stored with spectrograms and checkpoints."""
+    return dict(sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH,
+                n_mels=N_MELS, n_frames=N_FRAMES, log_floor=LOG_FLOOR)
+
+
+def log_mel_of_audio(audio):
+    """Log-mel spectrogram of a mono waveform already at SAMPLE_RATE.
+
+    Args:
+        audio: float ndarray (n_samples,), mono, at SAMPLE_RATE Hz.
+
+    Returns:
+        float32 ndarray (N_MELS, 1 + n_samples // HOP_LENGTH): natural log of the
+        mel power spectrogram (librosa defaults: centred frames, Slaney mel scale),
+        clipped at LOG_FLOOR first. Not cropped or padded.
+    """
+    import librosa  # imported here so that model-only users do not pay for it
+
+    mel_power = librosa.feature.melspectrogram(
+        y=audio, sr=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH, n_mels=N_MELS)
+    return np.log(np.maximum(mel_power, LOG_FLOOR)).astype(np.float32)
+
+
+def fit_frames(spec, n_frames=N_FRAMES):
+    """Crop or pad a log-mel spectrogram on the time axis to exactly n_frames.
+
+    Longer input keeps its first n_frames frames; shorter input is padded at the end
+    with log(LOG_FLOOR), the value silence has, so padding reads as silence.
+
+    Args:
+        spec: ndarray (N_MELS, n) of log-mel values.
+    Returns:
+        ndarray (N_MELS, n_frames), same dtype.
+    """
+    if spec.shape[1] >= n_frames:
+        return spec[:, :n_frames]
+    pad = np.full((spec.shape[0], n_frames - spec.shape[1]), np.log(LOG_FLOOR), spec.dtype)
+    return np.concatenate([spec, pad], axis=1)
+
+
+def load_audio(path):
+    """Decode any audio file librosa reads to a mono float32 waveform at SAMPLE_RATE.
+
+    Returns ndarray (n_samples,). Raises ValueError for a file with no audio samples,
+    and whatever the decoder raises for a file it cannot read.
+    """
+    import librosa
+
+    audio, _ = librosa.load(path, sr=SAMPLE_RATE, mono=True)
+    if audio.size == 0:
+        raise ValueError("no audio samples decoded")
+    return audio
+
+
+def log_mel(path, n_frames=N_FRAMES):
+    """Log-mel spectrogram of an audio file, as the original computed it.
+
+    librosa load at 11,025 Hz mono; mel spectrogram with n_fft 2048, hop 512, 128 bands,
+    power 2; natural log after clipping at 1e-20; then cropped/padded by `fit_frames`.
+
+    Args:
+        path: audio file (any format and sample rate librosa reads; stereo is averaged).
+        n_frames: frames to return; None returns every frame of the file.
+
+    Returns:
+        float32 ndarray (N_MELS, n_frames), or (N_MELS, 1 + n_samples // HOP_LENGTH).
+    """
+    spec = log_mel_of_audio(load_audio(path))
+    return spec if n_frames is None else fit_frames(spec, n_frames)
+
+
+# -----------------------------------------------------------------------------
+# Tags: read MTAT annotations, merge synonyms, keep the most frequent
+SYNONYMS = [
+    ["beat", "beats"],
+    ["chant", "chanting"],
+    ["choir", "choral"],
+    ["classical", "clasical", "classic"],
+    ["drum", "drums"],
+    ["electro", "electronic", "electronica", "electric"],
+    ["fast", "fast beat", "quick"],
+    ["female", "female singer", "female singing", "female vocals", "female voice",
+     "woman", "woman singing", "women"],
+    ["flute", "flutes"],
+    ["guitar", "guitars"],
+    ["hard", "hard rock"],
+    ["harpsichord", "harpsicord"],
+    ["heavy", "heavy metal", "metal"],
+    ["horn", "horns"],
+    ["india", "indian"],
+    ["jazz", "jazzy"],
+    ["male", "male singer", "male vocal", "male vocals", "male voice", "man",
+     "man singing", "men"],
+    ["no beat", "no drums"],
+    ["no singer", "no singing", "no vocal", "no vocals", "no voice", "no voices",
+     "instrumental"],
+    ["opera", "operatic"],
+    ["orchestra", "orchestral"],
+    ["quiet", "silence"],
+    ["singer", "singing"],
+    ["space", "spacey"],
+    ["string", "strings"],
+    ["synth", "synthesizer"],
+    ["violin", "violins"],
+    ["vocal", "vocals", "voice", "voices"],
+    ["strange", "weird"],
+]
+
+
+def read_annotations(csv_path):
+    """Read MTAT's annotations_final.csv (quoted, tab-separated, CRLF line ends).
+
+    Returns:
+        clip_ids: int64 ndarray (N,).
+        tags: uint8 ndarray (N, T) of 0/1, T = 188 for the real file.
+        tag_names: list of T str, in the file's column order.
+        mp3_paths: list of N str, relative to the mp3 folder (e.g. 'f/artist-...mp3').
+    Raises ValueError naming the file when the header is not MTAT's.
+    """
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    if not rows or rows[0][0] != "clip_id" or rows[0][-1] != "mp3_path":
+        raise ValueError(f"{csv_path}: not an MTAT annotations file (expected a header "
+                         "'clip_id', tag names..., 'mp3_path', tab-separated)")
+    header, body = rows[0], [r for r in rows[1:] if r]
+    if any(len(r) != len(header) for r in body):
+        raise ValueError(f"{csv_path}: rows of unequal length; the file is truncated or corrupt")
+    clip_ids = np.array([r[0] for r in body], dtype=np.int64)
+    tags = np.array([r[1:-1] for r in body], dtype=np.uint8).reshape(len(body), len(header) - 2)
+    return clip_ids, tags, header[1:-1], [r[-1] for r in body]
+
+
+def merge_synonyms(tags, tag_names, synonyms=SYNONYMS):
+    """Merge each synonym group into one tag, the logical OR of its members.
+
+    The merged tag takes the name of the group's first member and the column of
+    whichever member comes first in `tag_names`; members absent from `tag_names` are
+    ignored, and a group with no member present is skipped. Other tags keep their
+    columns in order.
+
+    Args:
+        tags: 0/1 ndarray (N, T).  tag_names: list of T str.
+    Returns:
+        tags: uint8 ndarray (N, T'), tag_names: list of T' str (135 for MTAT).
+    """
+    group_of = {member: group for group in synonyms for member in group}
+    columns, names, done = [], [], set()
+    for name in tag_names:
+        group = group_of.get(name)
+        if group is None:
+            columns.append(tags[:, tag_names.index(name)])
+            names.append(name)
+        elif group[0] not in done:
+            done.add(group[0])
+            members = [tag_names.index(m) for m in group if m in tag_names]
+            columns.append(tags[:, members].max(axis=1))
+            names.append(group[0])
+    return np.stack(columns, axis=1).astype(np.uint8), names
+
+
+def top_tags(tags, tag_names, n=50):
+    """Keep the n most frequent tags, most frequent first.
+
+    Ties keep the order of `tag_names` (a stable sort), so the result is deterministic.
+
+    Returns:
+        tags: ndarray (N, n), tag_names: list of n str.
+    """
+    order = np.argsort(-tags.sum(axis=0, dtype=np.int64), kind="stable")[:n]
+    return tags[:, order], [tag_names[i] for i in order]
+
+
+def load_tags(csv_path, n_tags=50, merge=True):
+    """Annotations -> (clip_ids (N,), labels uint8 (N, n_tags), tag_names, mp3_paths)."""
+    clip_ids, tags, tag_names, mp3_paths = read_annotations(csv_path)
+    if merge:
+        tags, tag_names = merge_synonyms(tags, tag_names)
+    tags, tag_names = top_tags(tags, tag_names, n_tags)
+    return clip_ids, tags, tag_names, mp3_paths
+
+
+# -----------------------------------------------------------------------------
+# Splits
+N_CLIPS = 25863  # rows of MTAT's annotations_final.csv
+# Shapes of the original's weight tensors, in the order it drew them from the split's
+# RandomState before shuffling (conv: out, in, kh, kw; dense: in, out).
+PAPER_WEIGHT_SHAPES = [(50, 1, 3, 7), (100, 50, 3, 5), (70, 100, 3, 3), (100, 1, 3, 5),
+                       (70, 100, 3, 3), (70, 1, 3, 3), (70, 210, 3, 3), (70, 70, 3, 3),
+                       (5040, 500), (500, 50)]
+
+
+def paper_split(n_clips=N_CLIPS, seed=1337):
+    """The original train/validation/test split of MTAT, reproduced exactly.
+
+    The original drew its weights from one numpy RandomState(1337) before shuffling the
+    row indices, so the same draws are replayed here (their values are discarded):
+    validation = the first 2,000 shuffled rows, test = the next 5,863, training = rest.
+
+    Returns:
+        train_idx, val_idx, test_idx: sorted int64 ndarrays of annotation rows,
+        (18000,), (2000,), (5863,) for the full data set; disjoint, covering 0..N-1.
+    """
+    rng = np.random.RandomState(seed)
+    for shape in PAPER_WEIGHT_SHAPES:
+        rng.normal(0.0, 1.0, size=shape)
+    order = np.arange(n_clips)
+    rng.shuffle(order)
+    n_val, n_test = 2000, n_clips - 2000 - 18000
+    if n_test < 0:
+        raise ValueError(f"paper_split needs at least 20,000 clips, got {n_clips}")
+    val, test, train = order[:n_val], order[n_val:n_val + n_test], order[n_val + n_test:]
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def random_split(n_clips, n_train, n_val, seed=1337):
+    """A plain seeded split for data sets of any size; test = what is left.
+
+    Returns:
+        train_idx (n_train,), val_idx (n_val,), test_idx (n_clips - n_train - n_val,):
+        sorted int64 ndarrays, disjoint, covering 0..n_clips-1.
+    """
+    if n_train <= 0 or n_val <= 0 or n_train + n_val >= n_clips:
+        raise ValueError(f"cannot split {n_clips} clips into {n_train} training, "
+                         f"{n_val} validation and at least 1 test clip")
+    order = np.random.RandomState(seed).permutation(n_clips)
+    train, val, test = np.split(order, [n_train, n_train + n_val])
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+# -----------------------------------------------------------------------------
+# The multi-scale CNN
+def conv(in_channels, out_channels, kernel):
+    """'same'-padded convolution followed by ReLU (odd kernels only)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, padding=(kernel[0] // 2, kernel[1] // 2)),
+        nn.ReLU(inplace=True))
+
+
+class MSCNN(nn.Module):
+    """Multi-scale CNN of Dabral et al. (2018) for (B, 1, 128, 628) log-mel input.
+
+    Three branches see the spectrogram at full resolution, average-pooled by (2, 4) and
+    by (4, 16); each ends at 70 x 16 x 19. The 210 concatenated channels go through two
+    3x3 convolutions, a max-pool to 70 x 8 x 9 = 5040 features, batch norm, dropout 0.4,
+    a 500-unit ReLU layer and one logit per tag. 2,936,810 parameters for 50 tags.
+    forward returns logits (B, n_tags); apply sigmoid for probabilities.
+    """
+
+    def __init__(self, n_tags=50, dropout=0.4):
+        super().__init__()
+        self.branch1 = nn.Sequential(
+            conv(1, 50, (3, 7)), nn.MaxPool2d((2, 4)),
+            conv(50, 100, (3, 5)), nn.MaxPool2d((2, 4)),
+            conv(100, 70, (3, 3)), nn.MaxPool2d((2, 2)))
+        self.subsample = nn.AvgPool2d((2, 4))  # branch 2's input; applied twice for branch 3
+        self.branch2 = nn.Sequential(
+            conv(1, 100, (3, 5)), nn.MaxPool2d((2, 4)),
+            conv(100, 70, (3, 3)), nn.MaxPool2d((2, 2)))
+        self.branch3 = nn.Sequential(conv(1, 70, (3, 3)), nn.MaxPool2d((2, 2)))
+        self.merge = nn.Sequential(
+            conv(210, 70, (3, 3)), conv(70, 70, (3, 3)), nn.MaxPool2d((2, 2)), nn.Flatten())
+        self.head = nn.Sequential(
+            nn.BatchNorm1d(5040, eps=1e-3, momentum=0.01),
+            nn.Dropout(dropout),
+            nn.Linear(5040, 500), nn.ReLU(inplace=True),
+            nn.Linear(500, n_tags))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Glorot-normal weights (conv fans include the kernel area), x4 on the output
+        layer as the original (a sigmoid-layer convention), zero biases, BN 1 and 0."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_normal_(module.weight, gain=4.0 if module is self.head[-1] else 1.0)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm1d):
+                module.reset_parameters()
+
+    def features(self, x):
+        """(B, 1, 128, 628) -> the three branch outputs, each (B, 70, 16, 19)."""
+        half = self.subsample(x)
+        return self.branch1(x), self.branch2(half), self.branch3(self.subsample(half))
+
+    def forward(self, x):
+        """(B, 1, 128, 628) normalised log-mel -> (B, n_tags) logits."""
+        return self.head(self.merge(torch.cat(self.features(x), dim=1)))
+
+
+def resolve_device(name="auto"):
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but PyTorch sees no CUDA GPU "
+                         f"(torch {torch.__version__}); use --device cpu or install a CUDA build")
+    return torch.device(name)
+
+
+# -----------------------------------------------------------------------------
+# Metrics
+def _per_tag(metric, y_true, y_score):
+    y_true, y_score = np.asarray(y_true), np.asarray(y_score)
+    positives = y_true.sum(axis=0)
+    scores = np.full(y_true.shape[1], np.nan)
+    for tag in np.flatnonzero((positives > 0) & (positives < len(y_true))):
+        scores[tag] = metric(y_true[:, tag], y_score[:, tag])
+    return scores
+
+
+def roc_auc(y_true, y_score, per_tag=False):
+    """Macro ROC-AUC over the tags that have both classes in y_true.
+
+    Args:
+        y_true: 0/1 ndarray (N, T).  y_score: float ndarray (N, T), any monotone score.
+        per_tag: return the (T,) array of per-tag AUCs instead, NaN for the skipped
+            tags (those whose y_true column is all 0 or all 1).
+    Returns:
+        float (NaN if no tag can be scored), or ndarray (T,).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    scores = _per_tag(roc_auc_score, y_true, y_score)
+    return scores if per_tag else _nanmean(scores)
+
+
+def pr_auc(y_true, y_score, per_tag=False):
+    """Macro PR-AUC (average precision) over the tags with both classes; as roc_auc."""
+    from sklearn.metrics import average_precision_score
+
+    scores = _per_tag(average_precision_score, y_true, y_score)
+    return scores if per_tag else _nanmean(scores)
+
+
+def _nanmean(scores):
+    return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
