@@ -310,6 +310,47 @@ class MSCNN(nn.Module):
         return self.head(self.merge(torch.cat(self.features(x), dim=1)))
 
 
+CHECKPOINT_KEYS = ("state_dict", "tag_names", "norm_mean", "norm_std", "feature_params",
+                   "args", "epoch", "metrics")
+
+
+def load_model(checkpoint_path, device="cpu"):
+    """Load a checkpoint written by trainer.py (weights_only=True) into a fresh MSCNN.
+
+    The checkpoint is a dict: state_dict; tag_names (list of str); norm_mean, norm_std
+    (float32 tensors (N_MELS,), per-band statistics of the training clips' log-mel);
+    feature_params (dict, see feature_params()); args (the run's arguments, dict);
+    epoch (int, 1-based); metrics (dict of that epoch's scores).
+
+    Returns:
+        model (MSCNN in eval mode on `device`), checkpoint (the dict).
+    Raises ValueError naming the file when it is not such a checkpoint.
+    """
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and unsafe-global errors alike
+        raise ValueError(f"{checkpoint_path}: not a PyTorch checkpoint of this project "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise ValueError(f"{checkpoint_path}: not a checkpoint of trainer.py "
+                         f"(missing {', '.join(missing)})")
+    if checkpoint["feature_params"] != feature_params():
+        raise ValueError(f"{checkpoint_path}: trained on features {checkpoint['feature_params']}, "
+                         f"but this code computes {feature_params()}")
+    model = MSCNN(n_tags=len(checkpoint["tag_names"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(device).eval(), checkpoint
+
+
+def normalise(log_mel_batch, norm_mean, norm_std):
+    """(B, N_MELS, n) log-mel -> (B, 1, N_MELS, n) standardised per mel band.
+
+    norm_mean, norm_std: tensors (N_MELS,) on the batch's device; the result is float32.
+    """
+    return ((log_mel_batch.float() - norm_mean[:, None]) / norm_std[:, None]).unsqueeze(1)
+
+
 def resolve_device(name="auto"):
     """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
     if name == "auto":
