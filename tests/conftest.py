@@ -41,3 +41,36 @@ def annotations_csv(mtat_dir, tmp_path_factory):
 def mtat_clip(mtat_dir):
     """Path of the one real MTAT clip (16 kHz mono MP3, 29.27 s)."""
     return mtat_dir / MTAT_CLIP_NAME
+
+
+def write_spectrogram_set(data_dir, n_clips, n_tags=4, seed=0, dtype="float16"):
+    """Write a small data set in the stage-2 layout: annotations_final.csv (MTAT format,
+    tags t0..t{n_tags-1}) and spectrograms.npy/.json, where tag k is a loud band in mel
+    bands [20k+8, 20k+16) on a noise floor, so a network can learn every tag.
+
+    Returns labels, uint8 ndarray (n_clips, n_tags).
+    """
+    import json
+
+    import numpy as np
+
+    import common
+
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n_clips, n_tags)) < 0.4).astype(np.uint8)
+    labels[np.arange(n_clips), rng.integers(0, n_tags, n_clips)] = 1  # no clip without a tag
+    spectrograms = rng.normal(-8.0, 1.0, (n_clips, common.N_MELS, common.N_FRAMES))
+    for k in range(n_tags):
+        spectrograms[labels[:, k] == 1, 20 * k + 8:20 * k + 16, :] += 4.0
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    np.save(data_dir / "spectrograms.npy", spectrograms.astype(dtype))
+    meta = dict(common.feature_params(), n_clips=n_clips, dtype=dtype, failed=[])
+    (data_dir / "spectrograms.json").write_text(json.dumps(meta))
+    header = ["clip_id"] + [f"t{k}" for k in range(n_tags)] + ["mp3_path"]
+    lines = ["\t".join(f'"{v}"' for v in header)]
+    for i in range(n_clips):
+        fields = [str(i)] + [str(v) for v in labels[i]] + [f"{i % 16:x}/clip-{i}.mp3"]
+        lines.append("\t".join(f'"{v}"' for v in fields))
+    (data_dir / "annotations_final.csv").write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    return labels

@@ -1,0 +1,373 @@
+"""Stage 3: train the multi-scale CNN on log-mel spectrograms and keep the best model.
+
+    python src/trainer.py                          # the paper's recipe on data/
+    python src/trainer.py --split random --train-size 300 --val-size 50 --epochs 5
+    torchrun --nproc_per_node=4 src/trainer.py     # several GPUs (global batch = 4 x 32)
+
+Reads DATA/annotations_final.csv and DATA/spectrograms.npy (+ .json); writes
+OUT/RUN/best_model.pt, last.pt, metrics.csv and results.json (see experiments/README.md).
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+# what must not change between an interrupted run and its --resume
+RESUME_KEYS = ("split", "train_size", "val_size", "seed", "n_tags", "no_merge", "batch_size",
+               "lr", "milestones", "dropout")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=Path("data"),
+                   help="folder with annotations_final.csv and spectrograms.npy/.json (default: data)")
+    p.add_argument("--out", type=Path, default=Path("experiments"), help="where run folders go (default: experiments)")
+    p.add_argument("--run", default=None, help="run name, a folder under --out (default: the date and time)")
+    p.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="clips per step and per process; under torchrun the global batch is this x processes (default: 32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
+    p.add_argument("--milestones", type=int, nargs="*", default=[20, 30, 35],
+                   help="epochs after which the learning rate is divided by 10 (default: 20 30 35)")
+    p.add_argument("--dropout", type=float, default=0.4, help="dropout probability before the dense layer (default: 0.4)")
+    p.add_argument("--n-tags", type=int, default=50, help="keep the N most frequent tags (default: 50)")
+    p.add_argument("--no-merge", action="store_true", help="do not merge synonym tags before choosing the top N")
+    p.add_argument("--split", choices=["paper", "random"], default="paper",
+                   help="'paper': the original's exact split of the 25,863 MTAT clips; "
+                        "'random': a seeded split of any data set by --train-size/--val-size (default: paper)")
+    p.add_argument("--train-size", type=int, default=18000, help="training clips for --split random (default: 18000)")
+    p.add_argument("--val-size", type=int, default=2000,
+                   help="validation clips for --split random; the rest is the test set (default: 2000)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the split, the weights and the batch order (default: 1337)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda when available)")
+    p.add_argument("--eval-batch-size", type=int, default=256, help="clips per step when scoring (default: 256)")
+    p.add_argument("--resume", action="store_true", help="continue the run --run from its last.pt")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# data
+def load_spectrograms(data_dir):
+    """Open DATA/spectrograms.npy memory-mapped after checking its .json parameters.
+
+    Returns ndarray (N, N_MELS, N_FRAMES) (a read-only memmap, float16 or float32).
+    """
+    npy, meta_path = data_dir / "spectrograms.npy", data_dir / "spectrograms.json"
+    if not npy.is_file() or not meta_path.is_file():
+        raise SystemExit(f"error: {npy} (+ .json) not found or incomplete; "
+                         f"run: python src/gen_spectrograms.py --data-dir {data_dir}")
+    meta = json.loads(meta_path.read_text())
+    wanted = common.feature_params()
+    found = {key: meta.get(key) for key in wanted}
+    if found != wanted:
+        raise SystemExit(f"error: {meta_path} was made with feature parameters {found}, but this code "
+                         f"uses {wanted}; rerun: python src/gen_spectrograms.py --data-dir {data_dir} --overwrite")
+    spectrograms = np.load(npy, mmap_mode="r")
+    if spectrograms.shape[1:] != (common.N_MELS, common.N_FRAMES) or spectrograms.shape[0] != meta.get("n_clips"):
+        raise SystemExit(f"error: {npy} has shape {spectrograms.shape}, its .json says {meta.get('n_clips')} clips "
+                         f"of {common.N_MELS} x {common.N_FRAMES}; rerun gen_spectrograms.py with --overwrite")
+    return spectrograms
+
+
+def make_split(args, n_clips):
+    """-> train_idx, val_idx, test_idx (sorted annotation rows), by --split."""
+    if args.split == "paper":
+        if n_clips != common.N_CLIPS:
+            raise SystemExit(f"error: --split paper needs all {common.N_CLIPS} MTAT clips, the data has "
+                             f"{n_clips}; use --split random --train-size N --val-size M")
+        return common.paper_split(n_clips, args.seed)
+    try:
+        return common.random_split(n_clips, args.train_size, args.val_size, args.seed)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}; choose smaller --train-size/--val-size") from None
+
+
+def band_stats(spectrograms, rows, chunk_rows=256):
+    """Mean and standard deviation per mel band over all frames of the given clips.
+
+    Reads the memmap in chunks, so host memory stays bounded. Returns two float32
+    ndarrays (N_MELS,).
+    """
+    total = np.zeros(common.N_MELS)
+    total_sq = np.zeros(common.N_MELS)
+    for start in tqdm(range(0, len(rows), chunk_rows), desc="band statistics", unit="chunk",
+                      leave=False, disable=not is_main()):
+        x = np.asarray(spectrograms[rows[start:start + chunk_rows]], dtype=np.float64)
+        total += x.sum(axis=(0, 2))
+        total_sq += np.square(x).sum(axis=(0, 2))
+    n = len(rows) * spectrograms.shape[2]
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - mean ** 2, 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+
+
+def to_device_source(spectrograms, device):
+    """Where batches are read from: the whole array resident on the GPU when it fits
+    (one upload, then indexing costs nothing), else the host memmap."""
+    if device.type != "cuda":
+        return spectrograms
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    if spectrograms.nbytes > free_bytes - 6 * 2 ** 30:  # leave room for the model and activations
+        log(f"spectrograms ({spectrograms.nbytes / 2**30:.1f} GiB) do not fit on the GPU: pinned host batches")
+        return spectrograms
+    resident = torch.empty(spectrograms.shape, dtype=torch.from_numpy(spectrograms[:1]).dtype, device=device)
+    for start in tqdm(range(0, len(spectrograms), 1024), desc="to GPU", unit="chunk", leave=False,
+                      disable=not is_main()):
+        resident[start:start + 1024] = torch.from_numpy(np.asarray(spectrograms[start:start + 1024])).to(device)
+    return resident
+
+
+def get_batch(source, rows, device):
+    """Rows (sorted int ndarray) of the spectrograms -> tensor (B, N_MELS, N_FRAMES) on device."""
+    if isinstance(source, torch.Tensor):
+        return source[torch.from_numpy(rows).to(device)]
+    batch = torch.from_numpy(np.asarray(source[rows]))
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# distributed helpers (one process without torchrun)
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def log(message):
+    if is_main():
+        tqdm.write(message)
+
+
+def setup_distributed(device_name):
+    """Start the process group under torchrun; -> the device this process uses."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return common.resolve_device(device_name)
+    device = common.resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+# -----------------------------------------------------------------------------
+# training and evaluation
+def epoch_order(train_idx, seed, epoch):
+    """The training rows in this epoch's order: a fresh permutation per epoch, derived
+    from (seed, epoch) alone so that a resumed run sees the same batches."""
+    return np.random.default_rng([seed, epoch]).permutation(train_idx)
+
+
+def train_step(model, optimizer, x, y, use_bf16):
+    """One Adam step on a normalised batch x (B, 1, 128, 628), targets y (B, T) float.
+
+    Returns the batch's mean binary cross-entropy (a 0-dim tensor, not synchronised)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        logits = model(x)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def predict_rows(model, source, rows, norm, batch_size, device, use_bf16):
+    """Sigmoid scores (len(rows), T) float32 ndarray for the given spectrogram rows.
+
+    Under torchrun each process scores a share of the rows and the shares are gathered."""
+    model.eval()
+    shares = np.array_split(rows, world_size())
+    my_rows = shares[rank()]
+    scores = []
+    for start in range(0, len(my_rows), batch_size):
+        x = common.normalise(get_batch(source, my_rows[start:start + batch_size], device), *norm)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            scores.append(torch.sigmoid(model(x).float()).cpu())
+    scores = torch.cat(scores).numpy() if scores else np.zeros((0, 0), np.float32)
+    if world_size() > 1:
+        gathered = [None] * world_size()
+        dist.all_gather_object(gathered, scores)
+        scores = np.concatenate(gathered)
+    return scores
+
+
+def evaluate(model, source, labels, val_idx, test_idx, norm, args, device, use_bf16):
+    """-> dict of validation and test ROC-AUC and PR-AUC (macro), and per-tag test ROC-AUC."""
+    metrics = {}
+    for name, rows in (("val", val_idx), ("test", test_idx)):
+        scores = predict_rows(model, source, rows, norm, args.eval_batch_size, device, use_bf16)
+        metrics[f"{name}_roc_auc"] = common.roc_auc(labels[rows], scores)
+        metrics[f"{name}_pr_auc"] = common.pr_auc(labels[rows], scores)
+        if name == "test":
+            metrics["test_roc_auc_per_tag"] = common.roc_auc(labels[rows], scores, per_tag=True).tolist()
+    return metrics
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary name, then rename: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_metrics_csv(rows, path):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    use_bf16 = device.type == "cuda"  # bf16 autocast on the GPU; exact fp32 on the CPU
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shape: autotuned kernels pay off
+
+    # data: labels from the annotations, features memory-mapped, the split, band statistics
+    csv_path = args.data_dir / "annotations_final.csv"
+    if not csv_path.is_file():
+        raise SystemExit(f"error: {csv_path} not found; run: python src/get_data.py --data-dir {args.data_dir}")
+    _, labels, tag_names, _ = common.load_tags(csv_path, args.n_tags, merge=not args.no_merge)
+    spectrograms = load_spectrograms(args.data_dir)
+    if len(spectrograms) > len(labels):
+        raise SystemExit(f"error: {args.data_dir / 'spectrograms.npy'} has {len(spectrograms)} rows but "
+                         f"{csv_path} only {len(labels)}; regenerate the spectrograms with --overwrite")
+    labels = labels[:len(spectrograms)]  # spectrograms made with --limit cover the first rows
+    train_idx, val_idx, test_idx = make_split(args, len(spectrograms))
+    if len(train_idx) < args.batch_size * world_size():
+        raise SystemExit(f"error: {len(train_idx)} training clips are fewer than one global batch "
+                         f"({args.batch_size} x {world_size()}); lower --batch-size")
+    norm_mean, norm_std = band_stats(spectrograms, train_idx)
+    norm = (torch.from_numpy(norm_mean).to(device), torch.from_numpy(norm_std).to(device))
+    source = to_device_source(spectrograms, device)
+    labels_on_device = torch.from_numpy(labels).float().to(device)
+
+    # model, optimiser, schedule
+    model = common.MSCNN(len(tag_names), dropout=args.dropout).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=0.1)
+    run_dir = args.out / (args.run or time.strftime("%Y%m%d-%H%M%S"))
+    history, best, start_epoch = [], None, 1
+    if args.resume:
+        if args.run is None or not (run_dir / "last.pt").is_file():
+            raise SystemExit(f"error: --resume needs --run NAME of a run with a last.pt ({run_dir / 'last.pt'} not found)")
+        state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+        changed = [k for k in RESUME_KEYS if state["args"][k] != json_args(args)[k]]
+        if changed:
+            raise SystemExit(f"error: cannot resume {run_dir} with different {', '.join('--' + k.replace('_', '-') for k in changed)}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
+        log(f"resuming {run_dir} after epoch {state['epoch']}")
+    elif is_main():
+        if (run_dir / "last.pt").exists():
+            raise SystemExit(f"error: {run_dir} already holds a run; pass --resume to continue it or another --run")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if world_size() > 1:
+        if device.type == "cuda":  # batch norm over the global batch, as on one GPU
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        torch.manual_seed(args.seed + 1000 * rank() + start_epoch)  # each process its own dropout masks
+    plain_model = model.module if world_size() > 1 else model
+    n_params = sum(p.numel() for p in plain_model.parameters() if p.requires_grad)
+    log(f"{len(spectrograms)} clips ({len(train_idx)} train / {len(val_idx)} val / {len(test_idx)} test), "
+        f"{len(tag_names)} tags, {n_params:,} parameters, device {device}"
+        + (f" x {world_size()} processes" if world_size() > 1 else ""))
+
+    global_batch = args.batch_size * world_size()
+    steps_per_epoch = len(train_idx) // global_batch  # the last partial batch is dropped
+    for epoch in range(start_epoch, args.epochs + 1):
+        model.train()
+        lr = optimizer.param_groups[0]["lr"]
+        order = epoch_order(train_idx, args.seed, epoch)
+        loss_sum = torch.zeros((), device=device)
+        started = time.time()
+        bar = tqdm(total=steps_per_epoch * global_batch, desc=f"epoch {epoch}/{args.epochs}", unit="clip",
+                   unit_scale=True, leave=False, disable=not is_main())
+        for step in range(steps_per_epoch):
+            rows = np.sort(order[step * global_batch:(step + 1) * global_batch][rank()::world_size()])
+            x = common.normalise(get_batch(source, rows, device), *norm)
+            loss_sum += train_step(model, optimizer, x, labels_on_device[torch.from_numpy(rows).to(device)], use_bf16)
+            bar.update(global_batch)
+            if (step + 1) % 50 == 0 or step + 1 == steps_per_epoch:  # a sync now and then, not every step
+                mean_loss = loss_sum.clone()
+                if world_size() > 1:
+                    dist.all_reduce(mean_loss)
+                mean_loss = mean_loss.item() / (step + 1) / world_size()
+                if not math.isfinite(mean_loss):
+                    bar.close()
+                    raise SystemExit(f"error: training loss became {mean_loss} in epoch {epoch}; stopped. The last good "
+                                     f"checkpoints in {run_dir} are intact; try a lower --lr")
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+        bar.close()
+        train_seconds = time.time() - started
+        metrics = evaluate(model, source, labels, val_idx, test_idx, norm, args, device, use_bf16)
+        scheduler.step()
+        history.append(dict(epoch=epoch, lr=lr, train_loss=round(mean_loss, 6),
+                            val_roc_auc=round(metrics["val_roc_auc"], 6), test_roc_auc=round(metrics["test_roc_auc"], 6),
+                            val_pr_auc=round(metrics["val_pr_auc"], 6), test_pr_auc=round(metrics["test_pr_auc"], 6),
+                            seconds=round(time.time() - started, 2)))
+        improved = best is None or metrics["val_roc_auc"] > best["val_roc_auc"]
+        if improved:
+            best = dict(metrics, epoch=epoch)
+        log(f"epoch {epoch:3d}  lr {lr:.0e}  loss {mean_loss:.4f}  val ROC-AUC {metrics['val_roc_auc']:.4f}  "
+            f"test ROC-AUC {metrics['test_roc_auc']:.4f}  {len(train_idx) / train_seconds:.0f} clips/s"
+            + ("  *" if improved else ""))
+        if is_main():
+            state_dict = {k: v.cpu() for k, v in plain_model.state_dict().items()}
+            if improved:
+                save_atomic(dict(state_dict=state_dict, tag_names=tag_names, norm_mean=norm[0].cpu(),
+                                 norm_std=norm[1].cpu(), feature_params=common.feature_params(),
+                                 args=json_args(args), epoch=epoch, metrics=best), run_dir / "best_model.pt")
+            save_atomic(dict(model=state_dict, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                             torch_rng=torch.get_rng_state(), history=history, best=best, epoch=epoch,
+                             args=json_args(args)), run_dir / "last.pt")
+            write_metrics_csv(history, run_dir / "metrics.csv")
+
+    summary = (f"best validation ROC-AUC {best['val_roc_auc']:.4f} at epoch {best['epoch']}; "
+               f"test ROC-AUC {best['test_roc_auc']:.4f}, PR-AUC {best['test_pr_auc']:.4f}")
+    if is_main():
+        results = {k: best[k] for k in ("epoch", "val_roc_auc", "val_pr_auc", "test_roc_auc", "test_pr_auc")}
+        results["test_roc_auc_per_tag"] = dict(zip(tag_names, best["test_roc_auc_per_tag"]))
+        results["best_model"] = str(run_dir / "best_model.pt")
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(summary, flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return results if is_main() else None
+
+
+def json_args(args):
+    """The arguments as plain types (a checkpoint loads with weights_only=True)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+if __name__ == "__main__":
+    main()
