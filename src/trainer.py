@@ -2,7 +2,7 @@
 
     python src/trainer.py                          # the paper's recipe on data/
     python src/trainer.py --split random --train-size 300 --val-size 50 --epochs 5
-    torchrun --nproc_per_node=4 src/trainer.py     # several GPUs (global batch = 4 x 32)
+    torchrun --nproc_per_node=4 src/trainer.py --run-name four_gpus   # global batch 4 x 32
 
 Reads DATA/annotations_final.csv and DATA/spectrograms.npy (+ .json); writes
 OUT/RUN/best_model.pt, last.pt, metrics.csv and results.json (see experiments/README.md).
@@ -34,7 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", type=Path, default=Path("data"),
                    help="folder with annotations_final.csv and spectrograms.npy/.json (default: data)")
     p.add_argument("--out", type=Path, default=Path("experiments"), help="where run folders go (default: experiments)")
-    p.add_argument("--run", default=None, help="run name, a folder under --out (default: the date and time)")
+    p.add_argument("--run", "--run-name", dest="run", default=None,
+                   help="run name, a folder under --out (default: the date and time); under torchrun "
+                        "spell it --run-name, as torchrun takes --run for its own --run-path")
     p.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="clips per step and per process; under torchrun the global batch is this x processes (default: 32)")
@@ -353,6 +355,7 @@ def main(argv=None):
 
     summary = (f"best validation ROC-AUC {best['val_roc_auc']:.4f} at epoch {best['epoch']}; "
                f"test ROC-AUC {best['test_roc_auc']:.4f}, PR-AUC {best['test_pr_auc']:.4f}")
+    results = None
     if is_main():
         results = {k: best[k] for k in ("epoch", "val_roc_auc", "val_pr_auc", "test_roc_auc", "test_pr_auc")}
         results["test_roc_auc_per_tag"] = dict(zip(tag_names, best["test_roc_auc_per_tag"]))
@@ -361,7 +364,7 @@ def main(argv=None):
         print(summary, flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
-    return results if is_main() else None
+    return results  # None in the processes other than rank 0
 
 
 def json_args(args):

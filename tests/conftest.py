@@ -74,3 +74,27 @@ def write_spectrogram_set(data_dir, n_clips, n_tags=4, seed=0, dtype="float16"):
         lines.append("\t".join(f'"{v}"' for v in fields))
     (data_dir / "annotations_final.csv").write_bytes(("\r\n".join(lines) + "\r\n").encode())
     return labels
+
+
+# A small learnable set shared by the training tests: 48 clips, 32 train (two steps of 16
+# per epoch), 8 validation, 8 test; and one uninterrupted two-epoch run on it.
+SMALL_RUN_ARGS = ["--split", "random", "--train-size", "32", "--val-size", "8", "--batch-size", "16",
+                  "--n-tags", "4", "--no-merge", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spectrograms")
+    write_spectrogram_set(path, 48, n_tags=4, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_run(small_data_dir, tmp_path_factory):
+    """(run folder, results dict) of `trainer.py --epochs 2` on small_data_dir."""
+    import trainer
+
+    out = tmp_path_factory.mktemp("experiments")
+    results = trainer.main(["--data-dir", str(small_data_dir), "--out", str(out), "--run", "full",
+                            "--epochs", "2"] + SMALL_RUN_ARGS)
+    return out / "full", results

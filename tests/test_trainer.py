@@ -10,26 +10,18 @@ import torch
 
 import common
 import trainer
-from conftest import SRC, write_spectrogram_set
-
-# 48 clips: 32 train (2 steps of 16 per epoch), 8 validation, 8 test
-SMALL = ["--split", "random", "--train-size", "32", "--val-size", "8", "--batch-size", "16",
-         "--n-tags", "4", "--no-merge", "--device", "cpu"]
+from conftest import SMALL_RUN_ARGS as SMALL
+from conftest import SRC
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("spectrograms")
-    write_spectrogram_set(path, 48, n_tags=4, seed=0)
-    return path
+@pytest.fixture
+def data_dir(small_data_dir):
+    return small_data_dir
 
 
-@pytest.fixture(scope="module")
-def run(data_dir, tmp_path_factory):
-    """One uninterrupted two-epoch run: (run folder, results dict)."""
-    out = tmp_path_factory.mktemp("experiments")
-    results = trainer.main(["--data-dir", str(data_dir), "--out", str(out), "--run", "full", "--epochs", "2"] + SMALL)
-    return out / "full", results
+@pytest.fixture
+def run(small_run):
+    return small_run
 
 
 def read_csv(path):
