@@ -1,0 +1,403 @@
+"""Stage 1: get MagnaTagATune into DATA/annotations_final.csv and DATA/mp3/<mp3_path>.
+
+Downloads mp3.zip.001..003 and annotations_final.csv (default host, then the older one),
+resuming interrupted downloads with HTTP Range requests, checks both MD5s, and extracts
+the archive safely into DATA/mp3/. Every step leaves either finished files or `.part`
+files a rerun picks up, so an interrupted run is simply run again; on a complete DATA/
+it touches no network and says the data are in place.
+
+    python src/get_data.py                        # download into data/
+    python src/get_data.py --from-dir ~/mtat      # files already downloaded
+    python src/get_data.py --synthetic 64 --data-dir data/demo   # small demo set
+"""
+import argparse
+import bisect
+import errno
+import hashlib
+import io
+import json
+import re
+import shutil
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+# Default host first, the older host (used by the original code) as fallback.
+HOSTS = ["https://mirg.city.ac.uk/datasets/magnatagatune/",
+         "http://mi.soi.city.ac.uk/datasets/magnatagatune/"]
+ANNOTATIONS = "annotations_final.csv"
+ARCHIVE = "mp3.zip"
+PARTS = ["mp3.zip.001", "mp3.zip.002", "mp3.zip.003"]  # a zip split by byte concatenation
+MD5 = {ARCHIVE: "f12add0eb4cd6c2a3ab7e4afaf7b7467",  # of the three parts concatenated
+       ANNOTATIONS: "f04fa01752a8cc64f6e1ca142a0fef1d"}
+VERIFIED = ARCHIVE + ".verified"  # marker: these parts passed the MD5 check (JSON)
+
+RETRIES = 5  # tries per host in a row without progress, for connection errors and timeouts
+BACKOFF_S = 2.0  # wait before retry k is BACKOFF_S * 2**k seconds, at most 60
+TIMEOUT_S = 60  # seconds to connect, and of silence while reading
+CHUNK_BYTES = 1 << 20  # read/write unit: bounds memory whatever the file size
+
+
+class DownloadError(Exception):
+    """One URL failed for good (HTTP error, or no connection after RETRIES tries)."""
+
+
+def part_name(path):
+    return path.with_name(path.name + ".part")
+
+
+def short_reason(error):
+    """The useful part of a requests exception ('[Errno 111] Connection refused')."""
+    found = re.search(r"\[Errno -?\d+\][^'\")]*", str(error))
+    return found.group(0).strip() if found else str(error)[:200]
+
+
+def fetch(url, part):
+    """Stream `url` into the file `part`, resuming from its current size.
+
+    Appends from byte K with 'Range: bytes=K-'; if the server answers 200 instead of 206
+    (Range ignored) the file is rewritten from zero. Retries connection errors, timeouts,
+    truncated bodies and 5xx with back-off; the count restarts whenever bytes were gained.
+    Raises DownloadError on a 4xx status or after RETRIES tries without progress.
+    """
+    failures = 0
+    while True:
+        have = part.stat().st_size if part.exists() else 0
+        total = None
+        try:
+            # identity: byte offsets and Content-Length must count the file's own bytes
+            headers = {"Accept-Encoding": "identity"}
+            if have:
+                headers["Range"] = f"bytes={have}-"
+            with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as r:
+                if r.status_code == 416 and have:  # asked past the end: done, or a stale part
+                    if r.headers.get("Content-Range", "").rpartition("/")[2] == str(have):
+                        return
+                    part.unlink()
+                    continue
+                if r.status_code >= 500:
+                    raise requests.ConnectionError(f"HTTP {r.status_code} {r.reason}")
+                if r.status_code not in (200, 206):
+                    raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}")
+                start = 0
+                if r.status_code == 206:
+                    sent = re.match(r"bytes (\d+)-", r.headers.get("Content-Range", ""))
+                    if not sent or int(sent.group(1)) != have:  # not what we asked: start over
+                        part.unlink()
+                        continue
+                    start = have
+                length = r.headers.get("Content-Length")
+                total = start + int(length) if length is not None else None
+                with open(part, "ab" if start else "wb") as f, \
+                        tqdm(desc=part.name[:-len(".part")], total=total, initial=start,
+                             unit="B", unit_scale=True, unit_divisor=1024) as bar:
+                    for chunk in r.iter_content(CHUNK_BYTES):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                if total is not None and part.stat().st_size != total:
+                    raise requests.ConnectionError(f"body ended at {part.stat().st_size} "
+                                                   f"of {total} bytes")
+                return
+        except (requests.ConnectionError, requests.Timeout,
+                requests.exceptions.ChunkedEncodingError) as e:
+            size = part.stat().st_size if part.exists() else 0
+            if total is not None and size > total:  # longer than the file: useless
+                part.unlink()
+                size = 0
+            failures = 0 if size > have else failures + 1  # progress earns fresh tries
+            if failures >= RETRIES:
+                raise DownloadError(f"{url}: failed after {RETRIES} tries "
+                                    f"({short_reason(e)})") from None
+            time.sleep(min(BACKOFF_S * 2 ** failures, 60))
+
+
+def download(name, hosts, part):
+    """Fetch file `name` into `part` from the first host that serves it.
+
+    Exits with one line naming every URL tried and why it failed.
+    """
+    failures = []
+    for host in hosts:
+        try:
+            return fetch(host.rstrip("/") + "/" + name, part)
+        except DownloadError as e:
+            failures.append(str(e))
+    raise SystemExit(f"error: could not download {name}: {'; '.join(failures)}. Check the "
+                     "network or point --base-url at a mirror; a rerun resumes the download")
+
+
+def md5_of(paths):
+    """Hex MD5 of the files `paths` read one after another, streamed in CHUNK_BYTES."""
+    md5 = hashlib.md5()
+    with tqdm(desc="md5 " + paths[0].name, total=sum(p.stat().st_size for p in paths),
+              unit="B", unit_scale=True, unit_divisor=1024) as bar:
+        for path in paths:
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    md5.update(chunk)
+                    bar.update(len(chunk))
+    return md5.hexdigest()
+
+
+def get_annotations(data_dir, hosts, from_dir):
+    """Make DATA/annotations_final.csv exist and match MD5; return its path.
+
+    The final name only ever holds a verified file: the download (or copy) goes to
+    `.part`, is checked, then renamed. A bad download is renamed `.bad`.
+    """
+    path = data_dir / ANNOTATIONS
+    if path.exists():
+        actual = md5_of([path])
+        if actual != MD5[ANNOTATIONS]:
+            raise SystemExit(f"error: {path} is not MTAT's annotations (MD5 {actual}, expected "
+                             f"{MD5[ANNOTATIONS]}; a --synthetic demo set or a damaged copy?): "
+                             "delete it or choose another --data-dir, and rerun")
+        return path
+    part = part_name(path)
+    if from_dir:
+        shutil.copyfile(from_dir / ANNOTATIONS, part)
+    else:
+        download(ANNOTATIONS, hosts, part)
+    actual = md5_of([part])
+    if actual != MD5[ANNOTATIONS]:
+        if from_dir:
+            part.unlink()
+            fix = f"replace {from_dir / ANNOTATIONS} with MTAT's file, or drop --from-dir"
+        else:
+            part.replace(path.with_name(ANNOTATIONS + ".bad"))
+            fix = f"kept as {ANNOTATIONS}.bad for inspection; rerun to download it again"
+        raise SystemExit(f"error: MD5 mismatch for {ANNOTATIONS}: expected {MD5[ANNOTATIONS]}, "
+                         f"got {actual}; {fix}")
+    part.replace(path)
+    print(f"{path}: MD5 verified")
+    return path
+
+
+def part_stamps(paths):
+    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+
+
+def get_archive(data_dir, hosts, from_dir):
+    """Make the three archive parts exist and verify their concatenation; return their paths.
+
+    Parts are taken from DATA/, else from --from-dir (read in place, never copied), else
+    downloaded. The MD5 is streamed over the parts; a marker file records the verified
+    parts (path, size, mtime) so a rerun does not hash 2.7 GB again.
+    """
+    paths = []
+    for name in PARTS:
+        path = data_dir / name
+        if not path.exists() and from_dir:
+            path = from_dir / name
+        if not path.exists():
+            part = part_name(path)
+            download(name, hosts, part)
+            part.replace(path)  # complete, though only the concatenation has an MD5
+        paths.append(path)
+
+    marker = data_dir / VERIFIED
+    if marker.exists() and json.loads(marker.read_text()) == {
+            "md5": MD5[ARCHIVE], "parts": part_stamps(paths)}:
+        return paths
+    actual = md5_of(paths)
+    if actual != MD5[ARCHIVE]:
+        marker.unlink(missing_ok=True)
+        ours = [p for p in paths if p.parent == data_dir]
+        for p in ours:  # we cannot tell which part is bad: none stays under its final name
+            p.replace(p.with_name(p.name + ".bad"))
+        theirs = [str(p) for p in paths if p.parent != data_dir]
+        fix = (f"renamed {', '.join(p.name + '.bad' for p in ours)} in {data_dir}; rerun to "
+               "download again (or point --base-url at a mirror)" if ours else "")
+        fix += ("; " if ours and theirs else "") + (
+            f"replace {', '.join(theirs)} with MTAT's parts" if theirs else "")
+        raise SystemExit(f"error: MD5 mismatch for {ARCHIVE} ({' + '.join(p.name for p in paths)}"
+                         f" concatenated): expected {MD5[ARCHIVE]}, got {actual}; {fix}")
+    tmp = part_name(marker)
+    tmp.write_text(json.dumps({"md5": actual, "parts": part_stamps(paths)}))
+    tmp.replace(marker)
+    print(f"{ARCHIVE}: MD5 verified")
+    return paths
+
+
+class ConcatenatedFile(io.RawIOBase):
+    """A read-only, seekable view of files laid end to end.
+
+    Why: the archive is one zip cut into three parts. Reading through this view lets
+    zipfile extract straight from the parts, so neither a concatenated 2.7 GB copy on
+    disk nor the archive in memory is ever needed, and --from-dir parts are used in place.
+    (A class only because zipfile wants a file object.)
+    """
+
+    def __init__(self, paths):
+        self.files = [open(p, "rb") for p in paths]
+        sizes = [Path(p).stat().st_size for p in paths]
+        self.starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.size = sum(sizes)
+        self.pos = 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        self.pos = max(0, offset + {io.SEEK_SET: 0, io.SEEK_CUR: self.pos,
+                                    io.SEEK_END: self.size}[whence])
+        return self.pos
+
+    def readinto(self, buffer):
+        if self.pos >= self.size:
+            return 0
+        i = bisect.bisect_right(self.starts, self.pos) - 1
+        end = self.starts[i + 1] if i + 1 < len(self.starts) else self.size
+        f = self.files[i]
+        f.seek(self.pos - self.starts[i])
+        n = f.readinto(memoryview(buffer)[:min(len(buffer), end - self.pos)])
+        self.pos += n
+        return n
+
+    def close(self):
+        for f in self.files:
+            f.close()
+        super().close()
+
+
+def safe_target(mp3_dir, name):
+    """DATA/mp3/<name>, or None when the entry would land outside DATA/mp3 (zip-slip).
+
+    A lexical check (no absolute path, no drive, no '..' component) is enough: the only
+    things under DATA/mp3 are folders and files this script wrote, no symlinks.
+    """
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+        return None
+    return mp3_dir.joinpath(*parts)
+
+
+def extract(archive_paths, mp3_dir):
+    """Extract the zip spread over `archive_paths` into `mp3_dir`.
+
+    Every entry name is checked before anything is written; an absolute path or `..`
+    refuses the whole archive. Each file is written to `<file>.part` and renamed when
+    complete, and files already present with the right size are skipped, so an
+    interrupted extraction resumes where it stopped.
+    """
+    with zipfile.ZipFile(io.BufferedReader(ConcatenatedFile(archive_paths), CHUNK_BYTES)) as zf:
+        entries = [info for info in zf.infolist() if not info.is_dir()]
+        targets = [safe_target(mp3_dir, info.filename) for info in entries]
+        unsafe = [info.filename for info, t in zip(entries, targets) if t is None]
+        if unsafe:
+            raise SystemExit(f"error: {ARCHIVE} has {len(unsafe)} entries that would be written "
+                             f"outside {mp3_dir} (absolute path or '..', e.g. {unsafe[0]!r}); "
+                             "refused, nothing extracted. Use MTAT's original archive")
+        with tqdm(desc="extract", total=sum(i.file_size for i in entries),
+                  unit="B", unit_scale=True, unit_divisor=1024) as bar:
+            for info, target in zip(entries, targets):
+                if not (target.exists() and target.stat().st_size == info.file_size):
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    part = part_name(target)
+                    with zf.open(info) as src, open(part, "wb") as dst:
+                        shutil.copyfileobj(src, dst, CHUNK_BYTES)
+                    part.replace(target)
+                bar.update(info.file_size)
+    return len(entries)
+
+
+def missing_clips(annotations, mp3_dir):
+    """mp3_paths of the annotations that are not files under mp3_dir."""
+    import common  # here, not at the top: common loads torch (seconds), --help need not wait
+    mp3_paths = common.read_annotations(annotations)[3]
+    return [p for p in mp3_paths if not (mp3_dir / p).is_file()]
+
+
+def require(from_dir, data_dir, names):
+    """Exit naming the files among `names` that are neither in DATA nor in --from-dir."""
+    lacking = [n for n in names if not (data_dir / n).exists() and not (from_dir / n).is_file()]
+    if lacking:
+        raise SystemExit(f"error: --from-dir {from_dir} lacks {', '.join(lacking)}: put the "
+                         "MTAT files there, or drop --from-dir to download them")
+
+
+def get_mtat(data_dir, hosts=None, from_dir=None, keep_archives=False):
+    """Bring DATA/ to complete MTAT: verified annotations and DATA/mp3/<mp3_path> for all rows.
+
+    hosts: base URLs tried in turn for each file (default HOSTS).
+    """
+    data_dir, hosts = Path(data_dir), hosts or HOSTS
+    mp3_dir = data_dir / "mp3"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if from_dir:
+        from_dir = Path(from_dir)
+        require(from_dir, data_dir, [ANNOTATIONS] + ([] if mp3_dir.exists() else PARTS))
+
+    annotations = get_annotations(data_dir, hosts, from_dir)
+    missing = missing_clips(annotations, mp3_dir)
+    if not missing:
+        print(f"MTAT is in place in {data_dir}: {ANNOTATIONS} verified, every clip in {mp3_dir}")
+        return
+    print(f"{len(missing)} clips missing from {mp3_dir}: getting {ARCHIVE}")
+    if from_dir:
+        require(from_dir, data_dir, PARTS)
+
+    archive_paths = get_archive(data_dir, hosts, from_dir)
+    n_files = extract(archive_paths, mp3_dir)
+    missing = missing_clips(annotations, mp3_dir)
+    if missing:
+        raise SystemExit(f"error: {ARCHIVE} extracted ({n_files} files) but {len(missing)} clips "
+                         f"of {annotations} are not in {mp3_dir} (e.g. {missing[0]}); the archive "
+                         "does not match the annotations")
+    if not keep_archives:
+        for path in archive_paths:
+            if path.parent == data_dir:
+                path.unlink()
+        (data_dir / VERIFIED).unlink(missing_ok=True)
+    print(f"MTAT is in place in {data_dir}: {n_files} files extracted to {mp3_dir}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default="data",
+                        help="where annotations_final.csv and mp3/ go (default: data)")
+    parser.add_argument("--base-url", default=None,
+                        help="a mirror serving the four files (default: try "
+                             + ", then ".join(HOSTS) + ")")
+    parser.add_argument("--from-dir", default=None,
+                        help="take annotations_final.csv and mp3.zip.001..003 from this folder "
+                             "instead of the network (the parts are read in place, not copied)")
+    parser.add_argument("--keep-archives", action="store_true",
+                        help="keep the downloaded mp3.zip.00N in DATA after extraction")
+    parser.add_argument("--synthetic", type=int, default=None, metavar="N",
+                        help="instead of MTAT, write a small synthetic set of N clips in the "
+                             "same layout (for the demo and tests; no network)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of --synthetic (default: 0)")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.synthetic is not None:
+            import synthetic  # only this branch needs it
+            synthetic.write_synthetic_mtat(Path(args.data_dir), args.synthetic, args.seed)
+            return
+        get_mtat(args.data_dir, [args.base_url] if args.base_url else None,
+                 args.from_dir, args.keep_archives)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise SystemExit(f"error: disk full while writing in {args.data_dir}: free space "
+                             "(MTAT needs about 6 GB while extracting, 3 GB after) and rerun; "
+                             "finished files are kept and downloads resume") from None
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
