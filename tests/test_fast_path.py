@@ -30,10 +30,13 @@ def test_bf16_forward_matches_fp32(batch):
     x, _ = batch
     torch.manual_seed(1)
     model = common.MSCNN().eval()
+    fast_model = trainer.build_model(50, 0.4, torch.device("cpu")).eval()
+    fast_model.load_state_dict(model.state_dict())
     with torch.no_grad():
         exact = model(x)
+        assert relative_error(fast_model(x), exact) < 1e-5  # channels_last alone: same numbers
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            fast = model(x).float()
+            fast = fast_model(x).float()
     assert relative_error(fast, exact) < 1e-2
     assert relative_error(fast, exact) > 0  # bf16 really ran (else this test proves nothing)
 
@@ -42,7 +45,7 @@ def test_bf16_training_step_matches_fp32(batch):
     x, y = batch
     torch.manual_seed(1)
     reference = common.MSCNN()
-    fast = common.MSCNN()
+    fast = trainer.build_model(50, 0.4, torch.device("cpu"))  # the trainer's layout
     fast.load_state_dict(reference.state_dict())
     reference_init = {n: v.clone() for n, v in reference.state_dict().items()}
     results = {}
