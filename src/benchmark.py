@@ -1,0 +1,213 @@
+"""Speed figures for the README: where the time of one log-mel goes, and how many clips/s
+gen_spectrograms.py extracts with 1, 2, ... workers.
+
+    python src/benchmark.py                              # everything, on the real MTAT clip
+    python src/benchmark.py --what features --workers 1 2 --n-clips 200
+    python src/benchmark.py --what features --cold-start # + first call with a cold numba cache
+
+Each benchmark is a function returning plain numbers (seconds, clips/s), so a notebook or a
+test can call it; BENCHMARKS lists what --what can run. Stage timings are wall-clock
+medians of warm repeats; extraction rates are the best of --runs, each run printed with the
+CPU that other processes used meanwhile, since other load on the machine slows them.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CLIP = ROOT.parent / "shared" / "mtat" / "joram-moments_of_clarity-08-solipsism-59-88.mp3"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--what", choices=list(BENCHMARKS) + ["all"], default="all",
+                   help="which benchmark to run (default: all)")
+    fixtures = Path(os.environ.get("MTAT_FIXTURES", DEFAULT_CLIP.parent))
+    p.add_argument("--clip", type=Path, default=fixtures / DEFAULT_CLIP.name,
+                   help="audio clip to time; copies of it make the extraction data set "
+                        "(default: the real MTAT clip in ../shared/mtat or $MTAT_FIXTURES)")
+    p.add_argument("--repeats", type=int, default=20,
+                   help="timed repeats per stage of one log-mel (default: 20)")
+    p.add_argument("--n-clips", type=int, default=200,
+                   help="clips per extraction run (default: 200)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                   help="worker counts to time gen_spectrograms.py with (default: 1 2)")
+    p.add_argument("--runs", type=int, default=3,
+                   help="extraction runs per worker count; the best is kept (default: 3)")
+    p.add_argument("--cold-start", action="store_true",
+                   help="also time the first log-mel of a fresh process with an empty numba "
+                        "cache (what a fresh install pays once; about 35 s of CPU)")
+    return p.parse_args(argv)
+
+
+def median_seconds(fn, repeats):
+    """Median wall-clock seconds of fn() over `repeats` calls."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# -----------------------------------------------------------------------------
+# Features
+def time_log_mel(clip_path, repeats=20, blas_threads=1):
+    """Seconds per stage of common.log_mel on one clip, warm (median of `repeats`).
+
+    The stages are those librosa.load + common run: decode (soundfile), resample to
+    SAMPLE_RATE (channels averaged, then librosa.resample with librosa.load's default,
+    soxr_hq), mel (mel spectrogram, log, crop/pad). blas_threads: OpenBLAS threads, 1 as
+    in gen_spectrograms.py's workers; None leaves the library's default (one per core).
+
+    Returns dict of seconds: decode, resample, mel, total (one common.log_mel call).
+    """
+    import librosa
+    import soundfile
+    from threadpoolctl import threadpool_limits
+
+    def decode():
+        return soundfile.read(clip_path, dtype="float32", always_2d=True)
+
+    with threadpool_limits(limits=blas_threads):
+        common.log_mel(clip_path)  # the first call pays imports and numba: time_first_log_mel
+        audio, sr = decode()
+        resampled = librosa.resample(librosa.to_mono(audio.T), orig_sr=sr,
+                                     target_sr=common.SAMPLE_RATE)
+        return dict(
+            decode=median_seconds(decode, repeats),
+            resample=median_seconds(lambda: librosa.resample(
+                librosa.to_mono(audio.T), orig_sr=sr, target_sr=common.SAMPLE_RATE), repeats),
+            mel=median_seconds(lambda: common.fit_frames(common.log_mel_of_audio(resampled)),
+                               repeats),
+            total=median_seconds(lambda: common.log_mel(clip_path), repeats))
+
+
+def time_first_log_mel(clip_path, cold_numba_cache=False):
+    """One-off costs of a fresh Python process: seconds to import common, then of the
+    first and the second common.log_mel(clip_path).
+
+    cold_numba_cache: give numba an empty cache folder (NUMBA_CACHE_DIR), as on a fresh
+    install, so that librosa's numba functions are compiled instead of loaded.
+    Returns dict of seconds: import_common, first_log_mel, second_log_mel.
+    """
+    code = ("import json, sys, time; sys.path.insert(0, sys.argv[1]); t0 = time.perf_counter(); "
+            "import common; t1 = time.perf_counter(); common.log_mel(sys.argv[2]); "
+            "t2 = time.perf_counter(); common.log_mel(sys.argv[2]); t3 = time.perf_counter(); "
+            "print(json.dumps(dict(import_common=t1 - t0, first_log_mel=t2 - t1, "
+            "second_log_mel=t3 - t2)))")
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir) if cold_numba_cache else None
+        out = subprocess.run([sys.executable, "-c", code, str(ROOT / "src"), str(clip_path)],
+                             env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def make_copies_dataset(clip_path, n_clips, data_dir):
+    """An MTAT-layout folder of n_clips copies of one clip: annotations_final.csv (one tag)
+    and mp3/<hex digit>/copy-<i>.<suffix>, as gen_spectrograms.py reads it."""
+    data_dir = Path(data_dir)
+    lines = ['"clip_id"\t"tag"\t"mp3_path"']
+    for i in range(n_clips):
+        path = f"{i % 16:x}/copy-{i}{Path(clip_path).suffix}"
+        (data_dir / "mp3" / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(clip_path, data_dir / "mp3" / path)
+        lines.append(f'"{i}"\t"0"\t"{path}"')
+    (data_dir / "annotations_final.csv").write_bytes(("\r\n".join(lines) + "\r\n").encode())
+
+
+def busy_cpu_seconds():
+    """CPU seconds the whole machine has been busy since boot (Linux), or None."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except OSError:
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+
+
+def time_extraction(workers, n_clips, clip_path, runs=3, dtype="float16"):
+    """Clips/s of gen_spectrograms.main on n_clips copies of clip_path: the best of `runs`
+    (the least disturbed by other load; each run's rate and the CPU that other processes
+    used meanwhile are printed).
+
+    Runs in this process after one warm-up, so the rate is the steady state: without
+    Python's and librosa's start-up (a few seconds, once per run of the script).
+    """
+    import gen_spectrograms
+
+    rates = []
+    with tempfile.TemporaryDirectory() as data_dir:
+        make_copies_dataset(clip_path, n_clips, data_dir)
+        gen_spectrograms.warm_up()
+        args = ["--data-dir", data_dir, "--workers", str(workers), "--dtype", dtype, "--overwrite"]
+        for _ in range(runs):
+            busy0, mine0 = busy_cpu_seconds(), os.times()
+            summary = gen_spectrograms.main(args)
+            busy1, mine1 = busy_cpu_seconds(), os.times()
+            rates.append(summary["clips_per_s"])
+            mine = sum(mine1[:4]) - sum(mine0[:4])  # this process and its (reaped) workers
+            line = (f"  {workers} worker(s): {rates[-1]:.1f} clips/s, "
+                    f"{mine / summary['n_computed'] * 1000:.0f} CPU ms per clip")
+            if busy0 is not None:
+                others = max(busy1 - busy0 - mine, 0) / summary["seconds"]
+                line += f"; other processes used {others:.2f} of {os.cpu_count()} cores meanwhile"
+            print(line, flush=True)
+    return max(rates)
+
+
+def features_benchmark(args):
+    """Per-stage cost of one log-mel, one-off costs, and extraction clips/s by workers."""
+    if not args.clip.is_file():
+        raise SystemExit(f"error: {args.clip} not found; pass --clip with any audio file "
+                         "(MTAT's: 29 s, 16 kHz mono MP3)")
+    results = {}
+    for name, threads in (("log_mel_s", 1), ("log_mel_s_default_blas_threads", None)):
+        results[name] = time_log_mel(args.clip, args.repeats, blas_threads=threads)
+        print(f"{name}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in results[name].items()),
+              flush=True)
+    caches = [("first_call_s", "warm", False)]
+    if args.cold_start:
+        caches.append(("first_call_cold_s", "cold", True))
+    for name, cache, cold in caches:
+        results[name] = time_first_log_mel(args.clip, cold_numba_cache=cold)
+        print(f"fresh process, {cache} numba cache: "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in results[name].items()), flush=True)
+    rates = {workers: [] for workers in args.workers}
+    for _ in range(args.runs):  # worker counts take turns, so that they see the same load
+        for workers in args.workers:
+            rates[workers].append(time_extraction(workers, args.n_clips, args.clip, runs=1))
+    rates = {workers: max(r) for workers, r in rates.items()}
+    for workers, rate in rates.items():
+        minutes = common.N_CLIPS / rate / 60
+        print(f"gen_spectrograms.py, {workers} worker(s), best of {args.runs}: {rate:.1f} clips/s "
+              f"(x{rate / rates[args.workers[0]]:.2f} of {args.workers[0]}); "
+              f"all {common.N_CLIPS:,} MTAT clips in {minutes:.1f} min", flush=True)
+    results["clips_per_s"] = rates
+    return results
+
+
+# what --what can run; each takes the parsed args and returns a dict of figures
+# (the training step of trainer.py is to be added here as "train")
+BENCHMARKS = {"features": features_benchmark}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    names = list(BENCHMARKS) if args.what == "all" else [args.what]
+    print(f"machine: {os.cpu_count()} CPU cores; python {sys.version.split()[0]}")
+    return {name: BENCHMARKS[name](args) for name in names}
+
+
+if __name__ == "__main__":
+    main()
