@@ -98,3 +98,34 @@ def test_torchrun_two_processes_matches_one(small_data_dir, small_run, tmp_path)
     for row_ddp, row_single in zip(ddp, single):
         assert float(row_ddp["val_roc_auc"]) == pytest.approx(float(row_single["val_roc_auc"]), abs=0.06)
     common.load_model(tmp_path / "ddp" / "best_model.pt")  # a plain (not DDP-wrapped) state dict
+
+
+def test_flop_count_from_layer_shapes():
+    import benchmark
+
+    # 2 x output elements x fan-in per convolution, 2 x in x out per dense layer
+    convs = [(50, 128, 628, 1 * 3 * 7), (100, 64, 157, 50 * 3 * 5), (70, 32, 39, 100 * 9),
+             (100, 64, 157, 1 * 3 * 5), (70, 32, 39, 100 * 9), (70, 32, 39, 1 * 9),
+             (70, 16, 19, 210 * 9), (70, 16, 19, 70 * 9)]
+    expected = sum(2 * c * h * w * fan_in for c, h, w, fan_in in convs) + 2 * (5040 * 500 + 500 * 50)
+    assert benchmark.forward_flops() == expected
+    assert 2.1e9 < expected < 2.2e9  # the "about 2.1 GFLOP"
+
+
+@pytest.mark.slow
+def test_training_benchmark_runs_on_cpu(capsys):
+    import benchmark
+
+    results = benchmark.main(["--what", "train", "--device", "cpu", "--steps", "1", "--batch-size", "2",
+                              "--eval-clips", "4"])["train"]
+    table = capsys.readouterr().out
+    for word in ("ms/step", "clips/s", "TFLOP/s", "eval clips/s", "40 epochs", "baseline", "fast"):
+        assert word in table
+    for mode in ("baseline", "fast"):
+        row = results[mode]
+        assert row["ms_per_step"] > 0 and row["clips_per_s"] == pytest.approx(2000 / row["ms_per_step"])
+        assert row["tflops"] == pytest.approx(3 * results["forward_gflop_per_clip"] * 1e9 * row["clips_per_s"] / 1e12)
+        # 40 epochs of 18,000 clips in steps of 2, plus 7,863 clips scored per epoch
+        assert row["projected_40_epochs_s"] == pytest.approx(
+            40 * (9000 * row["ms_per_step"] / 1000 + 7863 / row["eval_clips_per_s"]))
+    assert results["speedup"] == pytest.approx(results["baseline"]["ms_per_step"] / results["fast"]["ms_per_step"])
