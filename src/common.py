@@ -9,7 +9,6 @@ import csv
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # Features: log-mel spectrogram, 128 bands x 628 frames for a 29.1 s MTAT clip

@@ -12,7 +12,6 @@ import csv
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -60,7 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda when available)")
     p.add_argument("--eval-batch-size", type=int, default=256, help="clips per step when scoring (default: 256)")
     p.add_argument("--resume", action="store_true", help="continue the run --run from its last.pt")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("epochs", "batch_size", "eval_batch_size", "n_tags"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    return args
 
 
 # -----------------------------------------------------------------------------
