@@ -8,7 +8,7 @@ it touches no network and says the data are in place.
 
     python src/get_data.py                        # download into data/
     python src/get_data.py --from-dir ~/mtat      # files already downloaded
-    python src/get_data.py --synthetic 64 --data-dir data/demo   # small demo set
+    python src/get_data.py --synthetic 64        # a small demo set in data/demo
 """
 import argparse
 import bisect
@@ -364,8 +364,9 @@ def get_mtat(data_dir, hosts=None, from_dir=None, keep_archives=False):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default="data",
-                        help="where annotations_final.csv and mp3/ go (default: data)")
+    parser.add_argument("--data-dir", default=None,
+                        help="where annotations_final.csv and mp3/ go (default: data, or "
+                             "data/demo with --synthetic, so a demo never lands on MTAT)")
     parser.add_argument("--base-url", default=None,
                         help="a mirror serving the four files (default: try "
                              + ", then ".join(HOSTS) + ")")
@@ -380,9 +381,16 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed of --synthetic (default: 0)")
     args = parser.parse_args(argv)
+    if args.data_dir is None:
+        args.data_dir = "data/demo" if args.synthetic is not None else "data"
 
     try:
         if args.synthetic is not None:
+            real = Path(args.data_dir) / ANNOTATIONS
+            if real.is_file() and md5_of([real]) == MD5[ANNOTATIONS]:
+                raise SystemExit(f"error: {args.data_dir} holds MTAT (its verified {ANNOTATIONS}), "
+                                 "which --synthetic would replace; choose another --data-dir "
+                                 "(default for --synthetic: data/demo)")
             import synthetic  # only this branch needs it
             synthetic.write_synthetic_mtat(Path(args.data_dir), args.synthetic, args.seed)
             return

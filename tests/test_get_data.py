@@ -417,3 +417,20 @@ def test_synthetic_writes_an_mtat_shaped_set(tmp_path):
     mp3_paths = common.read_annotations(tmp_path / "annotations_final.csv")[3]
     assert len(mp3_paths) == 2
     assert all((tmp_path / "mp3" / p).is_file() for p in mp3_paths)
+
+
+@pytest.mark.slow
+def test_synthetic_defaults_to_data_demo(tmp_path, monkeypatch):
+    pytest.importorskip("synthetic")
+    monkeypatch.chdir(tmp_path)
+    get_data.main(["--synthetic", "1"])
+    assert (tmp_path / "data" / "demo" / "annotations_final.csv").is_file()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["demo"]
+
+
+def test_synthetic_refuses_a_folder_holding_mtat(annotations_csv, tmp_path):
+    (tmp_path / "annotations_final.csv").write_bytes(annotations_csv.read_bytes())
+    message = run(tmp_path, "--synthetic", "1")
+    assert message.startswith(f"error: {tmp_path} holds MTAT") and "--data-dir" in message
+    assert md5((tmp_path / "annotations_final.csv").read_bytes()) == "f04fa01752a8cc64f6e1ca142a0fef1d"
+    assert not (tmp_path / "mp3").exists()
