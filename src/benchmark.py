@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=200,
                    help="train: timed training steps per repeat (default: 200; use ~3 on a CPU)")
     p.add_argument("--batch-size", type=int, default=32, help="train: clips per step (default: 32)")
+    p.add_argument("--compile", action="store_true",
+                   help="train: also time the fast path under torch.compile (trainer.py --compile)")
     p.add_argument("--eval-clips", type=int, default=7863,
                    help="train: clips scored in the evaluation pass (default: 7,863, validation + "
                         "test of the paper's split; use ~64 on a CPU)")
@@ -243,26 +245,29 @@ def time_train_steps(device, mode, steps, batch_size, repeats=3):
     """Median seconds per training step of MSCNN on random data of the real shape.
 
     mode 'baseline': what a plain port does: fp32, eager, each batch a float32 host array
-    copied to the device. mode 'fast': trainer.py's own path: the data resident on the
-    device as float16 and normalised there, trainer.train_step (bf16 autocast on CUDA),
-    fused Adam and cudnn.benchmark on CUDA.
+    copied to the device. mode 'fast': trainer.train_epoch itself, as trainer.py runs it:
+    the data resident on the device as float16 and normalised there, channels_last, and on
+    CUDA bf16 autocast, fused Adam and cudnn.benchmark. 'fast+compile': the same with
+    trainer.py --compile.
     """
     import numpy as np
     import torch
 
     import trainer
 
-    fast = mode == "fast"
+    fast = mode != "baseline"
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = fast and device.type == "cuda"
     model = (trainer.build_model(50, 0.4, device) if fast else common.MSCNN().to(device)).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fast and device.type == "cuda")
+    if mode == "fast+compile":
+        model = trainer.compile_model(model, device)
     n_stored = 4 * batch_size  # a small pool of clips to draw batches from
     host = np.random.default_rng(0).normal(-8, 2, (n_stored, common.N_MELS, common.N_FRAMES))
     labels = torch.from_numpy((np.random.default_rng(1).random((n_stored, 50)) < 0.1).astype(np.float32))
-    rows = [np.sort(np.random.default_rng(i).choice(n_stored, batch_size, replace=False)) for i in range(steps)]
-    mean = torch.full((common.N_MELS,), -8.0, device=device)
-    std = torch.full((common.N_MELS,), 2.0, device=device)
+    batches = np.stack([np.sort(np.random.default_rng(i).choice(n_stored, batch_size, replace=False))
+                        for i in range(steps)])
+    norm = (torch.full((common.N_MELS,), -8.0, device=device), torch.full((common.N_MELS,), 2.0, device=device))
     if fast:
         source = trainer.to_device_source(host.astype(np.float16), device)
         labels = labels.to(device)
@@ -270,31 +275,32 @@ def time_train_steps(device, mode, steps, batch_size, repeats=3):
         host = host.astype(np.float32)
 
     def run_steps():
-        for step_rows in rows:
-            if fast:
-                index = torch.from_numpy(step_rows).to(device)
-                x = common.normalise(trainer.get_batch(source, step_rows, device), mean, std)
-                trainer.train_step(model, optimizer, x, labels[index], device.type == "cuda")
-            else:
-                x = ((torch.from_numpy(host[step_rows]).to(device) - mean[:, None]) / std[:, None]).unsqueeze(1)
-                trainer.train_step(model, optimizer, x, labels[step_rows].to(device), False)
+        if fast:
+            trainer.train_epoch(model, optimizer, source, labels, batches, norm, device.type == "cuda")
+        else:
+            for rows in batches:
+                x = ((torch.from_numpy(host[rows]).to(device) - norm[0][:, None]) / norm[1][:, None]).unsqueeze(1)
+                trainer.train_step(model, optimizer, x, labels[rows].to(device), False)
         sync(device)
 
-    run_steps()  # warm-up: allocations, cudnn autotuning
+    run_steps()  # warm-up: allocations, cudnn autotuning, compilation
     return median_seconds(run_steps, repeats) / steps
 
 
 def time_evaluation(device, mode, n_clips, batch_size=256):
     """Seconds to score n_clips clips (no gradients), as trainer.evaluate does ('fast':
-    resident float16 data, channels_last, bf16 on CUDA, batches of batch_size) or a plain
-    port would ('baseline': fp32, batches of 32 copied from the host)."""
+    resident float16 data, channels_last, bf16 on CUDA, batches of batch_size;
+    'fast+compile': and --compile) or a plain port would ('baseline': fp32, batches of 32
+    copied from the host)."""
     import numpy as np
     import torch
 
     import trainer
 
-    fast = mode == "fast"
+    fast = mode != "baseline"
     model = trainer.build_model(50, 0.4, device) if fast else common.MSCNN().to(device)
+    if mode == "fast+compile":
+        model = trainer.compile_model(model, device)
     host = np.random.default_rng(0).normal(-8, 2, (n_clips, common.N_MELS, common.N_FRAMES)).astype(
         np.float16 if fast else np.float32)
     norm = (torch.full((common.N_MELS,), -8.0, device=device), torch.full((common.N_MELS,), 2.0, device=device))
@@ -311,15 +317,16 @@ def time_evaluation(device, mode, n_clips, batch_size=256):
 
 
 def train_benchmark(args):
-    """ms/step, clips/s and TFLOP/s of the baseline and the fast path; projected time of
-    the paper's run (40 epochs of 18,000 clips, plus scoring 7,863 clips every epoch)."""
+    """ms/step, clips/s and TFLOP/s of the baseline and the fast path (and with --compile,
+    the fast path compiled); projected time of the paper's run (40 epochs of 18,000 clips,
+    plus scoring 7,863 clips every epoch)."""
     device = common.resolve_device(args.device)
     flops = forward_flops()
     print(f"MSCNN forward: {flops / 1e9:.2f} GFLOP per clip, training step ~3x: "
           f"{3 * flops / 1e9:.2f} GFLOP per clip; device {device}", flush=True)
     results = dict(device=str(device), forward_gflop_per_clip=flops / 1e9)
-    print(f"{'path':9} {'ms/step':>9} {'clips/s':>9} {'TFLOP/s':>8} {'eval clips/s':>13} {'40 epochs':>10}")
-    for mode in ("baseline", "fast"):
+    print(f"{'path':12} {'ms/step':>9} {'clips/s':>9} {'TFLOP/s':>8} {'eval clips/s':>13} {'40 epochs':>10} {'speed-up':>8}")
+    for mode in ("baseline", "fast") + (("fast+compile",) if args.compile else ()):
         step_s = time_train_steps(device, mode, args.steps, args.batch_size)
         eval_s = time_evaluation(device, mode, args.eval_clips)
         eval_rate = args.eval_clips / eval_s
@@ -327,12 +334,19 @@ def train_benchmark(args):
         row = dict(ms_per_step=1000 * step_s, clips_per_s=args.batch_size / step_s,
                    tflops=3 * flops * args.batch_size / step_s / 1e12, eval_clips_per_s=eval_rate,
                    projected_40_epochs_s=projected_s)
+        row["speedup"] = results.get("baseline", row)["ms_per_step"] / row["ms_per_step"]
         results[mode] = row
-        print(f"{mode:9} {row['ms_per_step']:9.1f} {row['clips_per_s']:9.1f} {row['tflops']:8.3f} "
-              f"{eval_rate:13.1f} {projected_s / 60:8.1f} min", flush=True)
-    results["speedup"] = results["baseline"]["ms_per_step"] / results["fast"]["ms_per_step"]
-    print(f"fast path: x{results['speedup']:.2f} the baseline's training steps per second")
+        print(f"{mode:12} {row['ms_per_step']:9.1f} {row['clips_per_s']:9.1f} {row['tflops']:8.3f} "
+              f"{eval_rate:13.1f} {format_duration(projected_s):>10} {row['speedup']:7.2f}x", flush=True)
+    results["speedup"] = results["fast"]["speedup"]
     return results
+
+
+def format_duration(seconds):
+    """1234.5 -> '20.6 min'; seconds, minutes or hours, whichever reads best."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 # what --what can run; each takes the parsed args and returns a dict of figures

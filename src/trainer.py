@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda when available)")
     p.add_argument("--eval-batch-size", type=int, default=256, help="clips per step when scoring (default: 256)")
     p.add_argument("--resume", action="store_true", help="continue the run --run from its last.pt")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (with CUDA graphs on CUDA); off by default: 2x slower "
+                        "on a CPU and not yet measured on a GPU (python src/benchmark.py --compile)")
     args = p.parse_args(argv)
     for flag in ("epochs", "batch_size", "eval_batch_size", "n_tags"):
         if getattr(args, flag) < 1:
@@ -103,23 +106,26 @@ def make_split(args, n_clips):
         raise SystemExit(f"error: {error}; choose smaller --train-size/--val-size") from None
 
 
-def band_stats(spectrograms, rows, chunk_rows=256):
+def band_stats(source, rows, device, chunk_rows=256):
     """Mean and standard deviation per mel band over all frames of the given clips.
 
-    Reads the memmap in chunks, so host memory stays bounded. Returns two float32
-    ndarrays (N_MELS,).
+    source: what to_device_source returned; the sums run where the data lives (float64,
+    in chunks, so memory stays bounded: seconds on a CPU for MTAT, a blink on a GPU).
+    Returns two float32 tensors (N_MELS,) on device.
     """
-    total = np.zeros(common.N_MELS)
-    total_sq = np.zeros(common.N_MELS)
+    total = torch.zeros(common.N_MELS, dtype=torch.float64, device=device)
+    total_sq = torch.zeros(common.N_MELS, dtype=torch.float64, device=device)
+    rows_on_device = torch.from_numpy(rows).to(device)
     for start in tqdm(range(0, len(rows), chunk_rows), desc="band statistics", unit="chunk",
                       leave=False, disable=not is_main()):
-        x = np.asarray(spectrograms[rows[start:start + chunk_rows]], dtype=np.float64)
-        total += x.sum(axis=(0, 2))
-        total_sq += np.square(x).sum(axis=(0, 2))
-    n = len(rows) * spectrograms.shape[2]
+        chunk = slice(start, start + chunk_rows)
+        x = get_batch(source, rows[chunk], rows_on_device[chunk]).double()
+        total += x.sum(dim=(0, 2))
+        total_sq += x.square().sum(dim=(0, 2))
+    n = len(rows) * common.N_FRAMES
     mean = total / n
-    std = np.sqrt(np.maximum(total_sq / n - mean ** 2, 0.0))
-    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+    std = (total_sq / n - mean ** 2).clamp(min=0).sqrt()
+    return mean.float(), std.clamp(min=1e-6).float()
 
 
 def to_device_source(spectrograms, device):
@@ -131,20 +137,32 @@ def to_device_source(spectrograms, device):
     if spectrograms.nbytes > free_bytes - 6 * 2 ** 30:  # leave room for the model and activations
         log(f"spectrograms ({spectrograms.nbytes / 2**30:.1f} GiB) do not fit on the GPU: pinned host batches")
         return spectrograms
-    resident = torch.empty(spectrograms.shape, dtype=torch.from_numpy(spectrograms[:1]).dtype, device=device)
-    for start in tqdm(range(0, len(spectrograms), 1024), desc="to GPU", unit="chunk", leave=False,
-                      disable=not is_main()):
-        resident[start:start + 1024] = torch.from_numpy(np.asarray(spectrograms[start:start + 1024])).to(device)
+    return upload(spectrograms, device)
+
+
+def upload(spectrograms, device, chunk_rows=1024):
+    """A copy of the array (N, N_MELS, N_FRAMES) as a tensor of its dtype on device,
+    made in chunks so host memory stays bounded."""
+    resident = torch.empty(spectrograms.shape, dtype=getattr(torch, spectrograms.dtype.name), device=device)
+    for start in tqdm(range(0, len(spectrograms), chunk_rows), desc=f"to {device}", unit="chunk",
+                      leave=False, disable=not is_main()):
+        chunk = np.array(spectrograms[start:start + chunk_rows])  # writable: torch warns on a read-only memmap
+        resident[start:start + chunk_rows] = torch.from_numpy(chunk)
     return resident
 
 
-def get_batch(source, rows, device):
-    """Rows (sorted int ndarray) of the spectrograms -> tensor (B, N_MELS, N_FRAMES) on device."""
+def get_batch(source, rows, rows_on_device):
+    """Spectrogram rows -> tensor (B, N_MELS, N_FRAMES) on rows_on_device's device.
+
+    rows: sorted int ndarray, to read a host memmap; rows_on_device: the same rows as a
+    tensor on the device, to index a resident tensor without waiting for the GPU (a
+    host-to-device copy of the indices each step would stall the queue of kernels).
+    """
     if isinstance(source, torch.Tensor):
-        return source[torch.from_numpy(rows).to(device)]
+        return source[rows_on_device]
     batch = torch.from_numpy(np.asarray(source[rows]))
-    if device.type == "cuda":
-        return batch.pin_memory().to(device, non_blocking=True)
+    if rows_on_device.is_cuda:
+        return batch.pin_memory().to(rows_on_device.device, non_blocking=True)
     return batch
 
 
@@ -181,10 +199,17 @@ def setup_distributed(device_name):
 
 # -----------------------------------------------------------------------------
 # training and evaluation
-def epoch_order(train_idx, seed, epoch):
-    """The training rows in this epoch's order: a fresh permutation per epoch, derived
-    from (seed, epoch) alone so that a resumed run sees the same batches."""
-    return np.random.default_rng([seed, epoch]).permutation(train_idx)
+def epoch_batches(train_idx, seed, epoch, batch_size):
+    """This process's batches for one epoch: int ndarray (steps, batch_size), rows sorted.
+
+    A fresh permutation per epoch, derived from (seed, epoch) alone so that a resumed run
+    sees the same batches, cut into global batches of batch_size x processes (the last
+    partial one dropped); each process takes every world_size()-th clip of each.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(train_idx)
+    global_batch = batch_size * world_size()
+    steps = len(order) // global_batch
+    return np.sort(order[:steps * global_batch].reshape(steps, global_batch)[:, rank()::world_size()], axis=1)
 
 
 def build_model(n_tags, dropout, device, bn_momentum=0.01):
@@ -192,6 +217,14 @@ def build_model(n_tags, dropout, device, bn_momentum=0.01):
     1.8x faster scoring on a 2-core AVX2 CPU (oneDNN), and the layout cuDNN's bf16
     convolutions prefer. The numbers are the same as in the default layout."""
     return common.MSCNN(n_tags, dropout, bn_momentum).to(device, memory_format=torch.channels_last)
+
+
+def compile_model(model, device):
+    """torch.compile (--compile): inductor's fused kernels and, on CUDA, CUDA graphs that
+    replay each fixed-shape step as one launch ('reduce-overhead'). Opt-in: on a 2-core
+    CPU it made training steps 2x slower; on a GPU it is not yet measured (benchmark.py
+    --compile measures it)."""
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
 def train_step(model, optimizer, x, y, use_bf16):
@@ -207,24 +240,54 @@ def train_step(model, optimizer, x, y, use_bf16):
     return loss.detach()
 
 
+def train_epoch(model, optimizer, source, labels, batches, norm, use_bf16, bar=None, check_every=50):
+    """Train over one epoch's batches; -> the epoch's mean training loss (all processes).
+
+    source: what to_device_source returned; labels: float tensor (N, T) on the device;
+    batches: int ndarray (steps, B) from epoch_batches; norm: (mean, std) from band_stats.
+    The batch rows go to the device once, so no step waits for the GPU; the loss is read
+    back every check_every steps, to show it and to stop (FloatingPointError) when it is
+    not finite.
+    """
+    batches_on_device = torch.from_numpy(batches).to(labels.device)
+    loss_sum = torch.zeros((), device=labels.device)
+    for step in range(len(batches)):
+        rows_on_device = batches_on_device[step]
+        x = common.normalise(get_batch(source, batches[step], rows_on_device), *norm)
+        loss_sum += train_step(model, optimizer, x, labels[rows_on_device], use_bf16)
+        if bar is not None:
+            bar.update(batches.shape[1] * world_size())
+        if (step + 1) % check_every == 0 or step + 1 == len(batches):
+            mean_loss = loss_sum.clone()
+            if world_size() > 1:
+                dist.all_reduce(mean_loss)
+            mean_loss = mean_loss.item() / (step + 1) / world_size()
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"training loss became {mean_loss}")
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+    return mean_loss
+
+
 @torch.no_grad()
 def predict_rows(model, source, rows, norm, batch_size, device, use_bf16):
     """Sigmoid scores (len(rows), T) float32 ndarray for the given spectrogram rows.
 
     Under torchrun each process scores a share of the rows and the shares are gathered."""
     model.eval()
-    shares = np.array_split(rows, world_size())
-    my_rows = shares[rank()]
+    my_rows = np.array_split(rows, world_size())[rank()]
+    rows_on_device = torch.from_numpy(my_rows).to(device)
     scores = []
     for start in range(0, len(my_rows), batch_size):
-        x = common.normalise(get_batch(source, my_rows[start:start + batch_size], device), *norm)
+        batch = slice(start, start + batch_size)
+        x = common.normalise(get_batch(source, my_rows[batch], rows_on_device[batch]), *norm)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            scores.append(torch.sigmoid(model(x).float()).cpu())
-    scores = torch.cat(scores).numpy() if scores else np.zeros((0, 0), np.float32)
+            scores.append(torch.sigmoid(model(x).float()))  # kept on the device: no wait per batch
+    scores = torch.cat(scores).cpu().numpy() if scores else None
     if world_size() > 1:
         gathered = [None] * world_size()
         dist.all_gather_object(gathered, scores)
-        scores = np.concatenate(gathered)
+        scores = np.concatenate([share for share in gathered if share is not None])
     return scores
 
 
@@ -233,10 +296,11 @@ def evaluate(model, source, labels, val_idx, test_idx, norm, args, device, use_b
     metrics = {}
     for name, rows in (("val", val_idx), ("test", test_idx)):
         scores = predict_rows(model, source, rows, norm, args.eval_batch_size, device, use_bf16)
-        metrics[f"{name}_roc_auc"] = common.roc_auc(labels[rows], scores)
-        metrics[f"{name}_pr_auc"] = common.pr_auc(labels[rows], scores)
-        if name == "test":
-            metrics["test_roc_auc_per_tag"] = common.roc_auc(labels[rows], scores, per_tag=True).tolist()
+        for metric in ("roc_auc", "pr_auc"):
+            per_tag = getattr(common, metric)(labels[rows], scores, per_tag=True)  # NaN: unscorable tag
+            metrics[f"{name}_{metric}"] = common.macro_mean(per_tag)
+            if name == "test" and metric == "roc_auc":
+                metrics["test_roc_auc_per_tag"] = per_tag.tolist()
     return metrics
 
 
@@ -282,9 +346,8 @@ def main(argv=None):
     if untagged:
         log(f"{len(untagged)} of the {len(tag_names)} tags have no clip in this data set; "
             "they are kept as outputs but cannot be scored")
-    norm_mean, norm_std = band_stats(spectrograms, train_idx)
-    norm = (torch.from_numpy(norm_mean).to(device), torch.from_numpy(norm_std).to(device))
     source = to_device_source(spectrograms, device)
+    norm = band_stats(source, train_idx, device)
     labels_on_device = torch.from_numpy(labels).float().to(device)
 
     # model, optimiser, schedule
@@ -315,38 +378,26 @@ def main(argv=None):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         torch.manual_seed(args.seed + 1000 * rank() + start_epoch)  # each process its own dropout masks
-    plain_model = model.module if world_size() > 1 else model
+    plain_model = model.module if world_size() > 1 else model  # what is saved
+    if args.compile:
+        model = compile_model(model, device)
     n_params = sum(p.numel() for p in plain_model.parameters() if p.requires_grad)
     log(f"{len(spectrograms)} clips ({len(train_idx)} train / {len(val_idx)} val / {len(test_idx)} test), "
         f"{len(tag_names)} tags, {n_params:,} parameters, device {device}"
         + (f" x {world_size()} processes" if world_size() > 1 else ""))
 
-    global_batch = args.batch_size * world_size()
-    steps_per_epoch = len(train_idx) // global_batch  # the last partial batch is dropped
     for epoch in range(start_epoch, args.epochs + 1):
         model.train()
         lr = optimizer.param_groups[0]["lr"]
-        order = epoch_order(train_idx, args.seed, epoch)
-        loss_sum = torch.zeros((), device=device)
+        batches = epoch_batches(train_idx, args.seed, epoch, args.batch_size)
         started = time.time()
-        bar = tqdm(total=steps_per_epoch * global_batch, desc=f"epoch {epoch}/{args.epochs}", unit="clip",
-                   unit_scale=True, leave=False, disable=not is_main())
-        for step in range(steps_per_epoch):
-            rows = np.sort(order[step * global_batch:(step + 1) * global_batch][rank()::world_size()])
-            x = common.normalise(get_batch(source, rows, device), *norm)
-            loss_sum += train_step(model, optimizer, x, labels_on_device[torch.from_numpy(rows).to(device)], use_bf16)
-            bar.update(global_batch)
-            if (step + 1) % 50 == 0 or step + 1 == steps_per_epoch:  # a sync now and then, not every step
-                mean_loss = loss_sum.clone()
-                if world_size() > 1:
-                    dist.all_reduce(mean_loss)
-                mean_loss = mean_loss.item() / (step + 1) / world_size()
-                if not math.isfinite(mean_loss):
-                    bar.close()
-                    raise SystemExit(f"error: training loss became {mean_loss} in epoch {epoch}; stopped. The last good "
-                                     f"checkpoints in {run_dir} are intact; try a lower --lr")
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
-        bar.close()
+        with tqdm(total=batches.size * world_size(), desc=f"epoch {epoch}/{args.epochs}", unit="clip",
+                  unit_scale=True, leave=False, disable=not is_main()) as bar:
+            try:
+                mean_loss = train_epoch(model, optimizer, source, labels_on_device, batches, norm, use_bf16, bar)
+            except FloatingPointError as error:
+                raise SystemExit(f"error: {error} in epoch {epoch}; stopped. The last good checkpoints "
+                                 f"in {run_dir} are intact; try a lower --lr") from None
         train_seconds = time.time() - started
         metrics = evaluate(model, source, labels, val_idx, test_idx, norm, args, device, use_bf16)
         scheduler.step()

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,39 @@ def test_bf16_training_step_matches_fp32(batch):
             assert agree > 0.9, n
 
 
+@pytest.mark.slow
+def test_compiled_step_and_forward_match_eager(batch):
+    """trainer.py --compile: one training step and one scoring pass equal eager's in fp32
+    (dropout 0, as inductor draws its own random masks)."""
+    x, y = batch
+    cpu = torch.device("cpu")
+    torch.manual_seed(1)
+    eager = trainer.build_model(50, 0.0, cpu)
+    plain = trainer.build_model(50, 0.0, cpu)
+    plain.load_state_dict(eager.state_dict())
+    compiled = trainer.compile_model(plain, cpu)
+    initial = {n: v.clone() for n, v in eager.state_dict().items()}
+    results = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        with torch.no_grad():
+            logits = model.eval()(x)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loss = trainer.train_step(model.train(), optimizer, x, y, False)
+        grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
+        results[name] = logits, loss, grads
+    assert type(compiled).__name__ == "OptimizedModule"  # really compiled
+    assert relative_error(results["compiled"][0], results["eager"][0]) < 1e-4
+    assert results["compiled"][1].item() == pytest.approx(results["eager"][1].item(), rel=1e-5)
+    for n, grad in results["eager"][2].items():
+        assert relative_error(results["compiled"][2][n], grad) < 1e-3, n
+    for n, value in eager.state_dict().items():
+        if "running" in n:  # batch-norm statistics of the training batch
+            assert torch.allclose(plain.state_dict()[n], value, rtol=1e-4, atol=1e-6), n
+        elif value.dim() > 1:  # Adam's first update, ~lr x sign(gradient), the same way
+            moved = torch.sign(plain.state_dict()[n] - initial[n]) == torch.sign(value - initial[n])
+            assert moved.float().mean() > 0.99, n
+
+
 def read_rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -117,15 +151,59 @@ def test_training_benchmark_runs_on_cpu(capsys):
     import benchmark
 
     results = benchmark.main(["--what", "train", "--device", "cpu", "--steps", "1", "--batch-size", "2",
-                              "--eval-clips", "4"])["train"]
+                              "--eval-clips", "4", "--compile"])["train"]
     table = capsys.readouterr().out
-    for word in ("ms/step", "clips/s", "TFLOP/s", "eval clips/s", "40 epochs", "baseline", "fast"):
+    for word in ("ms/step", "clips/s", "TFLOP/s", "eval clips/s", "40 epochs", "speed-up", "baseline",
+                 "fast", "fast+compile"):
         assert word in table
-    for mode in ("baseline", "fast"):
+    for mode in ("baseline", "fast", "fast+compile"):
         row = results[mode]
         assert row["ms_per_step"] > 0 and row["clips_per_s"] == pytest.approx(2000 / row["ms_per_step"])
         assert row["tflops"] == pytest.approx(3 * results["forward_gflop_per_clip"] * 1e9 * row["clips_per_s"] / 1e12)
         # 40 epochs of 18,000 clips in steps of 2, plus 7,863 clips scored per epoch
         assert row["projected_40_epochs_s"] == pytest.approx(
             40 * (9000 * row["ms_per_step"] / 1000 + 7863 / row["eval_clips_per_s"]))
-    assert results["speedup"] == pytest.approx(results["baseline"]["ms_per_step"] / results["fast"]["ms_per_step"])
+        assert row["speedup"] == pytest.approx(results["baseline"]["ms_per_step"] / row["ms_per_step"])
+    assert results["speedup"] == results["fast"]["speedup"]
+
+
+@pytest.mark.slow
+def test_trainer_compile_flag(small_data_dir, small_run, tmp_path):
+    """--compile trains to the same place as eager and saves a plain state dict."""
+    results = trainer.main(["--data-dir", str(small_data_dir), "--out", str(tmp_path), "--run", "compiled",
+                            "--epochs", "2", "--compile"] + SMALL_RUN_ARGS)
+    model, checkpoint = common.load_model(tmp_path / "compiled" / "best_model.pt")
+    assert not any(key.startswith("_orig_mod.") for key in checkpoint["state_dict"])
+    compiled, eager = read_rows(tmp_path / "compiled" / "metrics.csv"), read_rows(small_run[0] / "metrics.csv")
+    # inductor draws other dropout masks than eager, so near, not equal
+    assert float(compiled[0]["train_loss"]) == pytest.approx(float(eager[0]["train_loss"]), rel=0.05)
+    assert results["val_roc_auc"] == pytest.approx(small_run[1]["val_roc_auc"], abs=0.1)
+
+
+def test_resident_data_gives_the_same_training_as_the_memmap(small_data_dir):
+    """The GPU path's data handling (the array uploaded whole, batches and band statistics
+    read from it by device-side indices), run on the CPU against the host memmap."""
+    cpu = torch.device("cpu")
+    spectrograms = trainer.load_spectrograms(small_data_dir)
+    resident = trainer.upload(spectrograms, cpu, chunk_rows=20)
+    assert resident.dtype == torch.float16 and torch.equal(resident, torch.from_numpy(np.array(spectrograms)))
+    train_idx = np.arange(0, 48, 3)
+    norm = trainer.band_stats(spectrograms, train_idx, cpu, chunk_rows=5)
+    for got, want in zip(trainer.band_stats(resident, train_idx, cpu), norm):
+        assert torch.equal(got, want)
+    x = spectrograms[train_idx].astype(np.float64)
+    assert np.allclose(norm[0].numpy(), x.mean(axis=(0, 2)), atol=1e-5)
+    assert np.allclose(norm[1].numpy(), x.std(axis=(0, 2)), atol=1e-5)
+    labels = (torch.rand(48, 4, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    batches = trainer.epoch_batches(train_idx, 0, 1, 4)
+    assert batches.shape == (4, 4) and sorted(batches.ravel()) == list(train_idx)
+    results = []
+    for source in (spectrograms, resident):
+        torch.manual_seed(0)
+        model = trainer.build_model(4, 0.4, cpu, 0.1)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loss = trainer.train_epoch(model, optimizer, source, labels, batches, norm, False)
+        scores = trainer.predict_rows(model, source, np.arange(1, 48, 3), norm, 5, cpu, False)
+        results.append((loss, scores))
+    assert results[0][0] == results[1][0] and np.isfinite(results[0][0])
+    assert np.array_equal(results[0][1], results[1][1]) and results[0][1].shape == (16, 4)
