@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch-size", type=int, default=256, help="clips per step when scoring (default: 256)")
     p.add_argument("--resume", action="store_true", help="continue the run --run from its last.pt")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (with CUDA graphs on CUDA); off by default: 2x slower "
+                   help="torch.compile the network (with CUDA graphs on CUDA); off by default: 1.9x slower "
                         "on a CPU and not yet measured on a GPU (python src/benchmark.py --compile)")
     args = p.parse_args(argv)
     for flag in ("epochs", "batch_size", "eval_batch_size", "n_tags"):
@@ -222,7 +222,7 @@ def build_model(n_tags, dropout, device, bn_momentum=0.01):
 def compile_model(model, device):
     """torch.compile (--compile): inductor's fused kernels and, on CUDA, CUDA graphs that
     replay each fixed-shape step as one launch ('reduce-overhead'). Opt-in: on a 2-core
-    CPU it made training steps 2x slower; on a GPU it is not yet measured (benchmark.py
+    CPU it made training steps 1.9x slower; on a GPU it is not yet measured (benchmark.py
     --compile measures it)."""
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
 
