@@ -59,7 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--eval-clips", type=int, default=7863,
                    help="train: clips scored in the evaluation pass (default: 7,863, validation + "
                         "test of the paper's split; use ~64 on a CPU)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("steps", "batch_size", "eval_clips", "repeats", "n_clips", "runs"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    return args
 
 
 def median_seconds(fn, repeats):
@@ -241,6 +245,24 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def model_for(mode, device):
+    """A fresh MSCNN as the mode runs it: 'baseline' plain fp32 layout; 'fast' the
+    trainer's (channels_last); 'fast+compile' that under trainer.compile_model."""
+    import trainer
+
+    if mode == "baseline":
+        return common.MSCNN().to(device)
+    model = trainer.build_model(50, 0.4, device)
+    return trainer.compile_model(model, device) if mode == "fast+compile" else model
+
+
+def fixed_norm(device):
+    """(mean, std) per mel band matching the random inputs (normal, mean -8, std 2)."""
+    import torch
+
+    return torch.full((common.N_MELS,), -8.0, device=device), torch.full((common.N_MELS,), 2.0, device=device)
+
+
 def time_train_steps(device, mode, steps, batch_size, repeats=3):
     """Median seconds per training step of MSCNN on random data of the real shape.
 
@@ -258,16 +280,14 @@ def time_train_steps(device, mode, steps, batch_size, repeats=3):
     fast = mode != "baseline"
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = fast and device.type == "cuda"
-    model = (trainer.build_model(50, 0.4, device) if fast else common.MSCNN().to(device)).train()
+    model = model_for(mode, device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fast and device.type == "cuda")
-    if mode == "fast+compile":
-        model = trainer.compile_model(model, device)
     n_stored = 4 * batch_size  # a small pool of clips to draw batches from
     host = np.random.default_rng(0).normal(-8, 2, (n_stored, common.N_MELS, common.N_FRAMES))
     labels = torch.from_numpy((np.random.default_rng(1).random((n_stored, 50)) < 0.1).astype(np.float32))
     batches = np.stack([np.sort(np.random.default_rng(i).choice(n_stored, batch_size, replace=False))
                         for i in range(steps)])
-    norm = (torch.full((common.N_MELS,), -8.0, device=device), torch.full((common.N_MELS,), 2.0, device=device))
+    norm = fixed_norm(device)
     if fast:
         source = trainer.to_device_source(host.astype(np.float16), device)
         labels = labels.to(device)
@@ -279,7 +299,7 @@ def time_train_steps(device, mode, steps, batch_size, repeats=3):
             trainer.train_epoch(model, optimizer, source, labels, batches, norm, device.type == "cuda")
         else:
             for rows in batches:
-                x = ((torch.from_numpy(host[rows]).to(device) - norm[0][:, None]) / norm[1][:, None]).unsqueeze(1)
+                x = common.normalise(torch.from_numpy(host[rows]).to(device), *norm)
                 trainer.train_step(model, optimizer, x, labels[rows].to(device), False)
         sync(device)
 
@@ -293,17 +313,14 @@ def time_evaluation(device, mode, n_clips, batch_size=256):
     'fast+compile': and --compile) or a plain port would ('baseline': fp32, batches of 32
     copied from the host)."""
     import numpy as np
-    import torch
 
     import trainer
 
     fast = mode != "baseline"
-    model = trainer.build_model(50, 0.4, device) if fast else common.MSCNN().to(device)
-    if mode == "fast+compile":
-        model = trainer.compile_model(model, device)
+    model = model_for(mode, device)
     host = np.random.default_rng(0).normal(-8, 2, (n_clips, common.N_MELS, common.N_FRAMES)).astype(
         np.float16 if fast else np.float32)
-    norm = (torch.full((common.N_MELS,), -8.0, device=device), torch.full((common.N_MELS,), 2.0, device=device))
+    norm = fixed_norm(device)
     source = trainer.to_device_source(host, device) if fast else host
     rows = np.arange(n_clips)
 
