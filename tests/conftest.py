@@ -1,4 +1,4 @@
-"""Shared fixtures: the real MTAT files from ../shared/mtat (or $MTAT_FIXTURES)."""
+"""Shared fixtures: the real MTAT files in tests/fixtures/ (or $MTAT_FIXTURES)."""
 import gzip
 import os
 import shutil
@@ -10,16 +10,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 MTAT_CLIP_NAME = "joram-moments_of_clarity-08-solipsism-59-88.mp3"
 MTAT_CLIP_PATH = "e/" + MTAT_CLIP_NAME  # its mp3_path in the annotations (clip_id 37386)
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # committed: a clone tests alone
 
 
 def _fixture_dir():
-    for candidate in (os.environ.get("MTAT_FIXTURES"), ROOT.parent / "shared" / "mtat"):
-        if candidate and (Path(candidate) / "annotations_final.csv.gz").is_file():
-            return Path(candidate)
-    message = "real MTAT fixtures not found in ../shared/mtat or $MTAT_FIXTURES"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + " (required under CI)")
-    pytest.skip(message)
+    folder = Path(os.environ.get("MTAT_FIXTURES") or FIXTURES)
+    missing = [name for name in ("annotations_final.csv.gz", MTAT_CLIP_NAME)
+               if not (folder / name).is_file()]
+    if missing:  # a real error, never a skip: the files are part of the repository
+        pytest.fail(f"real MTAT fixtures missing in {folder}: {', '.join(missing)} "
+                    "(restore tests/fixtures/ from git, or fix $MTAT_FIXTURES)")
+    return folder
 
 
 @pytest.fixture(scope="session")
