@@ -4,7 +4,12 @@ Reference: Dabral, Deshmukh and Malapati, "A Multi-scale Convolutional Neural Ne
 Architecture for Music Auto-Tagging", Springer 2018. Every constant below is the
 original system's (see the README for where we deliberately differ).
 """
+import contextlib
 import csv
+import errno
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -400,3 +405,61 @@ def pr_auc(y_true, y_score, per_tag=False):
 def macro_mean(scores):
     """Mean of per-tag scores (T,) over the scorable tags (not NaN); NaN if there is none."""
     return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# Files
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
+
+
+def disk_error_text(path, error):
+    """One line for a failed write: what, where, how much room is left."""
+    reason = os.strerror(error.errno) if getattr(error, "errno", None) else str(error).splitlines()[0]
+    try:
+        free = f"; {shutil.disk_usage(Path(path).parent).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = ""
+    return f"cannot write {path}: {reason}{free}"
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w", **open_kwargs):
+    """Open a temporary file beside `path` for writing; on success it replaces `path`.
+
+    Nothing half-written is ever left under `path`: the data go to `<path>.tmp`, are
+    flushed to disk, and only then renamed over `path`. On any error the temporary file is
+    removed and the previous `path`, if any, stays as it was. A full disk, a file-size
+    limit, a read-only file system or an I/O error (ENOSPC, EDQUOT, EFBIG, EROFS, EIO;
+    also when wrapped, as torch.save wraps them in a RuntimeError) is raised as
+    SystemExit with one line naming the file and the space left; other errors propagate.
+
+        with atomic_write(run_dir / "results.json") as f:
+            f.write(text)
+        with atomic_write(run_dir / "last.pt", "wb") as f:
+            torch.save(state, f)
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        cause = disk_error_in(error)
+        if cause is not None:
+            raise SystemExit(f"error: {disk_error_text(path, cause)}; the previous "
+                             f"{path.name}, if any, is unchanged") from None
+        raise
+
+
+def disk_error_in(error):
+    """The OSError with a DISK_ERRORS errno in error's chain of causes, or None (torch.save
+    wraps the OSError of a failed write in a RuntimeError)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
