@@ -1,0 +1,24 @@
+"""The README's commands are the ones CI runs, and its links lead somewhere."""
+import re
+
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_readme_commands_as_written():
+    commands = [line.strip() for line in README.splitlines()
+                if re.match(r"\s{4}pip install -r requirements", line)]
+    assert len(commands) == 2, commands  # the demo and the tests
+    ci_lines = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()]
+    for command in commands:
+        command = command.split("  #")[0].strip()  # the README's comment is not part of it
+        assert command in ci_lines, f"README command not run by .ci/run: {command}"
+
+
+def test_readme_is_short_and_its_local_links_exist():
+    assert len(README.splitlines()) <= 210
+    targets = re.findall(r"\]\(((?:docs|src|tests)/[^)#]+)", README)
+    assert "docs/faults.md" in targets and "docs/trainer.md" in targets
+    missing = [t for t in targets if not (ROOT / t).exists()]
+    assert not missing, missing
