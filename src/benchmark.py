@@ -27,7 +27,7 @@ from pathlib import Path
 import common
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CLIP = ROOT.parent / "shared" / "mtat" / "joram-moments_of_clarity-08-solipsism-59-88.mp3"
+DEFAULT_CLIP = ROOT / "tests" / "fixtures" / "joram-moments_of_clarity-08-solipsism-59-88.mp3"
 
 
 def parse_args(argv=None):
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     fixtures = Path(os.environ.get("MTAT_FIXTURES", DEFAULT_CLIP.parent))
     p.add_argument("--clip", type=Path, default=fixtures / DEFAULT_CLIP.name,
                    help="audio clip to time; copies of it make the extraction data set "
-                        "(default: the real MTAT clip in ../shared/mtat or $MTAT_FIXTURES)")
+                        "(default: the real MTAT clip in tests/fixtures/ or $MTAT_FIXTURES)")
     p.add_argument("--repeats", type=int, default=20,
                    help="timed repeats per stage of one log-mel (default: 20)")
     p.add_argument("--n-clips", type=int, default=200,
