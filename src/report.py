@@ -167,7 +167,7 @@ def format_report(runs):
 
 def plot_curves(runs, path):
     """curves.png: validation ROC-AUC, test ROC-AUC and training loss per epoch, one line
-    per run (colour by split). Returns False when matplotlib is not installed."""
+    per run (a colour per run, a line style per split). Returns False when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -182,9 +182,9 @@ def plot_curves(runs, path):
             print(f"note: {run['run_dir']} has no metrics.csv: no curve for it", file=sys.stderr)
             continue
         epochs = [row["epoch"] for row in run["history"]]
-        colour = f"C{splits.index(run['split']) % 10}"
+        style = dict(color=f"C{runs.index(run) % 10}", linestyle=("-", "--", ":", "-.")[splits.index(run["split"]) % 4])
         for ax, (key, _) in zip(axes, panels):
-            ax.plot(epochs, [row[key] for row in run["history"]], color=colour, marker=".",
+            ax.plot(epochs, [row[key] for row in run["history"]], marker=".", **style,
                     label=f"{run['name']} ({run['split']}, seed {run['seed']})")
     for ax, (_, title) in zip(axes, panels):
         ax.set_title(title)
