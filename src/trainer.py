@@ -402,7 +402,8 @@ def main(argv=None):
         if args.run is None or not (run_dir / "last.pt").is_file():
             raise SystemExit(f"error: --resume needs --run NAME of a run with a last.pt ({run_dir / 'last.pt'} not found)")
         state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
-        changed = [k for k in RESUME_KEYS if state["args"].get(k) != json_args(args)[k]]
+        saved = dict({"split_seed": state["args"]["seed"]}, **state["args"])  # older runs drew --split random from --seed
+        changed = [k for k in RESUME_KEYS if saved[k] != json_args(args)[k]]
         if changed:
             raise SystemExit(f"error: cannot resume {run_dir} with different {', '.join('--' + k.replace('_', '-') for k in changed)}")
         model.load_state_dict(state["model"])
