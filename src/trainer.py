@@ -138,7 +138,8 @@ def audit_split(mp3_paths, train_idx, val_idx, test_idx):
             log(f"leakage audit, {name}: no clip name is in MTAT's form (artist-album-track-title-start-end); "
                 "nothing to audit")
             continue
-        share = lambda what: f"{counts[what]:,} ({100 * counts[what] / max(counts['n_clips'], 1):.1f}%)"
+        def share(what):  # two decimals: 5,862 of 5,863 must not read 100%
+            return f"{counts[what]:,} ({100 * counts[what] / max(counts['n_clips'], 1):.2f}%)"
         log(f"leakage audit, {name}: of {counts['n_clips']:,} clips, {share('song')} share a song with a "
             f"training clip, {share('album')} an album, {share('artist')} an artist"
             + (f"; {counts['unparsed']:,} names not in MTAT's form, not audited" if counts["unparsed"] else ""))

@@ -146,7 +146,7 @@ def test_trainer_clean_split_on_real_annotations(annotations_csv, tmp_path):
         watchdog.cancel()
     output = "\n".join(lines)
     assert "split clean: 15,244 train / 1,529 val / 4,332 test clips" in output, output
-    assert ("leakage audit, val: of 1,529 clips, 0 (0.0%) share a song with a training clip, "
-            "0 (0.0%) an album, 914 (59.8%) an artist") in output
-    assert ("leakage audit, test: of 4,332 clips, 0 (0.0%) share a song with a training clip, "
-            "0 (0.0%) an album, 2,680 (61.9%) an artist") in output
+    assert ("leakage audit, val: of 1,529 clips, 0 (0.00%) share a song with a training clip, "
+            "0 (0.00%) an album, 914 (59.78%) an artist") in output
+    assert ("leakage audit, test: of 4,332 clips, 0 (0.00%) share a song with a training clip, "
+            "0 (0.00%) an album, 2,680 (61.87%) an artist") in output
