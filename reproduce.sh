@@ -4,7 +4,7 @@
 # field's clean split, 3 seeds each -> report.md and curves.png (src/report.py).
 #
 # Needs: about 3 GB of disk for the MP3s (6 GB while extracting) and 4.2 GB for the
-# spectrograms; a CUDA GPU (on a CPU one run takes days); network access to MTAT's host
+# spectrograms; a CUDA GPU; network access to MTAT's host
 # unless DATA already holds it.
 # Takes: not yet measured (6 runs of 40 epochs; see docs/results.md when measured).
 #
