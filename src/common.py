@@ -255,6 +255,90 @@ def random_split(n_clips, n_train, n_val, seed=1337):
     return np.sort(train), np.sort(val), np.sort(test)
 
 
+SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # the clean split's lists (README there)
+CLEAN_SPLIT_FILES = ("mtat_clean_train.txt", "mtat_clean_valid.txt", "mtat_clean_test.txt")
+
+
+def clean_split(clip_ids, splits_dir=SPLITS_DIR):
+    """The field's song-disjoint benchmark split of MTAT (Lee et al. 2017, Won et al. 2020).
+
+    Reads the three clip-id lists in `splits_dir` (see splits/README.md: MTAT's folders
+    0..b train, c validation, d..f test; only clips with one of the 50 most frequent
+    unmerged tags) and finds each listed clip among the annotation rows. Rows not listed
+    belong to no part (4,758 of the 25,863).
+
+    Args:
+        clip_ids: int ndarray (N,), the annotations' clip_id column (read_annotations).
+    Returns:
+        train_idx, val_idx, test_idx: sorted int64 ndarrays of annotation rows,
+        (15244,), (1529,), (4332,) on the full annotations; disjoint.
+    Raises ValueError naming how many listed clips the annotations lack (and a few ids).
+    """
+    row_of = {int(clip_id): row for row, clip_id in enumerate(clip_ids)}
+    parts, missing = [], []
+    for name in CLEAN_SPLIT_FILES:
+        listed = np.loadtxt(Path(splits_dir) / name, dtype=np.int64, ndmin=1)
+        missing += [int(c) for c in listed if int(c) not in row_of]
+        parts.append(np.sort(np.array([row_of.get(int(c), -1) for c in listed], dtype=np.int64)))
+    if missing:
+        raise ValueError(f"the annotations lack {len(missing)} of the clean split's "
+                         f"{sum(len(p) for p in parts):,} clips (clip ids {', '.join(map(str, missing[:5]))}"
+                         f"{', ...' if len(missing) > 5 else ''}); the clean split needs MTAT's "
+                         "full annotations_final.csv")
+    return tuple(parts)
+
+
+def parse_mp3_path(mp3_path):
+    """MTAT's clip path -> (song, album, artist) keys, or None when it does not parse.
+
+    MTAT names a clip '<folder>/<artist>-<album>-<track no>-<title>-<start>-<end>.mp3',
+    spaces written '_', fields joined by '-'. song = the name without the folder and the
+    trailing '-<start>-<end>.mp3'; album = 'artist-album'; artist = the first field. A name
+    with fewer than 6 fields, or whose last two are not numbers, does not parse (the
+    synthetic set's 'a/synthetic-000010.mp3', for one). All 25,863 real names have
+    exactly 6 fields; a '-' inside a name would shift album and artist (the song key,
+    which drops only the last two fields, stays right).
+    """
+    name = mp3_path.rsplit("/", 1)[-1]
+    name = name[:-4] if name.lower().endswith(".mp3") else name
+    fields = name.split("-")
+    if len(fields) < 6 or not (fields[-1].isdigit() and fields[-2].isdigit()):
+        return None
+    return "-".join(fields[:-2]), "-".join(fields[:2]), fields[0]
+
+
+def split_overlap(mp3_paths, train_idx, eval_idx):
+    """Leakage audit: how many evaluation clips share a song, album or artist with training.
+
+    Keys come from parse_mp3_path. What it cannot see: the same song under two spellings
+    (re-releases, typos), an artist on a compilation (MTAT has 'various_artists' and
+    'magnatune_compilation' as artist names, so their tracks' real artists are unknown and
+    they all count as one artist), and clips whose names do not parse ('unparsed': each is
+    taken as its own song, album and artist, so they never count as shared).
+
+    Args:
+        mp3_paths: list of N str (read_annotations).  train_idx, eval_idx: int arrays of rows.
+    Returns:
+        dict: n_clips (len(eval_idx)); song, album, artist (eval clips sharing that with at
+        least one training clip; a shared song implies a shared album and artist);
+        unparsed (eval clips whose name does not parse).
+    """
+    train_keys = [set(), set(), set()]
+    for row in train_idx:
+        keys = parse_mp3_path(mp3_paths[row])
+        for seen, key in zip(train_keys, keys or ()):
+            seen.add(key)
+    counts = dict(n_clips=len(eval_idx), song=0, album=0, artist=0, unparsed=0)
+    for row in eval_idx:
+        keys = parse_mp3_path(mp3_paths[row])
+        if keys is None:
+            counts["unparsed"] += 1
+            continue
+        for what, seen, key in zip(("song", "album", "artist"), train_keys, keys):
+            counts[what] += key in seen
+    return counts
+
+
 # -----------------------------------------------------------------------------
 # The multi-scale CNN
 def conv(in_channels, out_channels, kernel):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 import common
 
 # what must not change between an interrupted run and its --resume
-RESUME_KEYS = ("split", "train_size", "val_size", "seed", "n_tags", "no_merge", "batch_size",
+RESUME_KEYS = ("split", "train_size", "val_size", "split_seed", "seed", "n_tags", "no_merge", "batch_size",
                "lr", "milestones", "dropout", "bn_momentum")
 
 
@@ -47,15 +47,25 @@ def parse_args(argv=None):
                    help="batch norm's running-statistics update, PyTorch's convention: running = "
                         "(1 - m) running + m batch (default: 0.01, the paper's; a run of only a few "
                         "hundred steps wants ~0.1 so that the statistics used for scoring catch up)")
-    p.add_argument("--n-tags", type=int, default=50, help="keep the N most frequent tags (default: 50)")
-    p.add_argument("--no-merge", action="store_true", help="do not merge synonym tags before choosing the top N")
-    p.add_argument("--split", choices=["paper", "random"], default="paper",
-                   help="'paper': the original's exact split of the 25,863 MTAT clips; "
-                        "'random': a seeded split of any data set by --train-size/--val-size (default: paper)")
+    p.add_argument("--n-tags", type=int, default=50,
+                   help="keep the N most frequent tags (default: 50; --split clean needs 50)")
+    p.add_argument("--no-merge", action="store_true",
+                   help="do not merge synonym tags before choosing the top N (implied by --split clean)")
+    p.add_argument("--split", choices=["paper", "clean", "random"], default="paper",
+                   help="'paper': the original's exact split of the 25,863 MTAT clips (18,000 / 2,000 / "
+                        "5,863, always its RandomState(1337) draw; clips of one song fall on both sides); "
+                        "'clean': the field's song-disjoint benchmark split (15,244 / 1,529 / 4,332 listed "
+                        "clips, src/splits/; the 50 most frequent tags without synonym merging, as Lee et al. "
+                        "2017 and Won et al. 2020; needs all 25,863 spectrogram rows); 'random': a split of "
+                        "any data set by --train-size/--val-size/--split-seed (default: paper)")
     p.add_argument("--train-size", type=int, default=18000, help="training clips for --split random (default: 18000)")
     p.add_argument("--val-size", type=int, default=2000,
                    help="validation clips for --split random; the rest is the test set (default: 2000)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the split, the weights and the batch order (default: 1337)")
+    p.add_argument("--split-seed", type=int, default=1337,
+                   help="seed of --split random's draw, independent of --seed (default: 1337)")
+    p.add_argument("--seed", type=int, default=1337,
+                   help="seed of the weights, dropout and batch order; never of the split, so runs with "
+                        "different seeds are scored on the same clips (default: 1337)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda when available)")
     p.add_argument("--eval-batch-size", type=int, default=256, help="clips per step when scoring (default: 256)")
     p.add_argument("--resume", action="store_true", help="continue the run --run from its last.pt")
@@ -66,6 +76,10 @@ def parse_args(argv=None):
     for flag in ("epochs", "batch_size", "eval_batch_size", "n_tags"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.split == "clean":  # the benchmark's tags: the 50 most frequent, not merged
+        if args.n_tags != 50:
+            p.error("--split clean is scored on the 50 most frequent tags; leave --n-tags at 50")
+        args.no_merge = True
     return args
 
 
@@ -93,17 +107,43 @@ def load_spectrograms(data_dir):
     return spectrograms
 
 
-def make_split(args, n_clips):
-    """-> train_idx, val_idx, test_idx (sorted annotation rows), by --split."""
-    if args.split == "paper":
+def make_split(args, n_clips, clip_ids=None):
+    """-> train_idx, val_idx, test_idx (sorted annotation rows), by --split.
+
+    n_clips: spectrogram rows; clip_ids: the annotations' clip ids (needed by 'clean').
+    The paper and clean splits are fixed; 'random' is drawn from --split-seed, never --seed.
+    """
+    if args.split in ("paper", "clean"):
         if n_clips != common.N_CLIPS:
-            raise SystemExit(f"error: --split paper needs all {common.N_CLIPS} MTAT clips, the data has "
+            raise SystemExit(f"error: --split {args.split} needs all {common.N_CLIPS} MTAT clips, the data has "
                              f"{n_clips}; use --split random --train-size N --val-size M")
-        return common.paper_split(n_clips, args.seed)
+        if args.split == "paper":
+            return common.paper_split(n_clips)  # always the original's RandomState(1337) draw
+        try:
+            return common.clean_split(clip_ids)
+        except ValueError as error:
+            raise SystemExit(f"error: {args.data_dir / 'annotations_final.csv'}: {error}") from None
     try:
-        return common.random_split(n_clips, args.train_size, args.val_size, args.seed)
+        return common.random_split(n_clips, args.train_size, args.val_size, args.split_seed)
     except ValueError as error:
         raise SystemExit(f"error: {error}; choose smaller --train-size/--val-size") from None
+
+
+def audit_split(mp3_paths, train_idx, val_idx, test_idx):
+    """Print and return the leakage audit: {'val': split_overlap, 'test': split_overlap}."""
+    overlap = {name: common.split_overlap(mp3_paths, train_idx, rows)
+               for name, rows in (("val", val_idx), ("test", test_idx))}
+    for name, counts in overlap.items():
+        if counts["unparsed"] == counts["n_clips"]:
+            log(f"leakage audit, {name}: no clip name is in MTAT's form (artist-album-track-title-start-end); "
+                "nothing to audit")
+            continue
+        def share(what):  # two decimals: 5,862 of 5,863 must not read 100%
+            return f"{counts[what]:,} ({100 * counts[what] / max(counts['n_clips'], 1):.2f}%)"
+        log(f"leakage audit, {name}: of {counts['n_clips']:,} clips, {share('song')} share a song with a "
+            f"training clip, {share('album')} an album, {share('artist')} an artist"
+            + (f"; {counts['unparsed']:,} names not in MTAT's form, not audited" if counts["unparsed"] else ""))
+    return overlap
 
 
 def band_stats(source, rows, device, chunk_rows=256):
@@ -332,13 +372,16 @@ def main(argv=None):
     csv_path = args.data_dir / "annotations_final.csv"
     if not csv_path.is_file():
         raise SystemExit(f"error: {csv_path} not found; run: python src/get_data.py --data-dir {args.data_dir}")
-    _, labels, tag_names, _ = common.load_tags(csv_path, args.n_tags, merge=not args.no_merge)
+    clip_ids, labels, tag_names, mp3_paths = common.load_tags(csv_path, args.n_tags, merge=not args.no_merge)
     spectrograms = load_spectrograms(args.data_dir)
     if len(spectrograms) > len(labels):
         raise SystemExit(f"error: {args.data_dir / 'spectrograms.npy'} has {len(spectrograms)} rows but "
                          f"{csv_path} only {len(labels)}; regenerate the spectrograms with --overwrite")
     labels = labels[:len(spectrograms)]  # spectrograms made with --limit cover the first rows
-    train_idx, val_idx, test_idx = make_split(args, len(spectrograms))
+    train_idx, val_idx, test_idx = make_split(args, len(spectrograms), clip_ids)
+    log(f"split {args.split}: {len(train_idx):,} train / {len(val_idx):,} val / {len(test_idx):,} test clips"
+        + (f" (--split-seed {args.split_seed})" if args.split == "random" else ""))
+    overlap = audit_split(mp3_paths, train_idx, val_idx, test_idx)
     if len(train_idx) < args.batch_size * world_size():
         raise SystemExit(f"error: {len(train_idx)} training clips are fewer than one global batch "
                          f"({args.batch_size} x {world_size()}); lower --batch-size")
@@ -360,7 +403,8 @@ def main(argv=None):
         if args.run is None or not (run_dir / "last.pt").is_file():
             raise SystemExit(f"error: --resume needs --run NAME of a run with a last.pt ({run_dir / 'last.pt'} not found)")
         state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
-        changed = [k for k in RESUME_KEYS if state["args"][k] != json_args(args)[k]]
+        saved = dict({"split_seed": state["args"]["seed"]}, **state["args"])  # older runs drew --split random from --seed
+        changed = [k for k in RESUME_KEYS if saved[k] != json_args(args)[k]]
         if changed:
             raise SystemExit(f"error: cannot resume {run_dir} with different {', '.join('--' + k.replace('_', '-') for k in changed)}")
         model.load_state_dict(state["model"])
@@ -431,6 +475,10 @@ def main(argv=None):
         results["test_roc_auc_per_tag"] = {name: None if math.isnan(auc) else auc
                                            for name, auc in zip(tag_names, best["test_roc_auc_per_tag"])}
         results["best_model"] = str(run_dir / "best_model.pt")
+        # what report.py needs to group and compare runs
+        results.update(split=args.split, split_seed=args.split_seed if args.split == "random" else None,
+                       seed=args.seed, epochs=args.epochs, n_tags=len(tag_names), merge=not args.no_merge,
+                       n_train=len(train_idx), n_val=len(val_idx), n_test=len(test_idx), split_overlap=overlap)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
         print(f"best model: {run_dir / 'best_model.pt'}\n{summary}", flush=True)
     if dist.is_initialized():

@@ -1,0 +1,71 @@
+"""report.py on real trainer runs: the table, mean ± sample std per split, curves, errors."""
+import json
+
+import numpy as np
+import pytest
+
+import common
+import report
+import trainer
+from conftest import write_spectrogram_set
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two one-epoch runs that differ only in --seed, on spectrograms of pure noise (on the
+    learnable set both score 1.0, and a standard deviation of 0 would check nothing)."""
+    data = tmp_path_factory.mktemp("noise")
+    write_spectrogram_set(data, 48, n_tags=4, seed=0)
+    noise = np.random.default_rng(0).normal(-8.0, 1.0, (48, common.N_MELS, common.N_FRAMES))
+    np.save(data / "spectrograms.npy", noise.astype(np.float16))
+    out = tmp_path_factory.mktemp("study")
+    for seed in ("1", "2"):
+        trainer.main(["--data-dir", str(data), "--out", str(out), "--run", f"seed{seed}",
+                      "--epochs", "1", "--seed", seed, "--split", "random", "--train-size", "32", "--val-size",
+                      "8", "--batch-size", "32", "--n-tags", "4", "--no-merge", "--device", "cpu"])
+    return out
+
+
+@pytest.mark.slow
+def test_report_table_mean_and_sample_std(two_runs, capsys):
+    text = report.main([str(two_runs)])
+    assert capsys.readouterr().out == text
+    assert (two_runs / "report.md").read_text() == text
+    results = [json.loads((two_runs / f"seed{s}" / "results.json").read_text()) for s in ("1", "2")]
+    assert [r["seed"] for r in results] == [1, 2] and results[0]["split"] == "random"
+    for r, name in zip(results, ("seed1", "seed2")):
+        assert (f"| {name} | random | {r['seed']} | 1 | {r['epoch']} | {r['val_roc_auc']:.4f} | "
+                f"{r['val_pr_auc']:.4f} | {r['test_roc_auc']:.4f} | {r['test_pr_auc']:.4f} |") in text
+    # the seeds change the model, not the split: same clips, different scores
+    assert results[0]["n_test"] == results[1]["n_test"] and results[0]["test_roc_auc"] != results[1]["test_roc_auc"]
+    row = next(line for line in text.splitlines() if line.startswith("| random | 2 |"))
+    for key in ("val_roc_auc", "test_roc_auc", "test_pr_auc"):
+        values = [r[key] for r in results]
+        assert f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" in row, (key, row)
+    assert f"± {np.std([r['test_roc_auc'] for r in results], ddof=0):.4f}" not in row  # sample std, not population
+    assert "none (not a published split)" in row
+    assert (two_runs / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_references_and_one_run(tmp_path):
+    runs = [dict(name=f"{split}-seed1", split=split, seed=1, epochs=40, epoch=30, val_roc_auc=0.9, val_pr_auc=0.4,
+                 test_roc_auc=0.905, test_pr_auc=0.45, history=[], run_dir=tmp_path) for split in ("clean", "paper")]
+    text = report.format_report(runs)
+    assert "| paper | 1 | 0.9000 ± n/a | 0.9050 ± n/a | 0.4500 ± n/a | Dabral et al. 2018: test ROC-AUC 0.900" in text
+    assert "Won et al. 2020, 9 models: ROC-AUC 0.8722–0.9129, PR-AUC 0.3625–0.4614" in text
+    # the clean runs' mean takes its place in Won et al.'s table, by ROC-AUC
+    rows = [line for line in text.split("against the field")[1].splitlines() if line.startswith("| ")][2:]
+    assert rows[5].startswith("| Sample-level | 0.9058") and rows[6].startswith("| **this project")
+    assert text.index("| paper |") < text.index("| clean |")
+
+
+def test_report_errors_are_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="no runs found in"):
+        report.main([str(tmp_path)])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="has no results.json: the run has not finished"):
+        report.main([str(tmp_path / "run")])
+    (tmp_path / "run" / "results.json").write_text('{"epoch": 3}')
+    with pytest.raises(SystemExit, match="lacks split, seed, epochs"):
+        report.main([str(tmp_path / "run")])
