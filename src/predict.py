@@ -1,15 +1,22 @@
-"""Tag any audio file with a trained multi-scale CNN checkpoint.
+"""Tag audio files and music folders with a trained multi-scale CNN checkpoint.
 
     python src/predict.py song.mp3 other.wav                 # newest run in experiments/
+    python src/predict.py ~/Music --csv tags.csv --embeddings emb.npz   # a whole library
+    python src/predict.py ~/Music --csv tags.csv --resume    # continue an interrupted run
     python src/predict.py song.mp3 --checkpoint experiments/paper/best_model.pt \
         --top 10 --json tags.json --taggram song.png
 
-Audio of any format, sample rate and channel count librosa reads is decoded to 11,025 Hz
-mono and turned into a log-mel spectrogram by the same code as training (common.log_mel).
-It is cut into 628-frame windows (29.1 s, the length of an MTAT clip) every --hop-frames
-frames; the last window is aligned to the end of the audio so every frame is scored, and
-audio shorter than one window is padded with silence exactly as log_mel pads it. The
-tag probabilities (sigmoid of the logits) are averaged over the windows.
+Folders are searched recursively for AUDIO_EXTENSIONS. Decoder processes (--workers) read
+each file in blocks of BLOCK_S seconds, resample it to 11,025 Hz mono with soxr's streaming
+resampler and turn it into log-mel frames as the blocks arrive, so memory does not grow with
+a file's length; the frames equal common.log_mel_of_audio(common.load_audio(path)), the
+training features. The main process cuts 628-frame windows (29.1 s, one MTAT clip) every
+--hop-frames frames; the last window is aligned to the end of the audio so every frame is
+scored, and audio shorter than one window is padded with silence exactly as log_mel pads it.
+Windows of consecutive files are scored together in batches; results come out in input
+order. A file's tag probabilities (sigmoid of the logits) are the mean over its windows; its
+embedding is the mean of its windows' 500-d penultimate activations (MSCNN.embed).
+See docs/predict.md.
 """
 import argparse
 import contextlib
@@ -411,7 +418,12 @@ def load_checkpoint(path, device):
     try:
         model, checkpoint = common.load_model(path, device)
     except ValueError as error:  # its message names the file; kept whole, on one line
-        text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split()).rstrip(" .;")
+        text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())
+        # a loader's own explanation runs for a paragraph (and arrives cut at 200
+        # characters): keep its first sentence, which says what failed
+        found = re.fullmatch(r"(.*? \(\w+: )(.*)\)", text)
+        if found:
+            text = found[1] + re.split(r"(?<=\.) ", found[2])[0].rstrip(" .") + ")"
         raise SystemExit(f"error: {text}; {fix}") from None
     except RuntimeError:  # load_state_dict: weights of another architecture
         raise SystemExit(f"error: {path}: its weights do not fit this model; {fix}") from None
