@@ -44,6 +44,11 @@ BAR_ABOVE_N_FILES = 4  # a progress bar only pays off past a handful of files
 MAX_WORKERS = 8  # default --workers: the cores, at most this many
 SAVE_EVERY_S = 60  # outputs are rewritten (atomically) this often during a run
 EMBEDDING_SIZE = 500  # units of MSCNN's penultimate (dense) layer
+# windows per forward pass: on a CPU a window's activations take ~20 MB and a batch of 8
+# scores as fast as one of 64 (a 10-minute file, --workers 0, 2-core CPU: 12.7 s and 676 MB
+# peak at 8, 12.2 s and 852 MB at 16, 12.6 s and 1,395 MB at 64), so the small batch keeps
+# the peak memory low; a GPU wants large batches
+CPU_BATCH, CUDA_BATCH = 8, 64
 
 
 # -----------------------------------------------------------------------------
@@ -255,9 +260,9 @@ def decode_in_pool(paths, workers, ahead=2):
     ValueError saying its decoder died (a file decoded alongside the culprit both times is
     reported too; a rerun with --resume retries it). Never waits on a dead worker.
     """
-    import librosa  # noqa: F401  imported once here, not in every forked decoder
-    import soxr  # noqa: F401
-
+    # librosa's imports and numba functions loaded once here, not in every forked decoder
+    # (a fresh process pays seconds for them on its first file)
+    LogMelStream().feed(np.zeros(common.N_FFT, np.float32))
     context = multiprocessing.get_context("fork")  # decoders start in ms, not seconds
     todo, in_flight, done = deque(range(len(paths))), {}, {}
     attempts = Counter()
@@ -715,8 +720,10 @@ def parse_args(argv=None):
                         help="decoder processes (decode, resample, log-mel) while this process "
                         "scores; 0 decodes in this process")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--batch-size", type=positive_int, default=64,
-                        help="windows scored per forward pass (windows of several files share one)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="windows scored per forward pass (windows of several files share "
+                        f"one); default {CUDA_BATCH} on a GPU, {CPU_BATCH} on a CPU, where each "
+                        "window of a batch costs ~20 MB and larger batches are no faster")
     args = parser.parse_args(argv)
     if args.workers < 0:
         parser.error(f"--workers must be 0 or more, got {args.workers}")
@@ -741,6 +748,7 @@ def main(argv=None):
         print(f"using {checkpoint_path} (newest run in {args.experiments}/; "
               "--checkpoint picks another)", file=sys.stderr)
     model, tag_names, norm_mean, norm_std = load_checkpoint(checkpoint_path, device)
+    batch_size = args.batch_size or (CUDA_BATCH if device.type == "cuda" else CPU_BATCH)
 
     paths, empty_folders = expand_inputs(args.audio)
     results, failed = {}, []
@@ -763,7 +771,7 @@ def main(argv=None):
     last_save = time.monotonic()
     try:
         for path, result in tag_decoded(decoded, model, tag_names, norm_mean, norm_std,
-                                        args.hop_frames, args.batch_size):
+                                        args.hop_frames, batch_size):
             bar.update()
             if isinstance(result, Exception):
                 failed.append(path)
