@@ -572,8 +572,9 @@ def read_previous(args, tag_names):
                if getattr(args, name)]
     previous, done = {}, None
     for name, path in outputs:
-        if not Path(path).is_file():
-            return {}, set()  # an output without anything yet: every file is redone
+        if not Path(path).is_file():  # an output without anything yet: every file is redone
+            done = set()
+            continue
         try:
             entries = READERS[name](path, tag_names, args.per_window)
         except (ValueError, KeyError, OSError, EOFError, csv.Error) as error:
@@ -759,7 +760,7 @@ def main(argv=None):
         print(f"error: {message}", file=sys.stderr)
     if args.resume:
         previous, done = read_previous(args, tag_names)
-        results = dict(previous, **results)
+        results = {**previous, **results}
         skipped = len([path for path in paths if path in done])
         paths = [path for path in paths if path not in done]
         print(f"resuming: {skipped} file(s) already tagged in the outputs, {len(paths)} to tag",
