@@ -93,7 +93,6 @@ def quiet_decoder():
 AUDIO_EXTENSIONS = (".aif", ".aifc", ".aiff", ".au", ".caf", ".flac", ".mp3", ".oga", ".ogg",
                     ".opus", ".w64", ".wav")  # what soundfile (libsndfile >= 1.1) decodes
 BLOCK_S = 30  # seconds of source audio read, resampled and turned into log-mel at a time
-SILENCE = np.float32(np.log(common.LOG_FLOOR))
 
 
 class LogMelStream:
@@ -176,13 +175,11 @@ def stream_log_mel(path, block_s=BLOCK_S):
         raise ValueError(f"{path}: no audio samples decoded; nothing to tag")
     tail = np.zeros(0, np.float32) if resampler is None else resampler.resample_chunk(
         np.zeros(0, np.float32), last=True)
-    n_target = int(np.ceil(n_in * common.SAMPLE_RATE / rate))  # librosa.resample's fix_length
-    extra = mel.n_samples + len(tail) - n_target
-    if extra > 0:  # too long: the surplus is still in the tail or the pending samples
-        tail = tail[:max(len(tail) - extra, 0)]
-        mel.pending = mel.pending[:len(mel.pending) - max(extra - len(tail), 0)]
-        mel.n_samples -= max(extra - len(tail), 0)
-    specs.append(mel.feed(np.concatenate([tail, np.zeros(max(-extra, 0), np.float32)])))
+    # librosa.resample fixes the length to n_target; soxr's output is never longer (checked
+    # for rates of 8 to 96 kHz), often a few samples shorter, which librosa pads with zeros
+    n_target = int(np.ceil(n_in * common.SAMPLE_RATE / rate))
+    missing = n_target - mel.n_samples - len(tail)
+    specs.append(mel.feed(np.concatenate([tail, np.zeros(max(missing, 0), np.float32)])))
     specs.append(mel.finish())
     return np.concatenate(specs, axis=1), n_target / common.SAMPLE_RATE
 
