@@ -422,7 +422,8 @@ def time_predict_stages(track_path, checkpoint_path, batch_size=64):
     def decode():
         with soundfile.SoundFile(track_path) as f:
             blocks = []
-            while len(block := f.read(predict.BLOCK_S * f.samplerate, dtype="float32", always_2d=True)):
+            while len(block := f.read(predict.BLOCK_S * f.samplerate, dtype="float32",
+                                      always_2d=True)):
                 blocks.append(np.mean(block.T, axis=0))
             return blocks, f.samplerate
 
@@ -435,7 +436,7 @@ def time_predict_stages(track_path, checkpoint_path, batch_size=64):
         stream = predict.LogMelStream()
         return np.concatenate([stream.feed(y) for y in resampled] + [stream.finish()], axis=1)
 
-    model, tag_names, norm_mean, norm_std = predict.load_checkpoint(checkpoint_path, torch.device("cpu"))
+    model, _, norm_mean, norm_std = predict.load_checkpoint(checkpoint_path, torch.device("cpu"))
     times = {}
     with threadpool_limits(limits=1):
         mel(resample(*decode()))  # warm-up: imports, numba, filter banks
@@ -553,11 +554,13 @@ def predict_benchmark(args):
         for minutes in args.memory_minutes:
             long_path = tmp / f"long_{minutes}min.wav"
             write_track(long_path, args.clip, minutes)
-            peak = peak_memory_mib([sys.executable, str(ROOT / "src" / "predict.py"), str(long_path),
-                                    "--checkpoint", str(checkpoint), "--workers", "0"])
+            peak = peak_memory_mib([sys.executable, str(ROOT / "src" / "predict.py"),
+                                    str(long_path), "--checkpoint", str(checkpoint),
+                                    "--workers", "0"])
             results["peak_mib"][minutes] = peak
             print(f"peak memory, one {minutes}-minute 44.1 kHz stereo WAV "
-                  f"({long_path.stat().st_size / 2**20:.0f} MiB), --workers 0: {peak:.0f} MiB", flush=True)
+                  f"({long_path.stat().st_size / 2**20:.0f} MiB), --workers 0: {peak:.0f} MiB",
+                  flush=True)
             long_path.unlink()
     return results
 

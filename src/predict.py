@@ -114,7 +114,7 @@ class LogMelStream:
         buffer = np.concatenate([self.pending, y])
         if final:
             buffer = np.concatenate([buffer, np.zeros(common.N_FFT // 2, np.float32)])
-        n_frames = 0 if len(buffer) < common.N_FFT else 1 + (len(buffer) - common.N_FFT) // common.HOP_LENGTH
+        n_frames = max(0, 1 + (len(buffer) - common.N_FFT) // common.HOP_LENGTH)
         self.pending = buffer[n_frames * common.HOP_LENGTH:]
         if n_frames == 0:
             return np.zeros((common.N_MELS, 0), np.float32)
@@ -162,8 +162,8 @@ def stream_log_mel(path, block_s=BLOCK_S):
 
     with soundfile.SoundFile(path) as f:
         rate = f.samplerate
-        resampler = (None if rate == common.SAMPLE_RATE else
-                     soxr.ResampleStream(rate, common.SAMPLE_RATE, 1, dtype="float32", quality="HQ"))
+        resampler = None if rate == common.SAMPLE_RATE else soxr.ResampleStream(
+            rate, common.SAMPLE_RATE, 1, dtype="float32", quality="HQ")
         mel, specs, n_in = LogMelStream(), [], 0
         # not f.blocks: its last block keeps unwritten frames when an MP3 decodes short
         while len(block := f.read(block_s * rate, dtype="float32", always_2d=True)):
@@ -361,17 +361,19 @@ def tag_decoded(decoded, model, tag_names, norm_mean, norm_std, hop_frames=commo
         batch.clear()
 
     def finished():
-        while queue and (isinstance(queue[0], tuple) or len(queue[0]["probs"]) == len(queue[0]["starts"])):
+        while queue and (isinstance(queue[0], tuple)
+                         or len(queue[0]["probs"]) == len(queue[0]["starts"])):
             file = queue.popleft()
-            if isinstance(file, tuple):
+            if isinstance(file, tuple):  # (path, error)
                 yield file
                 continue
             window_probs, window_embeddings = np.stack(file["probs"]), np.stack(file["embeddings"])
             mean_probs = window_probs.mean(axis=0)
             order = np.argsort(-mean_probs, kind="stable")
             yield file["path"], dict(
-                tags=[[tag_names[i], float(mean_probs[i])] for i in order], windows=len(file["starts"]),
-                duration_s=file["duration_s"], window_probs=window_probs, starts=file["starts"],
+                tags=[[tag_names[i], float(mean_probs[i])] for i in order],
+                windows=len(file["starts"]), duration_s=file["duration_s"],
+                window_probs=window_probs, starts=file["starts"],
                 window_start_s=file["starts"] * common.HOP_LENGTH / common.SAMPLE_RATE,
                 window_embeddings=window_embeddings, embedding=window_embeddings.mean(axis=0))
 
@@ -533,8 +535,10 @@ def write_embeddings(path, results, tag_names, per_window):
     window_file (W,) (row in paths) and window_start_s (W,)."""
     tagged = [(audio, entry) for audio, entry in results.items() if "embedding" in entry]
     arrays = dict(
-        paths=np.array([audio for audio, _ in tagged], dtype=str), tag_names=np.array(tag_names, dtype=str),
-        embeddings=np.array([e["embedding"] for _, e in tagged], np.float32).reshape(-1, EMBEDDING_SIZE),
+        paths=np.array([audio for audio, _ in tagged], dtype=str),
+        tag_names=np.array(tag_names, dtype=str),
+        embeddings=np.array([e["embedding"] for _, e in tagged],
+                            np.float32).reshape(-1, EMBEDDING_SIZE),
         duration_s=np.array([e["duration_s"] for _, e in tagged], np.float64),
         windows=np.array([e["windows"] for _, e in tagged], np.int64))
     if per_window:
@@ -542,8 +546,10 @@ def write_embeddings(path, results, tag_names, per_window):
             window_embeddings=np.concatenate(
                 [e["window_embeddings"] for _, e in tagged] or [np.zeros((0, EMBEDDING_SIZE))]
             ).astype(np.float32),
-            window_file=np.repeat(np.arange(len(tagged)), [e["windows"] for _, e in tagged]).astype(np.int64),
-            window_start_s=np.concatenate([e["window_start_s"] for _, e in tagged] or [np.zeros(0)]))
+            window_file=np.repeat(np.arange(len(tagged)),
+                                  [e["windows"] for _, e in tagged]).astype(np.int64),
+            window_start_s=np.concatenate([e["window_start_s"] for _, e in tagged]
+                                          or [np.zeros(0)]))
     with common.atomic_write(path, "wb") as f:
         np.savez(f, **arrays)
 
@@ -576,7 +582,8 @@ def read_previous(args, tag_names):
             entries = READERS[name](path, tag_names, args.per_window)
         except (ValueError, KeyError, OSError, EOFError, csv.Error) as error:
             raise SystemExit(f"error: --resume: cannot read {path} ({type(error).__name__}: "
-                             f"{error}); pass another --{name} file, or leave out --resume") from None
+                             f"{error}); pass another --{name} file, or leave out "
+                             "--resume") from None
         for audio, entry in entries.items():
             previous.setdefault(audio, {}).update(entry)
         tagged = {audio for audio, entry in entries.items() if "error" not in entry}
@@ -613,7 +620,8 @@ def read_csv(path, tag_names, per_window):
 def read_embeddings(path, tag_names, per_window):
     with np.load(path) as saved:
         if list(saved["tag_names"]) != tag_names:
-            raise ValueError("its tag_names are not this checkpoint's (written with another model?)")
+            raise ValueError("its tag_names are not this checkpoint's (written with another "
+                             "model?)")
         if per_window and "window_embeddings" not in saved:
             return {}  # written without --per-window: every file is redone
         entries = {str(audio): dict(embedding=saved["embeddings"][i],
@@ -762,7 +770,9 @@ def main(argv=None):
         paths = [path for path in paths if path not in done]
         print(f"resuming: {skipped} file(s) already tagged in the outputs, {len(paths)} to tag",
               file=sys.stderr)
-    png_paths = dict(zip(paths, taggram_paths(args.taggram, paths))) if args.taggram and paths else {}
+    png_paths = {}
+    if args.taggram and paths:
+        png_paths = dict(zip(paths, taggram_paths(args.taggram, paths)))
 
     decoded = decode_all(paths, args.workers)
     bar = tqdm(total=len(paths), unit="file", disable=len(paths) <= BAR_ABOVE_N_FILES)
