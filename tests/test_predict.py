@@ -1,4 +1,5 @@
-"""predict.py: windows, tagging real and synthetic audio, bad inputs, JSON, taggram, no skew."""
+"""predict.py: windows, tagging real and synthetic audio, bad inputs, JSON, taggram, no skew;
+at library scale: blocks = whole file, folders, CSV, embeddings, the decoder pool, resume."""
 import csv
 import json
 import math
@@ -313,7 +314,8 @@ def test_block_path_equals_whole_file_path(loaded, long_stereo, mtat_clip):
     the WAV), up to 3e-3 in the MP3's empty top band (power e^-24); the scores agree to
     1e-4, and to 1e-6 for the WAV."""
     model, tag_names, mean, std = loaded
-    for path, block_s, log_atol, prob_atol in ((long_stereo, 7, 1e-5, 1e-6), (mtat_clip, 5, 3e-3, 1e-4)):
+    cases = ((long_stereo, 7, 1e-5, 1e-6), (mtat_clip, 5, 3e-3, 1e-4))
+    for path, block_s, log_atol, prob_atol in cases:
         whole_audio = common.load_audio(path)
         whole = common.log_mel_of_audio(whole_audio)
         blocks, duration_s = predict.read_log_mel(path, block_s=block_s)
@@ -323,8 +325,9 @@ def test_block_path_equals_whole_file_path(loaded, long_stereo, mtat_clip):
         loud = whole > -10
         assert np.abs(blocks - whole)[loud].max() <= 1e-4 and loud.mean() > 0.98
         starts = predict.window_starts(whole.shape[1], 314)
-        probs = [predict.score_batch(model, np.stack([common.fit_frames(spec[:, s:]) for s in starts]),
-                                     mean, std)[0] for spec in (blocks, whole)]
+        probs = [predict.score_batch(model, np.stack([common.fit_frames(spec[:, s:])
+                                                      for s in starts]), mean, std)[0]
+                 for spec in (blocks, whole)]
         np.testing.assert_allclose(probs[0], probs[1], rtol=0, atol=prob_atol)
     # what tag_file (and main) score is the block path
     result = predict.tag_file(long_stereo, model, tag_names, mean, std)
@@ -384,7 +387,8 @@ def library(tmp_path_factory, mtat_clip):
     return root, [str(p) for p in found]
 
 
-def test_folder_with_nested_and_bad_files(checkpoint, loaded, library, short_flac, tmp_path, capsys):
+def test_folder_with_nested_and_bad_files(checkpoint, loaded, library, short_flac, tmp_path,
+                                          capsys):
     root, found = library
     out = {name: tmp_path / f"tags.{name}" for name in ("csv", "json", "npz")}
     args = [str(short_flac), str(root), "--checkpoint", str(checkpoint), "--workers", "2",
@@ -419,10 +423,12 @@ def test_folder_with_nested_and_bad_files(checkpoint, loaded, library, short_fla
             assert entry == {"error": row["error"]}
             assert all(row[k] == "" for k in ["duration_s", "windows"] + tag_names)
             continue
-        assert row["error"] == "" and int(row["windows"]) == windows[row["path"]] == entry["windows"]
+        assert row["error"] == ""
+        assert int(row["windows"]) == windows[row["path"]] == entry["windows"]
         assert float(row["duration_s"]) == pytest.approx(entry["duration_s"], abs=1e-3)
         probs = dict(entry["tags"])
-        assert [float(row[t]) for t in tag_names] == pytest.approx([probs[t] for t in tag_names], abs=1e-6)
+        assert [float(row[t]) for t in tag_names] == pytest.approx([probs[t] for t in tag_names],
+                                                                   abs=1e-6)
 
     npz = np.load(out["npz"])
     good = [p for p in order if p not in bad]
@@ -456,7 +462,7 @@ def test_input_order_kept_with_two_workers(checkpoint, loaded, long_stereo, shor
                                     "--batch-size", "4", "--json", str(json_path), "--top", "1"])
     headers = capsys.readouterr().out.splitlines()[::2]
     assert [line.split("  (")[0] for line in headers] == order
-    assert list(json.loads(json_path.read_text())) == [str(long_stereo), str(short_flac), str(mtat_clip)]
+    assert list(json.loads(json_path.read_text())) == order[:3]
     for path in order[:3]:
         alone = predict.tag_file(path, model, tag_names, mean, std)
         np.testing.assert_allclose(results[path]["window_probs"], alone["window_probs"], atol=1e-5)
@@ -483,19 +489,18 @@ def test_resume_skips_what_the_outputs_hold(checkpoint, library, tmp_path, capsy
     lines = full_csv.splitlines(keepends=True)
     n_tags = len(lines[0].split(",")) - 4
     csv_path.write_text("".join(lines[:3]) + f"{good[2]},,," + "," * n_tags + "decoder died\r\n")
-    with pytest.raises(SystemExit, match="cannot read"):  # JSON not written yet: refused
-        json_path = tmp_path / "tags.json"
-        json_path.write_text('{"a.mp3": ')
+    json_path = tmp_path / "tags.json"
+    json_path.write_text('{"a.mp3": ')  # cut short: refused in one line
+    with pytest.raises(SystemExit, match=f"error: --resume: cannot read {json_path} "):
         predict.main(good + base + ["--json", str(json_path), "--resume"])
-    json_path.unlink()
     predict.main(good + base + ["--resume"])
     captured = capsys.readouterr()
     assert "resuming: 2 file(s) already tagged in the outputs, 2 to tag" in captured.err
     assert [line.split("  (")[0] for line in captured.out.splitlines()[::2]] == good[2:]
     same_rows(csv_path.read_text(), full_csv)
     # with two outputs, a file is skipped only when both hold it: the .npz has only 2
-    np.savez(npz_path, **dict(full_npz, paths=full_npz["paths"][:2], embeddings=full_npz["embeddings"][:2],
-                              duration_s=full_npz["duration_s"][:2], windows=full_npz["windows"][:2]))
+    first_two = {k: full_npz[k][:2] for k in ("paths", "embeddings", "duration_s", "windows")}
+    np.savez(npz_path, **dict(full_npz, **first_two))
     predict.main(good + base + ["--embeddings", str(npz_path), "--resume"])
     assert "2 file(s) already tagged in the outputs, 2 to tag" in capsys.readouterr().err
     resumed = np.load(npz_path)
@@ -543,9 +548,9 @@ def test_short_audio_nan_audio_and_checkpoint_folders(checkpoint, tmp_path, recw
     with pytest.raises(SystemExit) as exit_info:
         predict.main([str(tiny), "--checkpoint", str(unsafe)])
     message = str(exit_info.value.code)
-    assert message == (f"error: {unsafe}: not a PyTorch checkpoint of this project (UnpicklingError: "
-                       "Weights only load failed); pass the best_model.pt of a run trained with "
-                       "src/trainer.py")
+    assert message == (f"error: {unsafe}: not a PyTorch checkpoint of this project "
+                       "(UnpicklingError: Weights only load failed); pass the best_model.pt of "
+                       "a run trained with src/trainer.py")
 
 
 @pytest.mark.slow
@@ -557,8 +562,9 @@ def test_a_killed_decoder_does_not_hang_the_run(checkpoint, long_stereo, tmp_pat
     for i in range(8):
         shutil.copyfile(long_stereo, folder / f"track{i}.wav")
     csv_path = tmp_path / "tags.csv"
-    run = subprocess.Popen([sys.executable, str(SRC / "predict.py"), str(folder), "--checkpoint",
-                            str(checkpoint), "--workers", "2", "--csv", str(csv_path), "--top", "1"],
+    run = subprocess.Popen([sys.executable, str(SRC / "predict.py"), str(folder),
+                            "--checkpoint", str(checkpoint), "--workers", "2",
+                            "--csv", str(csv_path), "--top", "1"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     children_file = Path(f"/proc/{run.pid}/task/{run.pid}/children")
     deadline, killed = time.monotonic() + 60, None
