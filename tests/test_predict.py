@@ -512,6 +512,37 @@ def test_resume_skips_what_the_outputs_hold(checkpoint, library, tmp_path, capsy
     same_rows(csv_path.read_text(), full_csv)
 
 
+def test_interrupted_run_saves_what_it_tagged(checkpoint, library, tmp_path, monkeypatch, capsys):
+    """Ctrl-C at the third file: the CSV holds the first two, valid, and --resume tags the
+    rest, ending with the uninterrupted run's rows."""
+    _, found = library
+    good = [found[i] for i in (0, 2, 3, 5)]
+    csv_path = tmp_path / "tags.csv"
+    args = good + ["--checkpoint", str(checkpoint), "--csv", str(csv_path), "--workers", "0"]
+    predict.main(args)
+    full_csv = csv_path.read_text()
+    csv_path.unlink()
+    printed = []
+
+    def format_then_interrupt(path, result, top):  # Ctrl-C while the third file is printed
+        printed.append(path)
+        if len(printed) == 3:
+            raise KeyboardInterrupt
+        return f"{path}: tagged"
+
+    monkeypatch.setattr(predict, "format_tags", format_then_interrupt)
+    with pytest.raises(SystemExit, match="interrupted; the files tagged so far are saved; "
+                                         "rerun with --resume to tag the rest"):
+        predict.main(args)
+    with open(csv_path, newline="") as f:
+        assert [row[0] for row in csv.reader(f)][1:] == good[:2]
+    monkeypatch.undo()
+    capsys.readouterr()
+    predict.main(args + ["--resume"])
+    assert "2 file(s) already tagged in the outputs, 2 to tag" in capsys.readouterr().err
+    same_rows(csv_path.read_text(), full_csv)
+
+
 class NotAWeight:
     """An object torch.load(weights_only=True) refuses to unpickle."""
 
