@@ -7,6 +7,7 @@ gen_spectrograms.py extracts with 1, 2, ... workers, and how fast trainer.py tra
     python src/benchmark.py --what train --device cpu --steps 3 --batch-size 8 --eval-clips 64
     python src/benchmark.py --what features --workers 1 2 --n-clips 200
     python src/benchmark.py --what features --cold-start # + first call with a cold numba cache
+    python src/benchmark.py --what predict               # tagging a folder; peak memory
 
 Each benchmark is a function returning plain numbers (seconds, clips/s), so a notebook or a
 test can call it; BENCHMARKS lists what --what can run. Stage timings are wall-clock
@@ -59,8 +60,15 @@ def parse_args(argv=None):
     p.add_argument("--eval-clips", type=int, default=7863,
                    help="train: clips scored in the evaluation pass (default: 7,863, validation + "
                         "test of the paper's split; use ~64 on a CPU)")
+    p.add_argument("--tracks", type=int, default=8,
+                   help="predict: 4-minute tracks in the folder tagged (default: 8)")
+    p.add_argument("--predict-workers", type=int, nargs="+", default=[1, 2],
+                   help="predict: --workers counts to time predict.py with (default: 1 2)")
+    p.add_argument("--memory-minutes", type=int, nargs="*", default=[10, 30, 60],
+                   help="predict: lengths of the files whose peak memory is measured "
+                        "(default: 10 30 60; a 60-minute WAV takes 605 MiB of disk)")
     args = p.parse_args(argv)
-    for flag in ("steps", "batch_size", "eval_clips", "repeats", "n_clips", "runs"):
+    for flag in ("tracks", "steps", "batch_size", "eval_clips", "repeats", "n_clips", "runs"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     return args
@@ -366,8 +374,200 @@ def format_duration(seconds):
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+# -----------------------------------------------------------------------------
+# Tagging a music folder with predict.py
+def write_track(path, clip_path, minutes, sample_rate=44100, format=None):
+    """A long 44.1 kHz stereo track made of the clip, looped (resampled once), written block
+    by block so that an hour never sits in memory; the channels differ a little."""
+    import librosa
+    import numpy as np
+    import soundfile
+
+    clip = librosa.resample(common.load_audio(clip_path), orig_sr=common.SAMPLE_RATE,
+                            target_sr=sample_rate)
+    stereo = np.stack([clip, 0.8 * clip], axis=1)
+    n_left = int(minutes * 60 * sample_rate)
+    with soundfile.SoundFile(path, "w", sample_rate, 2, format=format) as f:
+        while n_left > 0:
+            f.write(stereo[:n_left])
+            n_left -= len(stereo)
+
+
+def random_checkpoint(path, n_tags=50):
+    """A checkpoint in trainer.py's format with untrained weights: the speed and memory of
+    predict.py do not depend on what the weights are."""
+    import torch
+
+    torch.manual_seed(0)
+    torch.save(dict(state_dict=common.MSCNN(n_tags).state_dict(),
+                    tag_names=[f"tag{i}" for i in range(n_tags)],
+                    norm_mean=torch.full((common.N_MELS,), -8.0),
+                    norm_std=torch.full((common.N_MELS,), 3.0),
+                    feature_params=common.feature_params(), args={}, epoch=1, metrics={}), path)
+
+
+def time_predict_stages(track_path, checkpoint_path, batch_size=64):
+    """Seconds per stage of tagging one track, as predict.py does it: decode (soundfile
+    block reads and the channel mean), resample (soxr's stream), mel (log-mel frames), each
+    with one BLAS thread as in a decoder process; scoring (its windows through the
+    network, torch's default threads)."""
+    import numpy as np
+    import soundfile
+    import soxr
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    import predict
+
+    def decode():
+        with soundfile.SoundFile(track_path) as f:
+            blocks = []
+            while len(block := f.read(predict.BLOCK_S * f.samplerate, dtype="float32",
+                                      always_2d=True)):
+                blocks.append(np.mean(block.T, axis=0))
+            return blocks, f.samplerate
+
+    def resample(blocks, rate):
+        stream = soxr.ResampleStream(rate, common.SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        return [stream.resample_chunk(b) for b in blocks] + [
+            stream.resample_chunk(np.zeros(0, np.float32), last=True)]
+
+    def mel(resampled):
+        stream = predict.LogMelStream()
+        return np.concatenate([stream.feed(y) for y in resampled] + [stream.finish()], axis=1)
+
+    model, _, norm_mean, norm_std = predict.load_checkpoint(checkpoint_path, torch.device("cpu"))
+    times = {}
+    with threadpool_limits(limits=1):
+        mel(resample(*decode()))  # warm-up: imports, numba, filter banks
+        for name, fn in (("decode", decode), ("resample", lambda: resample(*blocks)),
+                         ("mel", lambda: mel(resampled))):
+            t0 = time.perf_counter()
+            out = fn()
+            times[name] = time.perf_counter() - t0
+            if name == "decode":
+                blocks = out
+            elif name == "resample":
+                resampled = out
+    spec = out
+    starts = predict.window_starts(spec.shape[1], common.N_FRAMES // 2)
+    windows = np.stack([common.fit_frames(spec[:, s:]) for s in starts])
+    predict.score_batch(model, windows[:batch_size], norm_mean, norm_std)  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(windows), batch_size):
+        predict.score_batch(model, windows[i:i + batch_size], norm_mean, norm_std)
+    times["scoring"] = time.perf_counter() - t0
+    times["windows"] = len(starts)
+    return times
+
+
+def time_predict_folder(folder, checkpoint_path, workers):
+    """(seconds, CPU seconds of other processes meanwhile or None) of one predict.main run
+    over the folder, its printout discarded."""
+    import contextlib
+    import io
+
+    import predict
+
+    busy0, mine0 = busy_cpu_seconds(), os.times()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        predict.main([str(folder), "--checkpoint", str(checkpoint_path), "--workers", str(workers)])
+    seconds = time.perf_counter() - t0
+    busy1, mine1 = busy_cpu_seconds(), os.times()
+    if busy0 is None:
+        return seconds, None
+    mine = sum(mine1[:4]) - sum(mine0[:4])  # this process and its (reaped) decoders
+    return seconds, max(busy1 - busy0 - mine, 0) / seconds
+
+
+def time_decode_folder(folder, workers):
+    """Seconds for predict.py's decoder pool alone to turn every file of the folder into
+    log-mel (predict.decode_all consumed, nothing scored): the rate a fast GPU would see."""
+    import predict
+
+    paths, _ = predict.expand_inputs([str(folder)])
+    t0 = time.perf_counter()
+    for path, result in predict.decode_all(paths, workers):
+        if isinstance(result, Exception):
+            raise SystemExit(f"error: {result}")
+    return time.perf_counter() - t0
+
+
+def peak_memory_mib(command):
+    """Peak resident memory (MiB) of a command: the largest ru_maxrss among it and its
+    children, read by a small Python process that starts it (Linux keeps the maxrss of the
+    process that forked across exec, so this large process must not start it itself; with
+    --workers 0 predict.py does everything in one process)."""
+    code = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], "
+            "stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
+            "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "
+            "(done.stderr.strip().splitlines() or [''])[-1])")
+    out = subprocess.run([sys.executable, "-c", code] + [str(c) for c in command],
+                         capture_output=True, text=True, check=True).stdout.split(maxsplit=2)
+    if out[0] != "0":
+        raise SystemExit(f"error: {' '.join(map(str, command))} failed: {out[2:]}")
+    return int(out[1]) / 1024  # Linux reports KiB
+
+
+def predict_benchmark(args):
+    """predict.py over a folder of --tracks 4-minute 44.1 kHz stereo MP3s: tracks per minute
+    by --workers count (best of --runs, counts taking turns), the seconds per stage of one
+    track, and the peak memory of one --memory-minutes long WAV (44.1 kHz stereo, 16-bit)."""
+    if not args.clip.is_file():
+        raise SystemExit(f"error: {args.clip} not found; pass --clip with any audio file")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        checkpoint = tmp / "best_model.pt"
+        random_checkpoint(checkpoint)
+        folder = tmp / "music"
+        folder.mkdir()
+        write_track(folder / "track0.mp3", args.clip, 4, format="MP3")
+        for i in range(1, args.tracks):
+            shutil.copyfile(folder / "track0.mp3", folder / f"track{i}.mp3")
+        stages = time_predict_stages(folder / "track0.mp3", checkpoint)
+        total = sum(v for k, v in stages.items() if k != "windows")
+        print(f"one 4-minute 44.1 kHz stereo MP3 ({stages['windows']} windows): " + ", ".join(
+            f"{k} {stages[k]:.2f} s ({100 * stages[k] / total:.0f}%)"
+            for k in ("decode", "resample", "mel", "scoring")), flush=True)
+        results["stages_s"] = stages
+        rates = {workers: [] for workers in args.predict_workers}
+        decode_rates = {workers: [] for workers in args.predict_workers}
+        for run in range(args.runs):  # worker counts take turns, so that they see the same load
+            for workers in args.predict_workers:
+                seconds, others = time_predict_folder(folder, checkpoint, workers)
+                rates[workers].append(args.tracks / seconds * 60)
+                decode_rates[workers].append(args.tracks / time_decode_folder(folder, workers) * 60)
+                print(f"  run {run + 1}, --workers {workers}: {rates[workers][-1]:.1f} tracks/min "
+                      f"tagged, {decode_rates[workers][-1]:.1f} tracks/min decoded alone"
+                      + (f"; other processes used {others:.2f} of {os.cpu_count()} cores while "
+                         "tagging" if others is not None else ""), flush=True)
+        first = args.predict_workers[0]
+        for name, by_workers in (("tagged (predict.py)", rates), ("decoded alone", decode_rates)):
+            best = {workers: max(r) for workers, r in by_workers.items()}
+            for workers, rate in best.items():
+                print(f"{name}, --workers {workers}, best of {args.runs}: {rate:.1f} tracks/min "
+                      f"(x{rate / best[first]:.2f} of --workers {first})", flush=True)
+            results["tracks_per_min" if by_workers is rates else "decoded_tracks_per_min"] = best
+        results["peak_mib"] = {}
+        for minutes in args.memory_minutes:
+            long_path = tmp / f"long_{minutes}min.wav"
+            write_track(long_path, args.clip, minutes)
+            peak = peak_memory_mib([sys.executable, str(ROOT / "src" / "predict.py"),
+                                    str(long_path), "--checkpoint", str(checkpoint),
+                                    "--workers", "0"])
+            results["peak_mib"][minutes] = peak
+            print(f"peak memory, one {minutes}-minute 44.1 kHz stereo WAV "
+                  f"({long_path.stat().st_size / 2**20:.0f} MiB), --workers 0: {peak:.0f} MiB",
+                  flush=True)
+            long_path.unlink()
+    return results
+
+
 # what --what can run; each takes the parsed args and returns a dict of figures
-BENCHMARKS = {"features": features_benchmark, "train": train_benchmark}
+BENCHMARKS = {"features": features_benchmark, "train": train_benchmark,
+              "predict": predict_benchmark}
 
 
 def main(argv=None):

@@ -393,9 +393,14 @@ class MSCNN(nn.Module):
         half = self.subsample(x)
         return self.branch1(x), self.branch2(half), self.branch3(self.subsample(half))
 
+    def embed(self, x):
+        """(B, 1, 128, 628) normalised log-mel -> (B, 500) embedding: the activations of the
+        penultimate layer (the 500-unit dense layer, after its ReLU; >= 0)."""
+        return self.head[:-1](self.merge(torch.cat(self.features(x), dim=1)))
+
     def forward(self, x):
-        """(B, 1, 128, 628) normalised log-mel -> (B, n_tags) logits."""
-        return self.head(self.merge(torch.cat(self.features(x), dim=1)))
+        """(B, 1, 128, 628) normalised log-mel -> (B, n_tags) logits (the last layer on embed)."""
+        return self.head[-1](self.embed(x))
 
 
 CHECKPOINT_KEYS = ("state_dict", "tag_names", "norm_mean", "norm_std", "feature_params",

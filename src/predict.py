@@ -1,22 +1,37 @@
-"""Tag any audio file with a trained multi-scale CNN checkpoint.
+"""Tag audio files and music folders with a trained multi-scale CNN checkpoint.
 
     python src/predict.py song.mp3 other.wav                 # newest run in experiments/
+    python src/predict.py ~/Music --csv tags.csv --embeddings emb.npz   # a whole library
+    python src/predict.py ~/Music --csv tags.csv --resume    # continue an interrupted run
     python src/predict.py song.mp3 --checkpoint experiments/paper/best_model.pt \
         --top 10 --json tags.json --taggram song.png
 
-Audio of any format, sample rate and channel count librosa reads is decoded to 11,025 Hz
-mono and turned into a log-mel spectrogram by the same code as training (common.log_mel).
-It is cut into 628-frame windows (29.1 s, the length of an MTAT clip) every --hop-frames
-frames; the last window is aligned to the end of the audio so every frame is scored, and
-audio shorter than one window is padded with silence exactly as log_mel pads it. The
-tag probabilities (sigmoid of the logits) are averaged over the windows.
+Folders are searched recursively for AUDIO_EXTENSIONS. Decoder processes (--workers) read
+each file in blocks of BLOCK_S seconds, resample it to 11,025 Hz mono with soxr's streaming
+resampler and turn it into log-mel frames as the blocks arrive, so memory does not grow with
+a file's length; the frames equal common.log_mel_of_audio(common.load_audio(path)), the
+training features. The main process cuts 628-frame windows (29.1 s, one MTAT clip) every
+--hop-frames frames; the last window is aligned to the end of the audio so every frame is
+scored, and audio shorter than one window is padded with silence exactly as log_mel pads it.
+Windows of consecutive files are scored together in batches; results come out in input
+order. A file's tag probabilities (sigmoid of the logits) are the mean over its windows; its
+embedding is the mean of its windows' 500-d penultimate activations (MSCNN.embed).
+See docs/predict.md.
 """
 import argparse
 import contextlib
+import csv
 import json
+import multiprocessing
 import os
+import re
+import signal
 import sys
+import time
 import warnings
+from collections import Counter, deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +41,14 @@ from tqdm import tqdm
 import common
 
 BAR_ABOVE_N_FILES = 4  # a progress bar only pays off past a handful of files
+MAX_WORKERS = 8  # default --workers: the cores, at most this many
+SAVE_EVERY_S = 60  # outputs are rewritten (atomically) this often during a run
+EMBEDDING_SIZE = 500  # units of MSCNN's penultimate (dense) layer
+# windows per forward pass: on a CPU a window's activations take ~20 MB and a batch of 8
+# scores as fast as one of 64 (a 10-minute file, --workers 0, 2-core CPU: 12.7 s and 676 MB
+# peak at 8, 12.2 s and 852 MB at 16, 12.6 s and 1,395 MB at 64), so the small batch keeps
+# the peak memory low; a GPU wants large batches
+CPU_BATCH, CUDA_BATCH = 8, 64
 
 
 # -----------------------------------------------------------------------------
@@ -65,14 +88,115 @@ def quiet_decoder():
         os.close(saved_fd)
 
 
-def read_log_mel(path):
-    """Decode an audio file into its full log-mel spectrogram, as training computed it.
+# -----------------------------------------------------------------------------
+# Decoding in blocks: memory does not grow with the file's length
+AUDIO_EXTENSIONS = (".aif", ".aifc", ".aiff", ".au", ".caf", ".flac", ".mp3", ".oga", ".ogg",
+                    ".opus", ".w64", ".wav")  # what soundfile (libsndfile >= 1.1) decodes
+BLOCK_S = 30  # seconds of source audio read, resampled and turned into log-mel at a time
+
+
+class LogMelStream:
+    """Log-mel frames of audio fed in blocks, equal to common.log_mel_of_audio of the
+    whole waveform (librosa's centred frames: N_FFT // 2 zeros before and after the audio).
+
+    feed(y) takes the next samples (float32 (n,), at SAMPLE_RATE) and returns the frames
+    they complete, (N_MELS, k); finish() returns the last ones. Only the N_FFT - HOP_LENGTH
+    samples the next frame still needs are kept between calls.
+    """
+
+    def __init__(self):
+        self.pending = np.zeros(common.N_FFT // 2, np.float32)  # the centre padding
+        self.n_samples = 0
+
+    def frames(self, y, final=False):
+        import librosa
+
+        buffer = np.concatenate([self.pending, y])
+        if final:
+            buffer = np.concatenate([buffer, np.zeros(common.N_FFT // 2, np.float32)])
+        n_frames = max(0, 1 + (len(buffer) - common.N_FFT) // common.HOP_LENGTH)
+        self.pending = buffer[n_frames * common.HOP_LENGTH:]
+        if n_frames == 0:
+            return np.zeros((common.N_MELS, 0), np.float32)
+        used = buffer[:(n_frames - 1) * common.HOP_LENGTH + common.N_FFT]
+        mel_power = librosa.feature.melspectrogram(
+            y=used, sr=common.SAMPLE_RATE, n_fft=common.N_FFT, hop_length=common.HOP_LENGTH,
+            n_mels=common.N_MELS, center=False)
+        return np.log(np.maximum(mel_power, common.LOG_FLOOR)).astype(np.float32)
+
+    def feed(self, y):
+        self.n_samples += len(y)
+        return self.frames(y)
+
+    def finish(self):
+        return self.frames(np.zeros(0, np.float32), final=True)
+
+
+def check_finite(path, samples, offset_s, sample_rate):
+    """ValueError naming the file and the time of the first NaN/inf sample, if any."""
+    bad = ~np.isfinite(samples)
+    if bad.any():
+        first_s = offset_s + np.argmax(bad.reshape(len(samples), -1).any(axis=1)) / sample_rate
+        raise ValueError(f"{path}: decodes, but its samples are not all finite (NaN or inf, "
+                         f"first at {first_s:.1f} s); nothing to tag; repair or re-export it")
+
+
+def stream_log_mel(path, block_s=BLOCK_S):
+    """Decode, resample and turn into log-mel one block at a time: equal to
+    common.log_mel_of_audio(common.load_audio(path)), the training features (up to float
+    rounding of the mel projection), with memory of one block, not of the whole file.
+
+    The steps are librosa.load's: soundfile reads float32 blocks, channels are averaged,
+    soxr resamples to SAMPLE_RATE with librosa's default quality ('soxr_hq') through its
+    streaming resampler (whose output is identical to the one-shot call), and the length is
+    fixed to ceil(n * SAMPLE_RATE / sample_rate) samples as librosa.resample does.
+
+    Returns:
+        spec: float32 ndarray (N_MELS, 1 + n_samples // HOP_LENGTH).
+        duration_s: float, length of the resampled audio in seconds.
+    Raises soundfile.LibsndfileError when soundfile cannot open the file, ValueError naming
+    the file when its samples are not finite or it has none.
+    """
+    import soundfile
+    import soxr
+
+    with soundfile.SoundFile(path) as f:
+        rate = f.samplerate
+        resampler = None if rate == common.SAMPLE_RATE else soxr.ResampleStream(
+            rate, common.SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        mel, specs, n_in = LogMelStream(), [], 0
+        # not f.blocks: its last block keeps unwritten frames when an MP3 decodes short
+        while len(block := f.read(block_s * rate, dtype="float32", always_2d=True)):
+            check_finite(path, block, n_in / rate, rate)
+            mono = np.mean(block.T, axis=0)  # librosa.to_mono, same order of operations
+            n_in += len(mono)
+            specs.append(mel.feed(mono if resampler is None else resampler.resample_chunk(mono)))
+    if n_in == 0:
+        raise ValueError(f"{path}: no audio samples decoded; nothing to tag")
+    tail = np.zeros(0, np.float32) if resampler is None else resampler.resample_chunk(
+        np.zeros(0, np.float32), last=True)
+    # librosa.resample fixes the length to n_target; soxr's output is never longer (checked
+    # for rates of 8 to 96 kHz), often a few samples shorter, which librosa pads with zeros
+    n_target = int(np.ceil(n_in * common.SAMPLE_RATE / rate))
+    missing = n_target - mel.n_samples - len(tail)
+    specs.append(mel.feed(np.concatenate([tail, np.zeros(max(missing, 0), np.float32)])))
+    specs.append(mel.finish())
+    return np.concatenate(specs, axis=1), n_target / common.SAMPLE_RATE
+
+
+def read_log_mel(path, block_s=BLOCK_S):
+    """Decode an audio file into its full log-mel spectrogram, as training computed it,
+    in blocks (stream_log_mel); a format soundfile cannot open is decoded whole by
+    common.load_audio (librosa's audioread fallback) and then framed the same way.
 
     Returns:
         spec: float32 ndarray (N_MELS, 1 + n_samples // HOP_LENGTH), every frame.
         duration_s: float, length of the decoded audio in seconds.
-    Raises ValueError naming the file when it is missing, empty or not decodable audio.
+    Raises ValueError naming the file when it is missing, empty, not decodable audio, or
+    decodes to samples that are not finite.
     """
+    import soundfile
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
@@ -80,36 +204,195 @@ def read_log_mel(path):
         raise ValueError(f"{path}: empty file (0 bytes); nothing to tag")
     try:
         with quiet_decoder():
-            audio = common.load_audio(path)
+            try:
+                return stream_log_mel(path, block_s)
+            except soundfile.LibsndfileError:
+                audio = common.load_audio(path)
+    except ValueError as error:
+        if str(error).startswith(str(path)):
+            raise
+        error_text = error
     except Exception as error:  # each decoder raises its own types, often with no message
-        message = str(error).splitlines()[0][:200] if str(error) else ""
-        detail = type(error).__name__ + (f": {message}" if message else "")
-        raise ValueError(f"{path}: cannot decode audio ({detail}); is it an audio file "
-                         "librosa can read (mp3, wav, flac, ogg, ...)?") from None
-    # the same two steps as common.log_mel, minus its crop: windows are cut below
-    return common.log_mel_of_audio(audio), len(audio) / common.SAMPLE_RATE
+        error_text = error
+    else:
+        check_finite(path, audio, 0.0, common.SAMPLE_RATE)
+        mel = LogMelStream()
+        return (np.concatenate([mel.feed(audio), mel.finish()], axis=1),
+                len(audio) / common.SAMPLE_RATE)
+    message = str(error_text).splitlines()[0][:200] if str(error_text) else ""
+    detail = type(error_text).__name__ + (f": {message}" if message else "")
+    raise ValueError(f"{path}: cannot decode audio ({detail}); is it an audio file "
+                     f"soundfile or librosa can read ({', '.join(AUDIO_EXTENSIONS)})?")
 
 
+def decode_one(path):
+    """A decoder's task: path -> (spec, duration_s) as read_log_mel gives, or its ValueError
+    (returned, so that only a dead worker surfaces as an exception)."""
+    try:
+        return read_log_mel(path)
+    except ValueError as error:
+        return error
+
+
+blas_limit = None  # kept so that a decoder's one-thread BLAS limit lives as long as it
+
+
+def init_decoder():
+    """Pool initializer: ignore Ctrl-C (the main process stops the pool and saves), and one
+    BLAS thread per decoder (the parallelism is across files; see gen_spectrograms)."""
+    global blas_limit
+    from threadpoolctl import threadpool_limits
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    blas_limit = threadpool_limits(limits=1)
+
+
+def decode_in_pool(paths, workers, ahead=2):
+    """Decode files in `workers` processes; yield (path, decode_one(path)) in input order.
+
+    At most ahead * workers files are decoding or decoded ahead of the consumer, so memory
+    stays that of a few spectrograms. A worker that dies (killed, out of memory, a decoder
+    crash) breaks the pool: the files then in flight are retried once in a fresh pool, with
+    one warning line; a file in flight when a pool breaks for the second time gets a
+    ValueError saying its decoder died (a file decoded alongside the culprit both times is
+    reported too; a rerun with --resume retries it). Never waits on a dead worker.
+    """
+    # librosa's imports and numba functions loaded once here, not in every forked decoder
+    # (a fresh process pays seconds for them on its first file)
+    LogMelStream().feed(np.zeros(common.N_FFT, np.float32))
+    context = multiprocessing.get_context("fork")  # decoders start in ms, not seconds
+    todo, in_flight, done = deque(range(len(paths))), {}, {}
+    attempts = Counter()
+    next_out, pool = 0, None
+    try:
+        while next_out < len(paths):
+            if pool is None:
+                pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_decoder)
+            broken = False
+            while todo and len(in_flight) + len(done) < ahead * workers:
+                try:
+                    future = pool.submit(decode_one, paths[todo[0]])
+                except BrokenProcessPool:
+                    broken = True
+                    break
+                in_flight[future] = todo.popleft()
+            if not broken and next_out not in done:
+                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    try:
+                        done[in_flight[future]] = future.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        continue
+                    except Exception as error:  # e.g. MemoryError raised inside the decoder
+                        path = paths[in_flight[future]]
+                        done[in_flight[future]] = ValueError(
+                            f"{path}: decoding failed ({type(error).__name__}: {error})")
+                    del in_flight[future]
+            if broken:
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool, lost = None, sorted(in_flight.values())
+                in_flight.clear()
+                for i in lost:
+                    attempts[i] += 1
+                    if attempts[i] >= 2:
+                        done[i] = ValueError(f"{paths[i]}: its decoder process died twice while "
+                                             "reading it (killed, out of memory, or a decoder "
+                                             "crash); nothing tagged")
+                retry = [i for i in lost if i not in done]
+                todo.extendleft(reversed(retry))
+                tqdm.write(f"warning: a decoder process died (killed, out of memory, or a decoder "
+                           f"crash); retrying the {len(retry)} file(s) in flight in a fresh pool",
+                           file=sys.stderr)
+            while next_out in done:
+                yield paths[next_out], done.pop(next_out)
+                next_out += 1
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def decode_all(paths, workers):
+    """(path, decode_one(path)) in input order: in this process (workers 0) or a pool."""
+    if workers == 0:
+        return ((path, decode_one(path)) for path in paths)
+    return decode_in_pool(paths, min(workers, len(paths)))
+
+
+# -----------------------------------------------------------------------------
+# Scoring: batches of windows that run across files
 @torch.no_grad()
-def score_windows(model, spec, starts, norm_mean, norm_std, batch_size=64):
-    """Tag probabilities of each window of a log-mel spectrogram.
-
-    Windows are cut batch by batch (so an hour of audio needs no more memory than one
-    batch), with common.fit_frames, which pads a window that runs past the end.
+def score_batch(model, windows, norm_mean, norm_std):
+    """Probabilities and embeddings of a batch of log-mel windows.
 
     Args:
-        model: MSCNN in eval mode.  spec: ndarray (N_MELS, n) of log-mel.
-        starts: (K,) window start frames.  norm_mean, norm_std: tensors (N_MELS,) on the
-        model's device.
+        windows: float32 ndarray (B, N_MELS, N_FRAMES).  norm_mean, norm_std: tensors
+        (N_MELS,) on the model's device.
     Returns:
-        float32 ndarray (K, n_tags), sigmoid of the logits.
+        probs: float32 ndarray (B, n_tags), sigmoid of the logits.
+        embeddings: float32 ndarray (B, 500), MSCNN.embed (the last layer's input).
     """
-    probs = []
-    for i in range(0, len(starts), batch_size):
-        windows = np.stack([common.fit_frames(spec[:, s:]) for s in starts[i:i + batch_size]])
-        x = common.normalise(torch.from_numpy(windows).to(norm_mean.device), norm_mean, norm_std)
-        probs.append(torch.sigmoid(model(x)).cpu())
-    return torch.cat(probs).numpy()
+    x = common.normalise(torch.from_numpy(windows).to(norm_mean.device), norm_mean, norm_std)
+    embeddings = model.embed(x)
+    return torch.sigmoid(model.head[-1](embeddings)).cpu().numpy(), embeddings.cpu().numpy()
+
+
+def tag_decoded(decoded, model, tag_names, norm_mean, norm_std, hop_frames=common.N_FRAMES // 2,
+                batch_size=64):
+    """Score decoded files, batch_size windows per forward pass whatever the files' lengths
+    (windows of several short files share a batch; a long file fills several).
+
+    Args:
+        decoded: iterable of (path, (spec, duration_s) or ValueError), as decode_all yields.
+    Yields:
+        (path, result) in the same order; result is the ValueError, or a dict: tags (list of
+        [name, probability], all tags, most probable first; probability = mean over
+        windows), windows (K), duration_s, window_probs (K, n_tags), starts (K,) window start
+        frames, window_embeddings (K, 500), embedding (500,) = their mean.
+    """
+    queue, batch = deque(), []  # files not yet yielded; (file, window) to score
+
+    def score():
+        windows = np.stack([window for _, window in batch])
+        probs, embeddings = score_batch(model, windows, norm_mean, norm_std)
+        for (file, _), p, e in zip(batch, probs, embeddings):
+            file["probs"].append(p)
+            file["embeddings"].append(e)
+        batch.clear()
+
+    def finished():
+        while queue and (isinstance(queue[0], tuple)
+                         or len(queue[0]["probs"]) == len(queue[0]["starts"])):
+            file = queue.popleft()
+            if isinstance(file, tuple):  # (path, error)
+                yield file
+                continue
+            window_probs, window_embeddings = np.stack(file["probs"]), np.stack(file["embeddings"])
+            mean_probs = window_probs.mean(axis=0)
+            order = np.argsort(-mean_probs, kind="stable")
+            yield file["path"], dict(
+                tags=[[tag_names[i], float(mean_probs[i])] for i in order],
+                windows=len(file["starts"]), duration_s=file["duration_s"],
+                window_probs=window_probs, starts=file["starts"],
+                window_start_s=file["starts"] * common.HOP_LENGTH / common.SAMPLE_RATE,
+                window_embeddings=window_embeddings, embedding=window_embeddings.mean(axis=0))
+
+    for path, item in decoded:
+        if isinstance(item, Exception):
+            queue.append((path, item))
+        else:
+            spec, duration_s = item
+            file = dict(path=path, duration_s=duration_s, probs=[], embeddings=[],
+                        starts=window_starts(spec.shape[1], hop_frames))
+            queue.append(file)
+            for start in file["starts"]:  # fit_frames pads a window that runs past the end
+                batch.append((file, common.fit_frames(spec[:, start:])))
+                if len(batch) == batch_size:
+                    score()
+        yield from finished()
+    if batch:
+        score()
+    yield from finished()
 
 
 # -----------------------------------------------------------------------------
@@ -124,15 +407,28 @@ def newest_checkpoint(experiments_dir):
 
 
 def load_checkpoint(path, device):
-    """-> model (eval, on device), tag_names, norm_mean, norm_std (tensors on device)."""
-    if not Path(path).is_file():
-        raise SystemExit(f"error: checkpoint {path} not found; pass the best_model.pt of a run "
-                         "trained with src/trainer.py")
+    """-> model (eval, on device), tag_names, norm_mean, norm_std (tensors on device).
+
+    A run folder (one holding best_model.pt) stands for its best_model.pt."""
     fix = "pass the best_model.pt of a run trained with src/trainer.py"
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "best_model.pt").is_file():
+            raise SystemExit(f"error: checkpoint {path} is a folder with no best_model.pt in it; "
+                             f"{fix} (or its run folder)")
+        path = path / "best_model.pt"
+    elif not path.exists():
+        raise SystemExit(f"error: checkpoint {path} not found; {fix}")
     try:
         model, checkpoint = common.load_model(path, device)
-    except ValueError as error:  # its message names the file
-        raise SystemExit(f"error: {str(error).splitlines()[0]}; {fix}") from None
+    except ValueError as error:  # its message names the file; kept whole, on one line
+        text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())
+        # a loader's own explanation runs for a paragraph (and arrives cut at 200
+        # characters): keep its first sentence, which says what failed
+        found = re.fullmatch(r"(.*? \(\w+: )(.*)\)", text)
+        if found:
+            text = found[1] + re.split(r"(?<=\.) ", found[2])[0].rstrip(" .") + ")"
+        raise SystemExit(f"error: {text}; {fix}") from None
     except RuntimeError:  # load_state_dict: weights of another architecture
         raise SystemExit(f"error: {path}: its weights do not fit this model; {fix}") from None
     norm_mean = checkpoint["norm_mean"].float().to(device)
@@ -202,36 +498,187 @@ def save_taggram(png_path, window_probs, starts, duration_s, tag_names, title):
     ax.set_title(title, fontsize=9)
     fig.colorbar(mesh, ax=ax, label="probability", fraction=0.04)
     fig.tight_layout()
-    tmp_path = png_path.with_name(png_path.name + ".tmp")
-    fig.savefig(tmp_path, format="png", dpi=100)
-    os.replace(tmp_path, png_path)
+    with common.atomic_write(png_path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
 
 
 def write_json(path, results):
-    """Write results as JSON, one file per line (readable and diffable), atomically."""
+    """Write results ({path: {"tags", "windows", "duration_s"} or {"error"}}) as JSON, one
+    file per line (readable and diffable), atomically."""
     lines = [f"{json.dumps(audio)}: {json.dumps(entry)}" for audio, entry in results.items()]
-    tmp_path = Path(str(path) + ".tmp")
-    tmp_path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
-    os.replace(tmp_path, path)
+    with common.atomic_write(path) as f:
+        f.write("{\n" + ",\n".join(lines) + "\n}\n")
+
+
+CSV_COLUMNS = ["path", "duration_s", "windows"]  # then one column per tag, then "error"
+
+
+def write_csv(path, results, tag_names):
+    """One row per file: path, duration_s, windows, each tag's probability (checkpoint
+    order), error (empty when tagged; only path and error are filled when not)."""
+    with common.atomic_write(path, newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS + tag_names + ["error"])
+        for audio, entry in results.items():
+            if "error" in entry:
+                writer.writerow([audio, "", ""] + [""] * len(tag_names) + [entry["error"]])
+            else:
+                probs = dict(entry["tags"])
+                writer.writerow([audio, f"{entry['duration_s']:.3f}", entry["windows"]]
+                                + [f"{probs[name]:.6f}" for name in tag_names] + [""])
+
+
+def write_embeddings(path, results, tag_names, per_window):
+    """The tagged files' embeddings as .npz (np.load reads it; failed files are left out):
+    paths (F,) str, tag_names (T,) str, embeddings (F, 500) float32 (mean over each file's
+    windows), duration_s (F,), windows (F,); with per_window also window_embeddings (W, 500),
+    window_file (W,) (row in paths) and window_start_s (W,)."""
+    tagged = [(audio, entry) for audio, entry in results.items() if "embedding" in entry]
+    arrays = dict(
+        paths=np.array([audio for audio, _ in tagged], dtype=str),
+        tag_names=np.array(tag_names, dtype=str),
+        embeddings=np.array([e["embedding"] for _, e in tagged],
+                            np.float32).reshape(-1, EMBEDDING_SIZE),
+        duration_s=np.array([e["duration_s"] for _, e in tagged], np.float64),
+        windows=np.array([e["windows"] for _, e in tagged], np.int64))
+    if per_window:
+        arrays.update(
+            window_embeddings=np.concatenate(
+                [e["window_embeddings"] for _, e in tagged] or [np.zeros((0, EMBEDDING_SIZE))]
+            ).astype(np.float32),
+            window_file=np.repeat(np.arange(len(tagged)),
+                                  [e["windows"] for _, e in tagged]).astype(np.int64),
+            window_start_s=np.concatenate([e["window_start_s"] for _, e in tagged]
+                                          or [np.zeros(0)]))
+    with common.atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def save_outputs(args, results, tag_names):
+    """Write every output asked for, each atomically (a run killed at any moment leaves
+    each output as its last complete save)."""
+    keep = ("tags", "windows", "duration_s", "error")
+    if args.json:
+        write_json(args.json, {path: {k: v for k, v in entry.items() if k in keep}
+                               for path, entry in results.items()})
+    if args.csv:
+        write_csv(args.csv, results, tag_names)
+    if args.embeddings:
+        write_embeddings(args.embeddings, results, tag_names, args.per_window)
+
+
+def read_previous(args, tag_names):
+    """What earlier runs wrote to this run's outputs (--resume): {path: entry}, the entries
+    of JSON, else CSV, with the embeddings joined in; and the paths every output requested
+    already holds, tagged (not failed), which this run skips."""
+    outputs = [(name, getattr(args, name)) for name in ("json", "csv", "embeddings")
+               if getattr(args, name)]
+    previous, done = {}, None
+    for name, path in outputs:
+        if not Path(path).is_file():  # an output without anything yet: every file is redone
+            done = set()
+            continue
+        try:
+            entries = READERS[name](path, tag_names, args.per_window)
+        except (ValueError, KeyError, OSError, EOFError, csv.Error) as error:
+            raise SystemExit(f"error: --resume: cannot read {path} ({type(error).__name__}: "
+                             f"{error}); pass another --{name} file, or leave out "
+                             "--resume") from None
+        for audio, entry in entries.items():
+            previous.setdefault(audio, {}).update(entry)
+        tagged = {audio for audio, entry in entries.items() if "error" not in entry}
+        done = tagged if done is None else done & tagged
+    return previous, done
+
+
+def read_json(path, tag_names, per_window):
+    entries = json.loads(Path(path).read_text())
+    for entry in entries.values():
+        if "tags" in entry and sorted(name for name, _ in entry["tags"]) != sorted(tag_names):
+            raise ValueError("its tags are not this checkpoint's (written with another model?)")
+    return entries
+
+
+def read_csv(path, tag_names, per_window):
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0] != CSV_COLUMNS + tag_names + ["error"]:
+        raise ValueError("its columns are not path, duration_s, windows, this checkpoint's "
+                         "tags, error (written with another model?)")
+    entries = {}
+    for row in rows[1:]:
+        if row[-1]:
+            entries[row[0]] = {"error": row[-1]}
+            continue
+        probs = [float(v) for v in row[3:-1]]
+        order = np.argsort(-np.array(probs), kind="stable")
+        entries[row[0]] = dict(tags=[[tag_names[i], probs[i]] for i in order],
+                               duration_s=float(row[1]), windows=int(row[2]))
+    return entries
+
+
+def read_embeddings(path, tag_names, per_window):
+    with np.load(path) as saved:
+        if list(saved["tag_names"]) != tag_names:
+            raise ValueError("its tag_names are not this checkpoint's (written with another "
+                             "model?)")
+        if per_window and "window_embeddings" not in saved:
+            return {}  # written without --per-window: every file is redone
+        entries = {str(audio): dict(embedding=saved["embeddings"][i],
+                                    duration_s=float(saved["duration_s"][i]),
+                                    windows=int(saved["windows"][i]))
+                   for i, audio in enumerate(saved["paths"])}
+        if per_window:
+            for i, audio in enumerate(saved["paths"]):
+                rows = saved["window_file"] == i
+                entries[str(audio)].update(window_embeddings=saved["window_embeddings"][rows],
+                                           window_start_s=saved["window_start_s"][rows])
+    return entries
+
+
+READERS = dict(json=read_json, csv=read_csv, embeddings=read_embeddings)
+
+
+# -----------------------------------------------------------------------------
+# Inputs
+def expand_inputs(arguments):
+    """Audio paths from the command line, in order: a file stays itself; a folder becomes
+    the files under it (recursively) whose extension is in AUDIO_EXTENSIONS, in sorted
+    order, hidden files and folders (a leading '.') left out.
+
+    Returns (paths, empty): list of str, and the folders holding no audio file.
+    """
+    paths, empty = [], []
+    for argument in arguments:
+        folder = Path(argument)
+        if not folder.is_dir():
+            paths.append(argument)
+            continue
+        found = sorted(p for p in folder.rglob("*")
+                       if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        paths += [str(p) for p in found]
+        if not found:
+            empty.append(argument)
+    return paths, empty
 
 
 # -----------------------------------------------------------------------------
 def tag_file(path, model, tag_names, norm_mean, norm_std, hop_frames=common.N_FRAMES // 2,
              batch_size=64):
-    """Tag one audio file.
+    """Tag one audio file, in this process.
 
     Returns dict: tags (list of [name, probability], all tags, most probable first;
     probability = mean over windows), windows (K), duration_s (float), window_probs
-    (ndarray (K, n_tags)), starts (ndarray (K,), window start frames).
+    (ndarray (K, n_tags)), starts (ndarray (K,), window start frames), window_start_s (K,),
+    window_embeddings (K, 500), embedding (500,).
     Raises ValueError naming the file when it cannot be read.
     """
-    spec, duration_s = read_log_mel(path)
-    starts = window_starts(spec.shape[1], hop_frames)
-    window_probs = score_windows(model, spec, starts, norm_mean, norm_std, batch_size)
-    mean_probs = window_probs.mean(axis=0)
-    order = np.argsort(-mean_probs, kind="stable")
-    return dict(tags=[[tag_names[i], float(mean_probs[i])] for i in order], windows=len(starts),
-                duration_s=duration_s, window_probs=window_probs, starts=starts)
+    [(_, result)] = tag_decoded([(path, decode_one(path))], model, tag_names, norm_mean,
+                                norm_std, hop_frames, batch_size)
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def positive_int(text):
@@ -241,16 +688,17 @@ def positive_int(text):
     return value
 
 
-def main(argv=None):
-    """Tag the files; returns {path: tag_file's result or {"error": message}}, and exits
-    non-zero (after tagging the rest) when any file could not be tagged."""
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Tag audio files with a trained multi-scale CNN (Dabral et al. 2018).",
+        description="Tag audio files and folders with a trained multi-scale CNN "
+                    "(Dabral et al. 2018). See docs/predict.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("audio", nargs="+", help="audio files (anything librosa reads: "
-                        "mp3, wav, flac, ogg...; any sample rate, mono or stereo, any length)")
-    parser.add_argument("--checkpoint", default=None, help="best_model.pt written by trainer.py "
-                        "(default: that of the most recently modified run in --experiments)")
+    parser.add_argument("audio", nargs="+", help="audio files and folders (searched recursively "
+                        f"for {' '.join(AUDIO_EXTENSIONS)}); any sample rate, mono or stereo, "
+                        "any length")
+    parser.add_argument("--checkpoint", default=None, help="best_model.pt written by trainer.py, "
+                        "or its run folder (default: that of the most recently modified run in "
+                        "--experiments)")
     parser.add_argument("--experiments", default="experiments",
                         help="folder of runs searched when --checkpoint is not given")
     parser.add_argument("--top", type=positive_int, default=5, help="tags printed per file")
@@ -260,14 +708,43 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write all results to this JSON file: "
                         '{path: {"tags": [[name, prob], ...all tags, most probable first], '
                         '"windows": K, "duration_s": s}} or {path: {"error": message}}')
+    parser.add_argument("--csv", default=None, help="also write one row per file to this CSV: "
+                        "path, duration_s, windows, one probability column per tag (checkpoint "
+                        "order), error")
+    parser.add_argument("--embeddings", default=None, help="also write the 500-d embeddings "
+                        "(penultimate layer, mean over windows) to this .npz: paths, tag_names, "
+                        "embeddings (F, 500), duration_s, windows")
+    parser.add_argument("--per-window", action="store_true", help="--embeddings also keeps every "
+                        "window: window_embeddings (W, 500), window_file, window_start_s")
+    parser.add_argument("--resume", action="store_true", help="skip the files that every output "
+                        "given (--csv/--json/--embeddings) already holds tagged; failed ones are "
+                        "tried again")
     parser.add_argument("--taggram", default=None, help="save a PNG of tag probability over time "
                         "(needs matplotlib); with several files, one PNG each, named "
                         "<stem>_<audio stem>.png beside it")
+    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, MAX_WORKERS),
+                        help="decoder processes (decode, resample, log-mel) while this process "
+                        "scores; 0 decodes in this process")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--batch-size", type=positive_int, default=64,
-                        help="windows scored per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="windows scored per forward pass (windows of several files share "
+                        f"one); default {CUDA_BATCH} on a GPU, {CPU_BATCH} on a CPU, where each "
+                        "window of a batch costs ~20 MB and larger batches are no faster")
     args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error(f"--workers must be 0 or more, got {args.workers}")
+    if args.resume and not (args.csv or args.json or args.embeddings):
+        parser.error("--resume needs an output to resume: --csv, --json or --embeddings")
+    if args.per_window and not args.embeddings:
+        parser.error("--per-window needs --embeddings FILE.npz")
+    return args
 
+
+def main(argv=None):
+    """Tag the files; returns {path: tag_file's result or {"error": message}} (with --resume,
+    the files skipped hold what the outputs held), and exits non-zero (after tagging the
+    rest) when any file could not be tagged."""
+    args = parse_args(argv)
     if args.taggram:
         import_figure()  # fail before the slow part, not after it
     device = common.resolve_device(args.device)
@@ -277,34 +754,64 @@ def main(argv=None):
         print(f"using {checkpoint_path} (newest run in {args.experiments}/; "
               "--checkpoint picks another)", file=sys.stderr)
     model, tag_names, norm_mean, norm_std = load_checkpoint(checkpoint_path, device)
-    png_paths = taggram_paths(args.taggram, args.audio) if args.taggram else None
+    batch_size = args.batch_size or (CUDA_BATCH if device.type == "cuda" else CPU_BATCH)
 
+    paths, empty_folders = expand_inputs(args.audio)
     results, failed = {}, []
-    bar = tqdm(args.audio, unit="file", disable=len(args.audio) <= BAR_ABOVE_N_FILES)
-    for i, path in enumerate(bar):
-        try:
-            result = tag_file(path, model, tag_names, norm_mean, norm_std,
-                              args.hop_frames, args.batch_size)
-        except ValueError as error:
-            failed.append(path)
-            results[path] = {"error": str(error)}
-            tqdm.write(f"error: {error}", file=sys.stderr)
-            continue
-        tqdm.write(format_tags(path, result, args.top))
-        if png_paths:
-            save_taggram(png_paths[i], result["window_probs"], result["starts"],
-                         result["duration_s"], tag_names, Path(path).name)
-            tqdm.write(f"  taggram: {png_paths[i]}")
-        results[path] = result
-    bar.close()
+    for folder in empty_folders:
+        message = f"{folder}: a folder with no audio file ({' '.join(AUDIO_EXTENSIONS)})"
+        results[folder] = {"error": message}
+        failed.append(folder)
+        print(f"error: {message}", file=sys.stderr)
+    if args.resume:
+        previous, done = read_previous(args, tag_names)
+        results = {**previous, **results}
+        skipped = len([path for path in paths if path in done])
+        paths = [path for path in paths if path not in done]
+        print(f"resuming: {skipped} file(s) already tagged in the outputs, {len(paths)} to tag",
+              file=sys.stderr)
+    png_paths = {}
+    if args.taggram and paths:
+        png_paths = dict(zip(paths, taggram_paths(args.taggram, paths)))
 
-    if args.json:
-        keep = ("tags", "windows", "duration_s", "error")
-        write_json(args.json, {path: {k: v for k, v in result.items() if k in keep}
-                               for path, result in results.items()})
-        print(f"wrote {args.json}", file=sys.stderr)
+    decoded = decode_all(paths, args.workers)
+    bar = tqdm(total=len(paths), unit="file", disable=len(paths) <= BAR_ABOVE_N_FILES)
+    last_save = time.monotonic()
+    try:
+        for path, result in tag_decoded(decoded, model, tag_names, norm_mean, norm_std,
+                                        args.hop_frames, batch_size):
+            bar.update()
+            if isinstance(result, Exception):
+                failed.append(path)
+                results[path] = {"error": str(result)}
+                tqdm.write(f"error: {result}", file=sys.stderr)
+                continue
+            tqdm.write(format_tags(path, result, args.top))
+            if path in png_paths:
+                save_taggram(png_paths[path], result["window_probs"], result["starts"],
+                             result["duration_s"], tag_names, Path(path).name)
+                tqdm.write(f"  taggram: {png_paths[path]}")
+            results[path] = result
+            if time.monotonic() - last_save > SAVE_EVERY_S:  # a killed run keeps this much
+                save_outputs(args, results, tag_names)
+                last_save = time.monotonic()
+    except KeyboardInterrupt:
+        bar.close()
+        save_outputs(args, results, tag_names)
+        raise SystemExit("interrupted; the files tagged so far are saved"
+                         + ("; rerun with --resume to tag the rest"
+                            if args.csv or args.json or args.embeddings else "")) from None
+    finally:
+        bar.close()
+        if hasattr(decoded, "close"):
+            decoded.close()  # stops the decoder pool
+    save_outputs(args, results, tag_names)
+    for output in (args.json, args.csv, args.embeddings):
+        if output:
+            print(f"wrote {output}", file=sys.stderr)
     if failed:
-        raise SystemExit(f"error: {len(failed)} of {len(args.audio)} files could not be tagged "
+        n_inputs = len(paths) + len(empty_folders)
+        raise SystemExit(f"error: {len(failed)} of {n_inputs} files could not be tagged "
                          f"({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''})")
     return results
 

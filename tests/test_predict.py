@@ -1,10 +1,14 @@
-"""predict.py: windows, tagging real and synthetic audio, bad inputs, JSON, taggram, no skew."""
+"""predict.py: windows, tagging real and synthetic audio, bad inputs, JSON, taggram, no skew;
+at library scale: blocks = whole file, folders, CSV, embeddings, the decoder pool, resume."""
+import csv
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 from pathlib import Path
 
@@ -295,3 +299,318 @@ def test_script_by_subprocess(checkpoint, mtat_clip, tmp_path):
     assert all(0 <= float(line.split()[-1]) <= 1 for line in lines[1:])
     assert done.stderr.splitlines() == [f"error: {missing}: no such file",
                                         f"error: 1 of 2 files could not be tagged ({missing})"]
+
+
+# -----------------------------------------------------------------------------
+# at library scale: blocks, folders, CSV, embeddings, the decoder pool, resume
+def test_block_path_equals_whole_file_path(loaded, long_stereo, mtat_clip):
+    """Decoding in blocks (7 s here: 11 blocks of the 75 s file, 5 of the MP3) gives the
+    frames of the whole-file path, common.log_mel_of_audio(common.load_audio(path)).
+
+    Tolerance: the decoded samples and soxr's streamed output equal the one-shot ones (the
+    MP3's within 2e-7, mpg123's rounding), but the mel projection (a BLAS product) rounds in
+    float32 differently for a block than for the whole file, a relative 1e-6 of the power.
+    log turns that into <= 1e-4 where the power is above e^-10 (98% of the cells; 1e-6 for
+    the WAV), up to 3e-3 in the MP3's empty top band (power e^-24); the scores agree to
+    1e-4, and to 1e-6 for the WAV."""
+    model, tag_names, mean, std = loaded
+    cases = ((long_stereo, 7, 1e-5, 1e-6), (mtat_clip, 5, 3e-3, 1e-4))
+    for path, block_s, log_atol, prob_atol in cases:
+        whole_audio = common.load_audio(path)
+        whole = common.log_mel_of_audio(whole_audio)
+        blocks, duration_s = predict.read_log_mel(path, block_s=block_s)
+        assert blocks.shape == whole.shape and blocks.dtype == np.float32
+        assert duration_s == len(whole_audio) / common.SAMPLE_RATE
+        np.testing.assert_allclose(blocks, whole, rtol=0, atol=log_atol)
+        loud = whole > -10
+        assert np.abs(blocks - whole)[loud].max() <= 1e-4 and loud.mean() > 0.98
+        starts = predict.window_starts(whole.shape[1], 314)
+        probs = [predict.score_batch(model, np.stack([common.fit_frames(spec[:, s:])
+                                                      for s in starts]), mean, std)[0]
+                 for spec in (blocks, whole)]
+        np.testing.assert_allclose(probs[0], probs[1], rtol=0, atol=prob_atol)
+    # what tag_file (and main) score is the block path
+    result = predict.tag_file(long_stereo, model, tag_names, mean, std)
+    np.testing.assert_allclose(result["window_probs"], probs_of(loaded, long_stereo), atol=1e-6)
+
+
+def probs_of(loaded, path):
+    """Window probabilities of the whole-file path (the reference), (K, n_tags)."""
+    model, _, mean, std = loaded
+    spec = common.log_mel_of_audio(common.load_audio(path))
+    starts = predict.window_starts(spec.shape[1], 314)
+    windows = torch.from_numpy(np.stack([common.fit_frames(spec[:, s:]) for s in starts]))
+    with torch.no_grad():
+        return torch.sigmoid(model(common.normalise(windows, mean, std))).numpy()
+
+
+def test_embedding_through_the_last_layer_gives_the_logits(loaded, long_stereo):
+    model, tag_names, mean, std = loaded
+    result = predict.tag_file(long_stereo, model, tag_names, mean, std)
+    emb = result["window_embeddings"]
+    assert emb.shape == (5, 500) and emb.dtype == np.float32 and emb.min() >= 0  # after the ReLU
+    assert (emb == 0).mean() < 0.9  # not a dead layer: the test below means something
+    np.testing.assert_allclose(result["embedding"], emb.mean(axis=0), rtol=1e-6)
+    with torch.no_grad():
+        logits = model.head[-1](torch.from_numpy(emb)).numpy()
+    np.testing.assert_allclose(1 / (1 + np.exp(-logits)), result["window_probs"], atol=1e-6)
+    # and the model's own forward pass on the windows gives those logits
+    spec = common.log_mel_of_audio(common.load_audio(long_stereo))
+    windows = np.stack([common.fit_frames(spec[:, s:]) for s in result["starts"]])
+    with torch.no_grad():
+        forward = model(common.normalise(torch.from_numpy(windows), mean, std)).numpy()
+    np.testing.assert_allclose(logits, forward, atol=1e-4)
+    np.testing.assert_allclose(result["window_start_s"], result["starts"] * 512 / 11025)
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, mtat_clip):
+    """A music folder: nested files of several formats, rates and lengths, a text file
+    named .mp3, a WAV with a NaN sample, a non-audio file and a hidden folder (both
+    skipped). Returns (folder, the audio paths predict should find, in order)."""
+    root = tmp_path_factory.mktemp("library") / "music"
+    (root / "b" / "deep").mkdir(parents=True)
+    (root / "a").mkdir()
+    (root / ".cache").mkdir()
+    sf.write(root / "b" / "deep" / "long.flac", tone(40, 22050, channels=2), 22050)
+    sf.write(root / "b" / "short.wav", tone(4, 44100), 44100)
+    sf.write(root / "a" / "third.ogg", tone(12, 16000, base_hz=330.0), 16000)
+    shutil.copyfile(mtat_clip, root / "a" / "clip.MP3")
+    (root / "a" / "notes.mp3").write_text("not music\n" * 50)
+    nan = tone(3, 8000)
+    nan[12345] = np.nan
+    sf.write(root / "b" / "nan.wav", nan, 8000, subtype="FLOAT")
+    (root / "cover.jpg").write_bytes(b"\xff\xd8\xff" + b"0" * 100)
+    sf.write(root / ".cache" / "hidden.wav", tone(1, 8000), 8000)
+    found = [root / "a" / "clip.MP3", root / "a" / "notes.mp3", root / "a" / "third.ogg",
+             root / "b" / "deep" / "long.flac", root / "b" / "nan.wav", root / "b" / "short.wav"]
+    return root, [str(p) for p in found]
+
+
+def test_folder_with_nested_and_bad_files(checkpoint, loaded, library, short_flac, tmp_path,
+                                          capsys):
+    root, found = library
+    out = {name: tmp_path / f"tags.{name}" for name in ("csv", "json", "npz")}
+    args = [str(short_flac), str(root), "--checkpoint", str(checkpoint), "--workers", "2",
+            "--csv", str(out["csv"]), "--json", str(out["json"]), "--embeddings", str(out["npz"]),
+            "--per-window", "--top", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(args)
+    assert str(exit_info.value.code).startswith("error: 2 of 7 files could not be tagged")
+    order = [str(short_flac)] + found
+    bad = {found[1]: "cannot decode audio", found[4]: "decodes, but its samples are not all "
+           "finite (NaN or inf, first at 1.5 s)"}
+    captured = capsys.readouterr()
+    assert [line.split("  (")[0] for line in captured.out.splitlines()[::2]] == [
+        p for p in order if p not in bad]
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert errors[0].startswith(f"error: {found[1]}: cannot decode audio")
+    assert errors[1].startswith(f"error: {found[4]}: {bad[found[4]]}")
+    assert len(errors) == 2 and "Traceback" not in captured.err
+
+    saved_json = json.loads(out["json"].read_text())
+    assert list(saved_json) == order
+    with open(out["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    tag_names = torch.load(checkpoint, weights_only=True)["tag_names"]
+    assert list(rows[0]) == ["path", "duration_s", "windows"] + tag_names + ["error"]
+    assert [row["path"] for row in rows] == order
+    windows = {str(short_flac): 1, found[0]: 1, found[2]: 1, found[3]: 2, found[5]: 1}
+    for row in rows:
+        entry = saved_json[row["path"]]
+        if row["path"] in bad:
+            assert row["error"].startswith(row["path"] + ": " + bad[row["path"]][:20])
+            assert entry == {"error": row["error"]}
+            assert all(row[k] == "" for k in ["duration_s", "windows"] + tag_names)
+            continue
+        assert row["error"] == ""
+        assert int(row["windows"]) == windows[row["path"]] == entry["windows"]
+        assert float(row["duration_s"]) == pytest.approx(entry["duration_s"], abs=1e-3)
+        probs = dict(entry["tags"])
+        assert [float(row[t]) for t in tag_names] == pytest.approx([probs[t] for t in tag_names],
+                                                                   abs=1e-6)
+
+    npz = np.load(out["npz"])
+    good = [p for p in order if p not in bad]
+    assert sorted(npz.files) == sorted(["paths", "tag_names", "embeddings", "duration_s", "windows",
+                                        "window_embeddings", "window_file", "window_start_s"])
+    assert list(npz["paths"]) == good and list(npz["tag_names"]) == tag_names
+    assert npz["embeddings"].shape == (5, 500) and npz["embeddings"].dtype == np.float32
+    assert list(npz["windows"]) == [windows[p] for p in good]
+    assert npz["window_embeddings"].shape == (6, 500)
+    assert list(npz["window_file"]) == [0, 1, 2, 3, 3, 4]
+    long_spec_frames = 1 + math.ceil(40 * 11025) // 512
+    assert npz["window_start_s"][4] == pytest.approx((long_spec_frames - 628) * 512 / 11025)
+    for i, path in enumerate(good):
+        rows_i = npz["window_file"] == i
+        np.testing.assert_allclose(npz["embeddings"][i], npz["window_embeddings"][rows_i].mean(0),
+                                   rtol=1e-5, atol=1e-6)
+    model, _, mean, std = loaded
+    alone = predict.tag_file(found[3], model, tag_names, mean, std)  # in process, by itself
+    np.testing.assert_allclose(npz["window_embeddings"][3:5], alone["window_embeddings"], atol=1e-5)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_input_order_kept_with_two_workers(checkpoint, loaded, long_stereo, short_flac, mtat_clip,
+                                           tmp_path, capsys):
+    """The long file first: the short ones finish decoding before it, yet come out after it;
+    and each file's scores are those it gets alone, in this process."""
+    model, tag_names, mean, std = loaded
+    order = [str(long_stereo), str(short_flac), str(mtat_clip), str(short_flac), str(long_stereo)]
+    json_path = tmp_path / "tags.json"
+    results = predict.main(order + ["--checkpoint", str(checkpoint), "--workers", "2",
+                                    "--batch-size", "4", "--json", str(json_path), "--top", "1"])
+    headers = capsys.readouterr().out.splitlines()[::2]
+    assert [line.split("  (")[0] for line in headers] == order
+    assert list(json.loads(json_path.read_text())) == order[:3]
+    for path in order[:3]:
+        alone = predict.tag_file(path, model, tag_names, mean, std)
+        np.testing.assert_allclose(results[path]["window_probs"], alone["window_probs"], atol=1e-5)
+
+
+def same_rows(csv_text, expected_text):
+    """The same CSV rows; probabilities within 1e-5 (a batch holding other windows rounds
+    the network's sums differently)."""
+    rows, expected = (list(csv.reader(text.splitlines())) for text in (csv_text, expected_text))
+    assert [row[:3] + row[-1:] for row in rows] == [row[:3] + row[-1:] for row in expected]
+    np.testing.assert_allclose(np.array([row[3:-1] for row in rows[1:]], float),
+                               np.array([row[3:-1] for row in expected[1:]], float), atol=1e-5)
+
+
+def test_resume_skips_what_the_outputs_hold(checkpoint, library, tmp_path, capsys):
+    root, found = library
+    good = [found[i] for i in (0, 2, 3, 5)]
+    csv_path, npz_path = tmp_path / "tags.csv", tmp_path / "emb.npz"
+    base = ["--checkpoint", str(checkpoint), "--csv", str(csv_path), "--workers", "2", "--top", "1"]
+    predict.main(good + base + ["--embeddings", str(npz_path)])
+    full_csv, full_npz = csv_path.read_text(), dict(np.load(npz_path))
+    capsys.readouterr()
+    # an interrupted run: the first two files saved, the third failed (retried on resume)
+    lines = full_csv.splitlines(keepends=True)
+    n_tags = len(lines[0].split(",")) - 4
+    csv_path.write_text("".join(lines[:3]) + f"{good[2]},,," + "," * n_tags + "decoder died\r\n")
+    json_path = tmp_path / "tags.json"
+    json_path.write_text('{"a.mp3": ')  # cut short: refused in one line
+    with pytest.raises(SystemExit, match=f"error: --resume: cannot read {json_path} "):
+        predict.main(good + base + ["--json", str(json_path), "--resume"])
+    predict.main(good + base + ["--resume"])
+    captured = capsys.readouterr()
+    assert "resuming: 2 file(s) already tagged in the outputs, 2 to tag" in captured.err
+    assert [line.split("  (")[0] for line in captured.out.splitlines()[::2]] == good[2:]
+    same_rows(csv_path.read_text(), full_csv)
+    # with two outputs, a file is skipped only when both hold it: the .npz has only 2
+    first_two = {k: full_npz[k][:2] for k in ("paths", "embeddings", "duration_s", "windows")}
+    np.savez(npz_path, **dict(full_npz, **first_two))
+    predict.main(good + base + ["--embeddings", str(npz_path), "--resume"])
+    assert "2 file(s) already tagged in the outputs, 2 to tag" in capsys.readouterr().err
+    resumed = np.load(npz_path)
+    assert list(resumed["paths"]) == good
+    np.testing.assert_allclose(resumed["embeddings"], full_npz["embeddings"], atol=1e-6)
+    same_rows(csv_path.read_text(), full_csv)
+    predict.main(good + base + ["--resume"])  # nothing left: nothing tagged, outputs kept
+    assert "4 file(s) already tagged in the outputs, 0 to tag" in capsys.readouterr().err
+    same_rows(csv_path.read_text(), full_csv)
+
+
+def test_interrupted_run_saves_what_it_tagged(checkpoint, library, tmp_path, monkeypatch, capsys):
+    """Ctrl-C at the third file: the CSV holds the first two, valid, and --resume tags the
+    rest, ending with the uninterrupted run's rows."""
+    _, found = library
+    good = [found[i] for i in (0, 2, 3, 5)]
+    csv_path = tmp_path / "tags.csv"
+    args = good + ["--checkpoint", str(checkpoint), "--csv", str(csv_path), "--workers", "0"]
+    predict.main(args)
+    full_csv = csv_path.read_text()
+    csv_path.unlink()
+    printed = []
+
+    def format_then_interrupt(path, result, top):  # Ctrl-C while the third file is printed
+        printed.append(path)
+        if len(printed) == 3:
+            raise KeyboardInterrupt
+        return f"{path}: tagged"
+
+    monkeypatch.setattr(predict, "format_tags", format_then_interrupt)
+    with pytest.raises(SystemExit, match="interrupted; the files tagged so far are saved; "
+                                         "rerun with --resume to tag the rest"):
+        predict.main(args)
+    with open(csv_path, newline="") as f:
+        assert [row[0] for row in csv.reader(f)][1:] == good[:2]
+    monkeypatch.undo()
+    capsys.readouterr()
+    predict.main(args + ["--resume"])
+    assert "2 file(s) already tagged in the outputs, 2 to tag" in capsys.readouterr().err
+    same_rows(csv_path.read_text(), full_csv)
+
+
+class NotAWeight:
+    """An object torch.load(weights_only=True) refuses to unpickle."""
+
+
+def test_short_audio_nan_audio_and_checkpoint_folders(checkpoint, tmp_path, recwarn, capsys):
+    """Issue 12, item 6: no librosa warning on audio shorter than n_fft; a file with a NaN
+    sample is called that, not undecodable; a run folder stands for its best_model.pt and a
+    folder without one is called a folder; a checkpoint error is one whole line."""
+    tiny = tmp_path / "tiny.wav"
+    sf.write(tiny, tone(0.01, 44100), 44100)  # 111 samples at 11,025 Hz, n_fft is 2048
+    results = predict.main([str(tiny), "--checkpoint", str(checkpoint.parent), "--workers", "0"])
+    assert results[str(tiny)]["windows"] == 1
+    assert not [w for w in recwarn if "too large" in str(w.message)]
+    inf = tmp_path / "inf.flac"
+    samples = tone(2, 16000)
+    samples[20000:] = np.inf  # FLAC is integer: clipped, so it decodes and is finite
+    sf.write(inf, samples, 16000)
+    inf_wav = tmp_path / "inf.wav"
+    samples = tone(2, 16000)
+    samples[24000] = -np.inf
+    sf.write(inf_wav, samples, 16000, subtype="DOUBLE")
+    with pytest.raises(SystemExit, match="1 of 2 files"):
+        predict.main([str(inf), str(inf_wav), "--checkpoint", str(checkpoint), "--workers", "0"])
+    assert (f"error: {inf_wav}: decodes, but its samples are not all finite (NaN or inf, first "
+            "at 1.5 s)") in capsys.readouterr().err
+    empty_run = tmp_path / "run"
+    empty_run.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(tiny), "--checkpoint", str(empty_run)])
+    assert str(exit_info.value.code).startswith(f"error: checkpoint {empty_run} is a folder with "
+                                                "no best_model.pt in it")
+    unsafe = tmp_path / "unsafe.pt"  # torch's weights_only refusal is a paragraph
+    torch.save({"state_dict": {}, "x": NotAWeight()}, unsafe)
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(tiny), "--checkpoint", str(unsafe)])
+    message = str(exit_info.value.code)
+    assert message == (f"error: {unsafe}: not a PyTorch checkpoint of this project "
+                       "(UnpicklingError: Weights only load failed); pass the best_model.pt of "
+                       "a run trained with src/trainer.py")
+
+
+@pytest.mark.slow
+def test_a_killed_decoder_does_not_hang_the_run(checkpoint, long_stereo, tmp_path):
+    """kill -9 of a decoder (what the OOM killer does) while predict.py tags 8 files with 2
+    decoders: the run ends in bounded time, says so in one line, and every row is right."""
+    folder = tmp_path / "music"
+    folder.mkdir()
+    for i in range(8):
+        shutil.copyfile(long_stereo, folder / f"track{i}.wav")
+    csv_path = tmp_path / "tags.csv"
+    run = subprocess.Popen([sys.executable, str(SRC / "predict.py"), str(folder),
+                            "--checkpoint", str(checkpoint), "--workers", "2",
+                            "--csv", str(csv_path), "--top", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children_file = Path(f"/proc/{run.pid}/task/{run.pid}/children")
+    deadline, killed = time.monotonic() + 60, None
+    while killed is None and time.monotonic() < deadline and run.poll() is None:
+        children = children_file.read_text().split() if children_file.exists() else []
+        if children:
+            killed = int(children[0])
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.02)
+    out, err = run.communicate(timeout=120)  # a hang fails here
+    assert killed is not None, "no decoder process seen"
+    assert run.returncode == 0, err
+    assert "warning: a decoder process died (killed, out of memory, or a decoder crash); " \
+           "retrying the" in err
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert [row[0] for row in rows[1:]] == [str(folder / f"track{i}.wav") for i in range(8)]
+    assert all(row[1:] == rows[1][1:] for row in rows[1:]) and rows[1][-1] == ""
