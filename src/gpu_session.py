@@ -18,22 +18,24 @@ hang or a crash in one leaves the others' figures, and the file is rewritten aft
                      paper's run; projected to 40 epochs (see project_40_epochs)
   cuda_tests         pytest tests/test_cuda.py: each test's outcome, seconds and the
                      differences it measured
+  paper_run_fp32     paper_run without the GPU's choices (--precision fp32 --no-fused-adam
+                     --no-resident --no-cudnn-benchmark): the trainer's own baseline
   benchmark          benchmark.py --what train (--compile): ms/step, clips/s, TFLOP/s and
                      scoring rate of the baseline (plain fp32 port), the fast path and
                      fast+compile, each projected to the paper's 40 epochs
   paper_run_compile  paper_run with --compile
-  paper_run_fp32     paper_run without the GPU's choices (--precision fp32 --no-fused-adam
-                     --no-resident --no-cudnn-benchmark): the trainer's own baseline
 
-A part that would start with less than MIN_PART_S of --budget-s left is skipped and says
-so; a second call with --parts runs it. Exit status 1 when any part failed or timed out.
+A part that would start with less than 30 s of --budget-s left is skipped and says so; a
+second call with --parts runs it. Exit status 1 when any part failed or timed out.
 """
 import argparse
 import csv
 import gzip
+import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -51,8 +53,9 @@ import common
 from benchmark import format_duration
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ["data", "paper_run", "cuda_tests", "benchmark", "paper_run_compile", "paper_run_fp32"]
-CAP_S = dict(paper_run=150, cuda_tests=300, benchmark=180, paper_run_compile=180, paper_run_fp32=150)
+PARTS = ["data", "paper_run", "cuda_tests", "paper_run_fp32", "benchmark", "paper_run_compile"]
+CAP_S = dict(paper_run=150, cuda_tests=300, paper_run_fp32=150, benchmark=180, paper_run_compile=180)
+TEST_CAP_S = 150  # per CUDA test, where pytest-timeout is installed (the GPU machine has it)
 MIN_PART_S = 30  # a part is not started with less time than this left
 FP32_FLAGS = ["--precision", "fp32", "--no-fused-adam", "--no-resident", "--no-cudnn-benchmark"]
 # sizes: the paper's, or --tiny's for a dry run of everything on a CPU in under a minute
@@ -66,9 +69,9 @@ BENCHMARK_CODE = ("import json, sys; sys.path.insert(0, sys.argv[1]); import ben
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda | cpu | auto (default: cuda)")
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS,
-                   help="parts to run, in the order above (default: all); data is made "
-                        "when a paper run needs it")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, metavar="PART",
+                   help=f"parts to run, in the order above: {' '.join(PARTS)} (default: all); "
+                        "data is made whenever a paper run needs it")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs of each paper run, projected to 40 (default: 3; --tiny: 2)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -119,6 +122,8 @@ def write_random_spectrograms(data_dir, n_clips, device, seed=0, chunk_rows=1024
             rows = min(chunk_rows, n_clips - start)
             chunk = torch.randn((rows,) + shape[1:], generator=generator, device=device)
             f.write(chunk.mul_(2).sub_(8).half().cpu().numpy().tobytes())
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the GPU's memory is the runs' (the trainer checks what is free)
     meta = dict(common.feature_params(), dtype="float16", n_clips=n_clips, shape=list(shape), failed=[],
                 note="random values written by src/gpu_session.py, for timing only")
     with common.atomic_write(data_dir / "spectrograms.json") as f:
@@ -183,12 +188,25 @@ def paper_run(name, extra_flags, data_dir, work_dir, args, sizes, device, timeou
 def cuda_tests(work_dir, timeout_s, log_path):
     """pytest tests/test_cuda.py; per test: outcome, seconds, message, measured properties."""
     xml_path = work_dir / "cuda_tests.xml"
-    command = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
+    command = [sys.executable, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
                f"--junitxml={xml_path}", f"--basetemp={work_dir / 'pytest'}", "tests/test_cuda.py"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        command.append(f"--timeout={TEST_CAP_S}")  # a hung test fails alone; the others still report
     status, seconds, output = run_logged(command, timeout_s, log_path)
     figures = dict(status=status, seconds=round(seconds, 1))
-    if not xml_path.is_file():
-        return dict(figures, output_tail=output[-2000:])
+    if not xml_path.is_file():  # pytest was killed before writing it: the outcomes it printed
+        tests = [dict(name=name, outcome=outcome.lower())
+                 for name, outcome in re.findall(r"::(\w+) (PASSED|FAILED|SKIPPED|ERROR)", output)]
+        figures["output_tail"] = output[-2000:]
+    else:
+        tests = junit_outcomes(xml_path)
+    counts = {outcome: sum(t["outcome"] == outcome for t in tests)
+              for outcome in ("passed", "failed", "error", "skipped")}
+    return dict(figures, **counts, tests=tests)
+
+
+def junit_outcomes(xml_path):
+    """Per test of a junit XML file: name, outcome, seconds, message, measured properties."""
     tests = []
     for case in ElementTree.parse(xml_path).getroot().iter("testcase"):
         outcome, message = "passed", ""
@@ -198,8 +216,7 @@ def cuda_tests(work_dir, timeout_s, log_path):
         properties = {p.get("name"): number_or_text(p.get("value")) for p in case.iter("property")}
         tests.append(dict(name=case.get("name"), outcome=outcome, seconds=float(case.get("time", 0)),
                           message=message[:500], measured=properties))
-    counts = {outcome: sum(t["outcome"] == outcome for t in tests) for outcome in ("passed", "failed", "error", "skipped")}
-    return dict(figures, **counts, tests=tests)
+    return tests
 
 
 def number_or_text(value):
@@ -243,6 +260,10 @@ def machine(device):
 
 def summary_line(name, part):
     """One line of the table printed at the end."""
+    if name == "cuda_tests" and "tests" in part:
+        bad = [t["name"] for t in part["tests"] if t["outcome"] in ("failed", "error")]
+        return (f"{part['passed']} passed, {part['failed'] + part['error']} failed, {part['skipped']} skipped"
+                + (f": {', '.join(bad)}" if bad else ""))
     if part["status"] != "ok":
         tail = (part.get("output_tail") or "").strip().splitlines()
         return part.get("reason") or (tail[-1] if tail else "")
@@ -251,8 +272,6 @@ def summary_line(name, part):
     if name.startswith("paper_run"):
         return (f"40 epochs projected {format_duration(part['projected_40_epochs_s'])}; epochs "
                 + ", ".join(f"{s:.1f}" for s in part["epoch_s"]) + f" s; start-up {part['startup_s']:.1f} s")
-    if name == "cuda_tests":
-        return f"{part['passed']} passed, {part['failed'] + part['error']} failed, {part['skipped']} skipped"
     modes = [m for m in ("baseline", "fast", "fast+compile") if m in part]
     return "; ".join(f"{m} {part[m]['ms_per_step']:.1f} ms/step, 40 epochs "
                      f"{format_duration(part[m]['projected_40_epochs_s'])}" for m in modes)
@@ -280,7 +299,7 @@ def main(argv=None):
 
     print(f"gpu_session: {figures['machine']}; figures to {args.out_file}", flush=True)
     data_dir = work_dir / "data"
-    wanted = [part for part in args.parts if part != "data"]
+    wanted = [part for part in PARTS if part in args.parts and part != "data"]  # in this order
     if "data" in args.parts or any(part.startswith("paper_run") for part in wanted):
         t0 = time.perf_counter()
         n_bytes = write_random_spectrograms(data_dir, sizes["n_clips"], device)

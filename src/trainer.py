@@ -379,8 +379,9 @@ def main(argv=None):
     resolve_speed_choices(args, device)  # --precision, --fused-adam, --resident, --cudnn-benchmark
     use_bf16 = args.precision == "bf16"
     torch.backends.cudnn.benchmark = args.cudnn_benchmark  # fixed input shape: autotuning pays once
-    log(f"device {device}: precision {args.precision}, fused Adam {on_off(args.fused_adam)}, resident data "
-        f"{on_off(args.resident)}, cudnn.benchmark {on_off(args.cudnn_benchmark)}, compile {on_off(args.compile)}")
+    log(f"device {device}: precision {args.precision}, fused Adam {on_off(args.fused_adam)}, "
+        f"resident data {on_off(args.resident)}, cudnn.benchmark {on_off(args.cudnn_benchmark)}, "
+        f"compile {on_off(args.compile)}")
 
     # data: labels from the annotations, features memory-mapped, the split, band statistics
     csv_path = args.data_dir / "annotations_final.csv"

@@ -170,64 +170,6 @@ def test_resume_on_cuda_matches_uninterrupted(cuda_data_dir, tmp_path, record_pr
     assert largest <= 1e-6
 
 
-@pytest.mark.slow
-def test_compiled_reduce_overhead_matches_eager_on_cuda(record_property):
-    """trainer.compile_model on CUDA (torch.compile, mode reduce-overhead: CUDA graphs)
-    against eager in exact fp32 (TF32 off) and dropout 0, with the CPU test's tolerances
-    (logits 1e-4, loss 1e-5, gradients 1e-3): a scoring pass, then three training steps
-    (the graphs are recorded, then replayed), each started from eager's state (weights,
-    batch-norm statistics and Adam's moments copied in place), so that a replay that used
-    stale weights would show. Left to themselves, two runs part within a few steps."""
-    torch.backends.cudnn.allow_tf32 = False
-    batches = [normalised_batch(32, seed) for seed in range(3)]
-    torch.manual_seed(1)
-    eager = trainer.build_model(50, 0.0, CUDA)
-    plain = trainer.build_model(50, 0.0, CUDA)
-    plain.load_state_dict(eager.state_dict())
-    compiled = trainer.compile_model(plain, CUDA)
-    assert type(compiled).__name__ == "OptimizedModule"  # really compiled
-    counters = torch._dynamo.utils.counters
-    counters.clear()
-    with torch.no_grad():
-        logits = eager.eval()(batches[0][0])
-        compiled_logits = compiled.eval()(batches[0][0]).clone()
-    record_property("compiled_logits_rel_error", relative_error(compiled_logits, logits))
-    assert relative_error(compiled_logits, logits) < 1e-4
-    eager_adam = torch.optim.Adam(eager.parameters(), lr=1e-3, fused=True)
-    compiled_adam = torch.optim.Adam(compiled.parameters(), lr=1e-3, fused=True)
-    loss_errors = []
-    for step, (x, y) in enumerate(batches):
-        plain.load_state_dict(eager.state_dict())  # in place: the graphs' weights are these tensors
-        if step:
-            trainer.load_optimizer_state(compiled_adam, eager_adam.state_dict(), fused=True)
-        loss = trainer.train_step(eager.train(), eager_adam, x, y, False).item()
-        grads = {n: p.grad.clone() for n, p in eager.named_parameters()}
-        compiled_loss = trainer.train_step(compiled.train(), compiled_adam, x, y, False).item()
-        compiled_grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in compiled.named_parameters()}
-        loss_errors.append(abs(compiled_loss - loss) / loss)
-        assert compiled_loss == pytest.approx(loss, rel=1e-5), step
-        for n, grad in grads.items():
-            assert relative_error(compiled_grads[n], grad) < 1e-3, (step, n)
-    record_property("compiled_loss_rel_errors", loss_errors)
-    record_property("cudagraph_skips", counters["inductor"]["cudagraph_skips"])  # 0: graphs on every path
-
-
-@pytest.mark.slow
-def test_trainer_compile_on_cuda(cuda_data_dir, cuda_run, tmp_path):
-    """trainer.py --compile on CUDA (graphs for training and scoring, switched every
-    epoch) learns as eager does and saves a plain state dict. Inductor draws other dropout
-    masks than eager, and early training is chaotic, so the losses are only near."""
-    results = trainer.main(["--data-dir", str(cuda_data_dir), "--out", str(tmp_path), "--run", "compiled",
-                            "--epochs", "2", "--compile"] + CUDA_RUN_ARGS)
-    _, checkpoint = common.load_model(tmp_path / "compiled" / "best_model.pt")
-    assert checkpoint["args"]["compile"] is True
-    assert not any(key.startswith("_orig_mod.") for key in checkpoint["state_dict"])
-    compiled, eager = read_rows(tmp_path / "compiled" / "metrics.csv"), read_rows(cuda_run[0] / "metrics.csv")
-    assert float(compiled[0]["train_loss"]) == pytest.approx(float(eager[0]["train_loss"]), rel=0.2)
-    assert float(compiled[1]["train_loss"]) < float(compiled[0]["train_loss"])
-    assert results["val_roc_auc"] >= 0.95 and results["test_roc_auc"] >= 0.95  # as eager
-
-
 def torchrun(n_processes, data_dir, out, run_name, args):
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_processes}",
@@ -342,3 +284,62 @@ def test_benchmark_on_cuda_small(record_property):
         assert row["ms_per_step"] > 0 and row["clips_per_s"] == pytest.approx(8000 / row["ms_per_step"])
         assert row["eval_clips_per_s"] > 0
     record_property("fast_speedup_at_batch_8", results["speedup"])
+
+
+# compilation takes the longest: last, so that a time limit cuts it and not the others
+@pytest.mark.slow
+def test_compiled_reduce_overhead_matches_eager_on_cuda(record_property):
+    """trainer.compile_model on CUDA (torch.compile, mode reduce-overhead: CUDA graphs)
+    against eager in exact fp32 (TF32 off) and dropout 0, with the CPU test's tolerances
+    (logits 1e-4, loss 1e-5, gradients 1e-3): a scoring pass, then three training steps
+    (the graphs are recorded, then replayed), each started from eager's state (weights,
+    batch-norm statistics and Adam's moments copied in place), so that a replay that used
+    stale weights would show. Left to themselves, two runs part within a few steps."""
+    torch.backends.cudnn.allow_tf32 = False
+    batches = [normalised_batch(32, seed) for seed in range(3)]
+    torch.manual_seed(1)
+    eager = trainer.build_model(50, 0.0, CUDA)
+    plain = trainer.build_model(50, 0.0, CUDA)
+    plain.load_state_dict(eager.state_dict())
+    compiled = trainer.compile_model(plain, CUDA)
+    assert type(compiled).__name__ == "OptimizedModule"  # really compiled
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with torch.no_grad():
+        logits = eager.eval()(batches[0][0])
+        compiled_logits = compiled.eval()(batches[0][0]).clone()
+    record_property("compiled_logits_rel_error", relative_error(compiled_logits, logits))
+    assert relative_error(compiled_logits, logits) < 1e-4
+    eager_adam = torch.optim.Adam(eager.parameters(), lr=1e-3, fused=True)
+    compiled_adam = torch.optim.Adam(compiled.parameters(), lr=1e-3, fused=True)
+    loss_errors = []
+    for step, (x, y) in enumerate(batches):
+        plain.load_state_dict(eager.state_dict())  # in place: the graphs' weights are these tensors
+        if step:
+            trainer.load_optimizer_state(compiled_adam, eager_adam.state_dict(), fused=True)
+        loss = trainer.train_step(eager.train(), eager_adam, x, y, False).item()
+        grads = {n: p.grad.clone() for n, p in eager.named_parameters()}
+        compiled_loss = trainer.train_step(compiled.train(), compiled_adam, x, y, False).item()
+        compiled_grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in compiled.named_parameters()}
+        loss_errors.append(abs(compiled_loss - loss) / loss)
+        assert compiled_loss == pytest.approx(loss, rel=1e-5), step
+        for n, grad in grads.items():
+            assert relative_error(compiled_grads[n], grad) < 1e-3, (step, n)
+    record_property("compiled_loss_rel_errors", loss_errors)
+    record_property("cudagraph_skips", counters["inductor"]["cudagraph_skips"])  # 0: graphs on every path
+
+
+@pytest.mark.slow
+def test_trainer_compile_on_cuda(cuda_data_dir, cuda_run, tmp_path):
+    """trainer.py --compile on CUDA (graphs for training and scoring, switched every
+    epoch) learns as eager does and saves a plain state dict. Inductor draws other dropout
+    masks than eager, and early training is chaotic, so the losses are only near."""
+    results = trainer.main(["--data-dir", str(cuda_data_dir), "--out", str(tmp_path), "--run", "compiled",
+                            "--epochs", "2", "--compile"] + CUDA_RUN_ARGS)
+    _, checkpoint = common.load_model(tmp_path / "compiled" / "best_model.pt")
+    assert checkpoint["args"]["compile"] is True
+    assert not any(key.startswith("_orig_mod.") for key in checkpoint["state_dict"])
+    compiled, eager = read_rows(tmp_path / "compiled" / "metrics.csv"), read_rows(cuda_run[0] / "metrics.csv")
+    assert float(compiled[0]["train_loss"]) == pytest.approx(float(eager[0]["train_loss"]), rel=0.2)
+    assert float(compiled[1]["train_loss"]) < float(compiled[0]["train_loss"])
+    assert results["val_roc_auc"] >= 0.95 and results["test_roc_auc"] >= 0.95  # as eager
