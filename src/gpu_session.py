@@ -92,6 +92,8 @@ def parse_args(argv=None):
         args.epochs = 2 if args.tiny else 3
     if args.epochs < 2:
         p.error("--epochs must be at least 2: the first epoch pays the start-up costs")
+    if args.work_dir is not None and not args.work_dir.is_dir():
+        p.error(f"--work-dir {args.work_dir} is not an existing folder")
     if args.out_file is None:
         out = os.environ.get("OUT")
         args.out_file = (Path(out) if out else ROOT / "experiments") / "gpu_session.json"
@@ -109,8 +111,11 @@ def write_random_spectrograms(data_dir, n_clips, device, seed=0, chunk_rows=1024
     the real MTAT annotations (their first n_clips rows label the rows).
     Returns the bytes of the .npy file."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    fixtures = Path(os.environ.get("MTAT_FIXTURES") or ROOT / "tests" / "fixtures")
-    with gzip.open(fixtures / "annotations_final.csv.gz") as src, \
+    annotations = Path(os.environ.get("MTAT_FIXTURES") or ROOT / "tests" / "fixtures") / "annotations_final.csv.gz"
+    if not annotations.is_file():
+        raise SystemExit(f"error: {annotations} not found: the real MTAT annotations label the random "
+                         "spectrograms; restore tests/fixtures/ from git (or fix $MTAT_FIXTURES)")
+    with gzip.open(annotations) as src, \
             common.atomic_write(data_dir / "annotations_final.csv", "wb") as dst:
         shutil.copyfileobj(src, dst)
     shape = (n_clips, common.N_MELS, common.N_FRAMES)
@@ -300,14 +305,14 @@ def main(argv=None):
     print(f"gpu_session: {figures['machine']}; figures to {args.out_file}", flush=True)
     data_dir = work_dir / "data"
     wanted = [part for part in PARTS if part in args.parts and part != "data"]  # in this order
-    if "data" in args.parts or any(part.startswith("paper_run") for part in wanted):
-        t0 = time.perf_counter()
-        n_bytes = write_random_spectrograms(data_dir, sizes["n_clips"], device)
-        parts["data"] = dict(status="ok", rows=sizes["n_clips"], gib=round(n_bytes / 2**30, 2),
-                             seconds=round(time.perf_counter() - t0, 1))
-        print(f"data: {summary_line('data', parts['data'])}", flush=True)
-        save()
     try:
+        if "data" in args.parts or any(part.startswith("paper_run") for part in wanted):
+            t0 = time.perf_counter()
+            n_bytes = write_random_spectrograms(data_dir, sizes["n_clips"], device)
+            parts["data"] = dict(status="ok", rows=sizes["n_clips"], gib=round(n_bytes / 2**30, 2),
+                                 seconds=round(time.perf_counter() - t0, 1))
+            print(f"data: {summary_line('data', parts['data'])}", flush=True)
+            save()
         for name in wanted:
             left_s = deadline - time.perf_counter()
             if left_s < (MIN_PART_S if not args.tiny else 1):
