@@ -72,6 +72,23 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (with CUDA graphs on CUDA); off by default: 1.9x slower "
                         "on a CPU and not yet measured on a GPU (python src/benchmark.py --compile)")
+    # speed choices: 'auto' (None) is decided per device by resolve_speed_choices; naming one
+    # runs a GPU's choice on the CPU too, which is how CI tests the GPU's path
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16: the network under bfloat16 autocast (weights, loss and Adam stay fp32); "
+                        "fp32: float32 throughout (on CUDA, PyTorch's default of TF32 convolutions); "
+                        "auto: bf16 on CUDA, fp32 on a CPU (default: auto)")
+    p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None,
+                   help="Adam's fused kernel, one for all parameters (PyTorch has it for CUDA and CPU) "
+                        "(default: on CUDA)")
+    p.add_argument("--resident", action=argparse.BooleanOptionalAction, default=None,
+                   help="hold all spectrograms as one tensor on the device, so a batch is an index "
+                        "(on a CPU: in RAM, the whole array), instead of reading batches from the "
+                        "memory map (default: on CUDA when spectrograms.npy fits in free GPU memory "
+                        "with 6 GiB to spare)")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
+                   help="let cuDNN time its convolution algorithms for the fixed input shape and keep "
+                        "the fastest (no effect on a CPU) (default: on CUDA)")
     args = p.parse_args(argv)
     for flag in ("epochs", "batch_size", "eval_batch_size", "n_tags"):
         if getattr(args, flag) < 1:
@@ -80,6 +97,43 @@ def parse_args(argv=None):
         if args.n_tags != 50:
             p.error("--split clean is scored on the 50 most frequent tags; leave --n-tags at 50")
         args.no_merge = True
+    return args
+
+
+GPU_RESERVE_BYTES = 6 * 2 ** 30  # GPU memory left free beside resident data: model, activations
+
+
+def resolve_speed_choices(args, device):
+    """Decide each speed choice left at auto for this device, the one place where they
+    are decided; the result replaces auto in args (so it is printed, and saved with the
+    checkpoints' args). What a CPU run and a GPU run with the same choices differ in is
+    then only the device.
+
+    precision: bf16 on CUDA; fp32 on a CPU (exact, and bf16 gives a CPU no speed-up).
+    fused_adam, cudnn_benchmark: on CUDA. resident: on CUDA when DATA/spectrograms.npy
+    fits in free GPU memory with GPU_RESERVE_BYTES to spare (else pinned host batches);
+    never by default on a CPU, where the memory map keeps host memory bounded.
+    Raises SystemExit when --resident asks for more than the GPU has free.
+    """
+    cuda = device.type == "cuda"
+    if args.precision == "auto":
+        args.precision = "bf16" if cuda else "fp32"
+    if args.fused_adam is None:
+        args.fused_adam = cuda
+    if args.cudnn_benchmark is None:
+        args.cudnn_benchmark = cuda
+    npy = args.data_dir / "spectrograms.npy"
+    if cuda and args.resident is not False and npy.is_file():  # a missing file: load_spectrograms says so
+        data_bytes, free_bytes = npy.stat().st_size, torch.cuda.mem_get_info(device)[0]
+        fits = data_bytes <= free_bytes - GPU_RESERVE_BYTES
+        sizes = (f"{npy} ({data_bytes / 2**30:.1f} GiB) does not fit in the GPU's free "
+                 f"{free_bytes / 2**30:.1f} GiB with {GPU_RESERVE_BYTES / 2**30:.0f} GiB to spare")
+        if args.resident and not fits:
+            raise SystemExit(f"error: --resident: {sizes}; drop --resident to read pinned host batches")
+        if not fits:
+            log(f"{sizes}: pinned host batches")
+        args.resident = fits
+    args.resident = bool(args.resident)
     return args
 
 
@@ -168,16 +222,14 @@ def band_stats(source, rows, device, chunk_rows=256):
     return mean.float(), std.clamp(min=1e-6).float()
 
 
-def to_device_source(spectrograms, device):
-    """Where batches are read from: the whole array resident on the GPU when it fits
-    (one upload, then indexing costs nothing), else the host memmap."""
-    if device.type != "cuda":
-        return spectrograms
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    if spectrograms.nbytes > free_bytes - 6 * 2 ** 30:  # leave room for the model and activations
-        log(f"spectrograms ({spectrograms.nbytes / 2**30:.1f} GiB) do not fit on the GPU: pinned host batches")
-        return spectrograms
-    return upload(spectrograms, device)
+def to_device_source(spectrograms, device, resident=None):
+    """Where batches are read from: resident=True, the whole array as one tensor on
+    device (one upload, then indexing costs nothing); False, the host memmap; None, what
+    --resident's default picks (resident on CUDA when it fits in free GPU memory)."""
+    if resident is None:
+        resident = (device.type == "cuda"
+                    and spectrograms.nbytes <= torch.cuda.mem_get_info(device)[0] - GPU_RESERVE_BYTES)
+    return upload(spectrograms, device) if resident else spectrograms
 
 
 def upload(spectrograms, device, chunk_rows=1024):
@@ -364,9 +416,12 @@ def main(argv=None):
     args = parse_args(argv)
     device = setup_distributed(args.device)
     torch.manual_seed(args.seed)
-    use_bf16 = device.type == "cuda"  # bf16 autocast on the GPU; exact fp32 on the CPU
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shape: autotuned kernels pay off
+    resolve_speed_choices(args, device)  # --precision, --fused-adam, --resident, --cudnn-benchmark
+    use_bf16 = args.precision == "bf16"
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark  # fixed input shape: autotuning pays once
+    log(f"device {device}: precision {args.precision}, fused Adam {on_off(args.fused_adam)}, "
+        f"resident data {on_off(args.resident)}, cudnn.benchmark {on_off(args.cudnn_benchmark)}, "
+        f"compile {on_off(args.compile)}")
 
     # data: labels from the annotations, features memory-mapped, the split, band statistics
     csv_path = args.data_dir / "annotations_final.csv"
@@ -389,13 +444,13 @@ def main(argv=None):
     if untagged:
         log(f"{len(untagged)} of the {len(tag_names)} tags have no clip in this data set; "
             "they are kept as outputs but cannot be scored")
-    source = to_device_source(spectrograms, device)
+    source = to_device_source(spectrograms, device, args.resident)
     norm = band_stats(source, train_idx, device)
     labels_on_device = torch.from_numpy(labels).float().to(device)
 
     # model, optimiser, schedule
     model = build_model(len(tag_names), args.dropout, device, args.bn_momentum)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=args.fused_adam)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=0.1)
     run_dir = args.out / (args.run or time.strftime("%Y%m%d-%H%M%S"))
     history, best, start_epoch = [], None, 1
@@ -408,9 +463,11 @@ def main(argv=None):
         if changed:
             raise SystemExit(f"error: cannot resume {run_dir} with different {', '.join('--' + k.replace('_', '-') for k in changed)}")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"], args.fused_adam)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:  # dropout masks on CUDA
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
         log(f"resuming {run_dir} after epoch {state['epoch']}")
     elif is_main():
@@ -463,6 +520,7 @@ def main(argv=None):
                                  args=json_args(args), epoch=epoch, metrics=best), run_dir / "best_model.pt")
             save_atomic(dict(model=state_dict, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                              torch_rng=torch.get_rng_state(), history=history, best=best, epoch=epoch,
+                             cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                              args=json_args(args)), run_dir / "last.pt")
             write_metrics_csv(history, run_dir / "metrics.csv")
 
@@ -484,6 +542,18 @@ def main(argv=None):
     if dist.is_initialized():
         dist.destroy_process_group()
     return results  # None in the processes other than rank 0
+
+
+def load_optimizer_state(optimizer, saved, fused):
+    """optimizer.load_state_dict(saved), but with this run's --fused-adam: a saved state
+    carries the interrupted run's choice in its parameter groups, and would impose it."""
+    for group in saved["param_groups"]:
+        group["fused"] = fused
+    optimizer.load_state_dict(saved)
+
+
+def on_off(flag):
+    return "on" if flag else "off"
 
 
 def json_args(args):
