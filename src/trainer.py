@@ -123,7 +123,7 @@ def check_scorable(labels, val_idx, test_idx):
                             ("test", test_idx, "a smaller --train-size or --val-size")):
         positives = labels[rows].sum(axis=0)
         if not ((positives > 0) & (positives < len(rows))).any():
-            raise SystemExit(f"error: the {name} set ({len(rows)} clips) has no tag with both positive "
+            raise SystemExit(f"error: the {name} set ({len(rows)} clip{'s' * (len(rows) != 1)}) has no tag with both positive "
                              f"and negative clips, so it cannot be scored (ROC-AUC); choose {fix}")
 
 
