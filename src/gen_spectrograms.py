@@ -430,8 +430,8 @@ def run_pool(args, todo, files, settings, done, failed, clip_ids, mp3_paths):
     out, so a stalled pool cannot hold back rows already done) and on every exit. At most
     one clip per worker is in flight, so when a worker dies (BrokenProcessPool: the OOM
     killer, kill -9, a crash in a decoder) the clips it may have held are known: they are
-    computed again one at a time in a fresh pool, and one whose worker dies again, alone,
-    is listed as failed. Two deaths of a full pool with no clip finished in between stop
+    computed again one at a time in a fresh pool of one worker, and one whose worker dies
+    again is listed as failed. Two deaths of a full pool with no clip finished in between stop
     the run (exit 1: something kills any worker); Ctrl-C stops it (exit 130). A rerun
     resumes either.
     """
@@ -454,18 +454,18 @@ def run_pool(args, todo, files, settings, done, failed, clip_ids, mp3_paths):
         bar.update()
 
     def named(tasks):
-        rows = sorted(task[0] for task in tasks)
+        rows = sorted({task[0] for task in tasks})
         return ", ".join(f"{row} ({mp3_paths[row]})" for row in rows[:6]) + (
             f" and {len(rows) - 6} more" if len(rows) > 6 else "")
 
     pool = None
     try:
         while queue or suspects:
-            pool, in_flight, alone, lost, broken = start_pool(n_workers, files["partial"]), {}, False, [], False
-            while (queue or suspects or in_flight) and not broken:
-                if not in_flight:  # a suspect runs by itself: if its worker dies again, it is the cause
-                    alone = bool(suspects)
-                source, limit = (suspects, 1) if alone else (queue, n_workers)
+            # suspects go one at a time to a pool of one: if its worker dies, that clip did it
+            alone = bool(suspects)
+            source, limit = (suspects, 1) if alone else (queue, n_workers)
+            pool, in_flight, lost, broken = start_pool(limit, files["partial"]), {}, [], False
+            while (source or in_flight) and not broken:
                 while source and len(in_flight) < limit:
                     task = source.popleft()
                     try:
@@ -494,10 +494,8 @@ def run_pool(args, todo, files, settings, done, failed, clip_ids, mp3_paths):
             if not broken:
                 continue
             streak += lost
-            if alone and lost:
+            if alone and lost:  # said on the console as any failure; the next suspect goes on
                 record(lost[0], WORKER_DIED)
-                bar.write(f"row {named(lost)} killed its worker again, alone: listed as failed",
-                          file=sys.stderr)
                 continue
             pool_deaths += 1
             if pool_deaths == 2:
@@ -536,7 +534,8 @@ def stop_after_deaths(files, settings, done, failed, streak, named, bar):
     bar.close()
     save_progress(files, settings, done, failed)
     raise SystemExit(f"error: worker processes keep dying (twice with no clip finished in "
-                     f"between; in flight: rows {named(streak)}): out of memory? {done.sum()} "
+                     f"between; in flight: rows {named(streak)}; none of them is listed as "
+                     f"failed): out of memory? {done.sum()} "
                      f"of {len(done)} clips are kept in {files['partial']}; free memory or "
                      "lower --workers, then rerun the same command to resume")
 

@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -480,4 +481,9 @@ def json_args(args):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # every file is written atomically: the last finished epoch's are whole
+        print("\ninterrupted: the checkpoints of the last finished epoch are kept in the run folder; "
+              "continue with the same command plus --resume --run NAME", file=sys.stderr)
+        raise SystemExit(130)
