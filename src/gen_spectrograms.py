@@ -22,6 +22,7 @@ in a fresh pool, and a clip that kills its worker again is listed as failed.
 """
 import argparse
 import collections
+import ctypes
 import errno
 import hashlib
 import json
@@ -93,13 +94,14 @@ out_rows = None  # the worker's (N, N_MELS, N_FRAMES) memmap of the partial file
 blas_limit = None  # kept so the one-thread BLAS limit lives as long as the worker
 
 
-def init_worker(partial_path):
-    """Pool initializer: ignore Ctrl-C (the main process stops the pool), one BLAS
-    thread per worker, and open the output file for writing."""
+def init_worker(partial_path, main_pid):
+    """Pool initializer: ignore Ctrl-C (the main process stops the pool), die with the
+    main process, one BLAS thread per worker, and open the output file for writing."""
     global out_rows, blas_limit
     from threadpoolctl import threadpool_limits
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with(main_pid)
     # librosa retries a file soundfile cannot open with audioread and warns twice; the
     # failure itself is reported with its error in the .json and on the console
     warnings.filterwarnings("ignore", message="PySoundFile failed", category=UserWarning)
@@ -109,6 +111,18 @@ def init_worker(partial_path):
     # oversubscribe the cores; the parallelism is across clips instead
     blas_limit = threadpool_limits(limits=1)
     out_rows = np.load(partial_path, mmap_mode="r+")
+
+
+def exit_with(main_pid):
+    """Have the kernel kill this worker when the main process dies (Linux's
+    PR_SET_PDEATHSIG): after a kill -9 or the OOM killer took the main process, the
+    workers would otherwise wait for work forever, each holding its memory."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: orphans wait, as they do without this
+        return
+    if os.getppid() != main_pid:  # it died before the call above
+        os._exit(1)
 
 
 def extract(task):
@@ -404,7 +418,7 @@ def start_pool(n_workers, partial):
     """A pool of n_workers processes, forked (as Python's default on Linux until 3.14) so
     that they inherit what warm_up loaded instead of each paying for it."""
     return ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=init_worker, initargs=(str(partial),))
+                               initializer=init_worker, initargs=(str(partial), os.getpid()))
 
 
 def stop_pool(pool):

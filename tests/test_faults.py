@@ -26,7 +26,7 @@ import trainer
 from conftest import SMALL_RUN_ARGS, SRC
 
 N_CLIPS = 16
-CLIP_SECONDS = 20
+CLIP_SECONDS = 29  # as MTAT's
 TOLERANCE = 1e-4  # float32 rows: the workers' log-mel against the test's
 
 
@@ -111,6 +111,15 @@ def workers_of(pid):
     return found
 
 
+def alive(pid):
+    """False once the process has exited (a zombie not yet reaped counts as exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
 # -----------------------------------------------------------------------------
 # 1. a dead worker
 @pytest.mark.slow
@@ -120,9 +129,10 @@ def test_killed_worker_is_noticed_and_the_run_completes(clips_dir, expected_rows
                             text=True)
     try:
         deadline = time.monotonic() + 120
-        # both workers: the pool has started (after the imports and warm-up, which may fork
-        # a short-lived helper that looks the same until it calls exec)
-        while len(workers_of(proc.pid)) < 2:
+        # both workers up (the warm-up may fork a short-lived helper that looks the same
+        # until it calls exec) and a first row written: the workers are busy with clips
+        partial = data_dir / "spectrograms.partial.npy"
+        while len(workers_of(proc.pid)) < 2 or not np.load(partial, mmap_mode="r")[:2].any():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.01)
         os.kill(workers_of(proc.pid)[0], signal.SIGKILL)  # as the OOM killer does
@@ -188,7 +198,8 @@ def test_workers_that_always_die_stop_the_run_in_one_line_and_a_rerun_completes(
 
 
 @pytest.mark.slow
-def test_progress_is_saved_on_a_timer_while_a_clip_hangs(clips_dir, tmp_path):
+def test_progress_is_saved_on_a_timer_and_a_killed_run_resumes(clips_dir, expected_rows,
+                                                              tmp_path):
     data_dir = fresh_copy(clips_dir, tmp_path)
     code = KILLING_LOG_MEL.format(src=str(SRC), condition="str(path).endswith('/clip-3.wav')")
     code = code.replace("os.kill(os.getpid(), signal.SIGKILL)", "signal.pause()")  # hangs
@@ -201,11 +212,24 @@ def test_progress_is_saved_on_a_timer_while_a_clip_hangs(clips_dir, tmp_path):
                    == N_CLIPS - 1):  # saved with no result arriving after the last one
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
+        workers = workers_of(proc.pid)
+        assert len(workers) == 2
+        os.kill(proc.pid, signal.SIGKILL)  # the main process only, as the OOM killer may
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(map(alive, workers)):  # no orphan waits for work
+            assert time.monotonic() < deadline, "workers outlived the main process"
+            time.sleep(0.05)
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the script and its workers
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert 3 not in json.loads(progress.read_text())["done"]
+    rerun = subprocess.run(gen_command(data_dir), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{N_CLIPS - 1} clips of {N_CLIPS} clips, float32 done" in rerun.stderr
+    assert "computed 1 clips" in rerun.stdout
+    check_rows(data_dir, expected_rows)
 
 
 # -----------------------------------------------------------------------------
