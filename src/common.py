@@ -7,7 +7,10 @@ original system's (see the README for where we deliberately differ).
 import contextlib
 import csv
 import errno
+import json
+import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -423,7 +426,7 @@ def load_model(checkpoint_path, device="cpu"):
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and unsafe-global errors alike
         raise ValueError(f"{checkpoint_path}: not a PyTorch checkpoint of this project "
-                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+                         f"({load_error_reason(error)})") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise ValueError(f"{checkpoint_path}: not a checkpoint of trainer.py "
@@ -431,10 +434,36 @@ def load_model(checkpoint_path, device="cpu"):
     if checkpoint["feature_params"] != feature_params():
         raise ValueError(f"{checkpoint_path}: trained on features {checkpoint['feature_params']}, "
                          f"but this code computes {feature_params()}")
+    tensors = dict(checkpoint["state_dict"], norm_mean=checkpoint["norm_mean"],
+                   norm_std=checkpoint["norm_std"])
+    bad = [name for name, t in tensors.items()
+           if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # a diverged run's weights: they would tag every clip with garbage
+        raise ValueError(f"{checkpoint_path}: holds non-finite values (NaN or inf) in "
+                         f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}; the run "
+                         "that wrote it diverged: use a checkpoint of an earlier epoch, or "
+                         "train again with a lower --lr")
     model = MSCNN(n_tags=len(checkpoint["tag_names"]))
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:  # keys or shapes of another network
+        reason = " ".join(str(error).split())  # PyTorch lists the problems on several lines
+        raise ValueError(f"{checkpoint_path}: its weights do not fit the MSCNN of "
+                         f"{len(checkpoint['tag_names'])} tags ({reason})") from None
     # channels_last: the layout the trainer uses, 1.8x faster scoring on a CPU
     return model.to(device, memory_format=torch.channels_last).eval(), checkpoint
+
+
+def load_error_reason(error):
+    """Why torch.load failed, in a few whole words: its messages run over many lines and
+    bury the reason (after 'WeightsUnpickler error:') in advice about weights_only."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # no terminal colour codes
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+        return "weights-only loading refused it: " + re.split(r"(?<=\.)\s", reason)[0].rstrip(".")
+    if isinstance(error, EOFError) or not text.strip():
+        return "the file ends early: truncated?"
+    return f"{type(error).__name__}: {text.strip().splitlines()[0]}"
 
 
 def normalise(log_mel_batch, norm_mean, norm_std):
@@ -552,3 +581,47 @@ def disk_error_in(error):
             return error
         error = error.__cause__ or error.__context__
     return None
+
+
+def read_json(path):
+    """The JSON object in the file at path; ValueError naming the file when it is not one."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not valid JSON of this project (not an object)")
+    return obj
+
+
+def npy_header(path):
+    """(shape, dtype, fortran_order, data_offset) read from the header of the .npy file at
+    path; data_offset is where the array's bytes start. ValueError naming the file when it
+    has no .npy header."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, fortran_order, dtype = read(f)
+            return shape, dtype, fortran_order, f.tell()
+    except ValueError as error:  # no magic string, or a header cut short or garbled
+        raise ValueError(f"{path} has no valid .npy header ({error})") from None
+
+
+def check_npy(path, shape, dtype):
+    """Check that the .npy file at path holds a whole C-order array of `shape` and `dtype`:
+    its header says so, and its size is the header's plus shape x itemsize bytes. (A file
+    cut short by a full disk or a broken copy still opens with np.load's memory map, or
+    fails there without naming the file.) Raises ValueError: one line naming the file."""
+    shape, dtype = tuple(shape), np.dtype(dtype)
+    found_shape, found_dtype, fortran_order, offset = npy_header(path)
+    if found_shape != shape or found_dtype != dtype or fortran_order:
+        raise ValueError(f"{path} holds {found_dtype} {found_shape}"
+                         f"{' in Fortran order' if fortran_order else ''}, "
+                         f"expected {dtype} {shape}")
+    expected, size = offset + math.prod(shape) * dtype.itemsize, os.path.getsize(path)
+    if size != expected:
+        raise ValueError(f"{path} is damaged: {size:,} bytes, where its header ({dtype} "
+                         f"{shape}) needs {expected:,} "
+                         f"({'cut short' if size < expected else 'extra bytes at the end'})")

@@ -1,6 +1,6 @@
 """Stage 2: MTAT audio -> log-mel spectrograms, one row per annotation row.
 
-    python src/gen_spectrograms.py                       # all clips of data/, 8 workers
+    python src/gen_spectrograms.py             # all clips of data/, 8 workers (at most the cores)
     python src/gen_spectrograms.py --limit 1000 --workers 2
 
 Reads DATA/annotations_final.csv and the audio at DATA/mp3/<mp3_path>; writes
@@ -9,21 +9,34 @@ DATA/spectrograms.json (feature parameters, dtype, library versions, N, and the 
 that could not be decoded: their rows are zeros, as in the original).
 
 Resumable: while it runs, rows go into DATA/spectrograms.partial.npy and the rows done
-so far into DATA/spectrograms.progress.json; after a crash or Ctrl-C, rerun the same
-command and only the missing rows are computed. A larger --limit than a finished file's
-keeps the finished rows. spectrograms.npy and .json appear only when every row is done
-(the .json is written last), and a finished file is left alone unless --overwrite.
+so far into DATA/spectrograms.progress.json (every few seconds); after a crash or Ctrl-C,
+rerun the same command and only the missing rows are computed. A larger --limit than a
+finished file's keeps the finished rows. spectrograms.npy and .json appear only when every
+row is done (the .json is written last), and a finished file is left alone unless
+--overwrite; one found damaged (cut short) gets its lost rows computed again.
+
+Faults: the output's disk space is reserved before the first clip (a full disk is refused
+up front, with the size needed and free). A worker process that dies (the out-of-memory
+killer, kill -9) is noticed: the clips it may have held are computed again one at a time
+in a fresh pool, and a clip that kills its worker again is listed as failed.
 """
 import argparse
+import collections
+import ctypes
+import errno
 import hashlib
 import json
+import math
+import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import tempfile
 import time
 import warnings
-from multiprocessing import Pool
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +44,15 @@ from tqdm import tqdm
 
 import common
 
-SAVE_EVERY_S = 5.0  # the progress file is rewritten at most this often (and on exit)
+SAVE_EVERY_S = 5.0  # the progress file is rewritten this often while rows come in (and on exit)
 COPY_ROWS = 256  # rows per chunk when a finished or partial file is carried over to a new N
+DEFAULT_WORKERS = 8  # the original's
+MAX_DEATHS_IN_A_ROW = 3  # worker deaths with no clip finished in between: not one clip's fault
+
+
+def usable_cores():
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def parse_args(argv=None):
@@ -41,9 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", type=Path, default=Path("data"),
                    help="folder with annotations_final.csv and mp3/; the outputs go here too "
                         "(default: data)")
-    p.add_argument("--workers", type=int, default=8,
-                   help="worker processes, one clip at a time each; more than the CPU cores "
-                        "gains nothing (default: 8, as the original)")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"worker processes, one clip at a time each (default: {DEFAULT_WORKERS}, the "
+                        "original's, or the CPU cores this process may use if fewer: 8 workers on "
+                        "2 cores measured ~15%% slower than 2, 51.4 against 60.3 clips/s with "
+                        "python src/benchmark.py --what features --workers 2 8). More than the "
+                        "cores, given here, is used as given, with a note")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N annotation rows (default: all)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
@@ -52,8 +75,14 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="compute every row again, replacing a finished or partial file")
     args = p.parse_args(argv)
-    if args.workers < 1:
+    cores = usable_cores()
+    if args.workers is None:
+        args.workers = min(DEFAULT_WORKERS, cores)
+    elif args.workers < 1:
         p.error("--workers must be at least 1")
+    elif args.workers > cores:  # honoured, so that benchmark.py can measure what it costs
+        print(f"note: --workers {args.workers} is more than the {cores} CPU cores this process "
+              f"may use; {cores} would be faster", file=sys.stderr)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be at least 1")
     return args
@@ -65,13 +94,14 @@ out_rows = None  # the worker's (N, N_MELS, N_FRAMES) memmap of the partial file
 blas_limit = None  # kept so the one-thread BLAS limit lives as long as the worker
 
 
-def init_worker(partial_path):
-    """Pool initializer: ignore Ctrl-C (the main process stops the pool), one BLAS
-    thread per worker, and open the output file for writing."""
+def init_worker(partial_path, main_pid):
+    """Pool initializer: ignore Ctrl-C (the main process stops the pool), die with the
+    main process, one BLAS thread per worker, and open the output file for writing."""
     global out_rows, blas_limit
     from threadpoolctl import threadpool_limits
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with(main_pid)
     # librosa retries a file soundfile cannot open with audioread and warns twice; the
     # failure itself is reported with its error in the .json and on the console
     warnings.filterwarnings("ignore", message="PySoundFile failed", category=UserWarning)
@@ -81,6 +111,18 @@ def init_worker(partial_path):
     # oversubscribe the cores; the parallelism is across clips instead
     blas_limit = threadpool_limits(limits=1)
     out_rows = np.load(partial_path, mmap_mode="r+")
+
+
+def exit_with(main_pid):
+    """Have the kernel kill this worker when the main process dies (Linux's
+    PR_SET_PDEATHSIG): after a kill -9 or the OOM killer took the main process, the
+    workers would otherwise wait for work forever, each holding its memory."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: orphans wait, as they do without this
+        return
+    if os.getppid() != main_pid:  # it died before the call above
+        os._exit(1)
 
 
 def extract(task):
@@ -122,10 +164,23 @@ def warm_up():
 # -----------------------------------------------------------------------------
 # Files and progress
 def write_json(path, obj):
-    """Write obj as JSON to path atomically (temp file in the same folder, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write obj as JSON to path atomically (common.atomic_write: a full disk is one line,
+    the previous file stays)."""
+    with common.atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=1) + "\n")
+
+
+def read_json(path, keys, fix):
+    """The JSON object in path, which must have `keys`; one line (SystemExit) saying `fix`
+    when it is not valid JSON or lacks one of them."""
+    try:
+        obj = common.read_json(path)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}; {fix}") from None
+    missing = [key for key in keys if key not in obj]
+    if missing:
+        raise SystemExit(f"error: {path} lacks {', '.join(missing)}; {fix}")
+    return obj
 
 
 def paths_md5(mp3_paths):
@@ -151,35 +206,112 @@ def describe(settings):
     return f"{settings.get('n_clips')} clips, {settings.get('dtype')}"
 
 
-def read_partial(files):
-    """Settings, done rows and failures of an interrupted run (its progress file), or None
-    when there is none or its partial file does not have the shape and dtype it records."""
-    if not files["partial"].is_file() or not files["progress"].is_file():
-        return None
-    state = json.loads(files["progress"].read_text())
+def size_text(n_bytes):
+    return f"{n_bytes / 2**30:,.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:,.1f} MiB"
+
+
+def no_space(path, n_bytes, reason):
+    """The line that refuses to start when the output does not fit on its disk."""
+    free = shutil.disk_usage(path.parent).free
+    return (f"error: cannot reserve {size_text(n_bytes)} for {path}: {reason}; {size_text(free)} "
+            "free there. Free some space (or use another --data-dir) and rerun: rows already "
+            "computed are kept")
+
+
+def reserve(path):
+    """Allocate the disk blocks of the file at path now. A memmap on a sparse file reserves
+    nothing: a full disk would show up later as SIGBUS in a worker writing its row. Here it
+    is one line (SystemExit) before any clip is computed."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
     try:
-        rows = np.load(files["partial"], mmap_mode="r")
-    except ValueError:  # not a .npy (a crash while it was created)
-        return None
-    shape = (state["n_clips"], common.N_MELS, common.N_FRAMES)
-    return state if rows.shape == shape and str(rows.dtype) == state["dtype"] else None
+        os.posix_fallocate(fd, 0, size)
+    except OSError as error:
+        if error.errno in common.DISK_ERRORS:
+            raise SystemExit(no_space(path, size, os.strerror(error.errno))) from None
+        if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # these: cannot reserve here
+            raise
+    finally:
+        os.close(fd)
 
 
-def create_partial(partial, settings, source=None):
-    """Create the output file for `settings`, all zeros, or starting with the rows of the
-    finished or partial .npy `source`; made under a temp name, then renamed."""
+def leading_rows(path, n_rows):
+    """The first n_rows rows of the .npy file at path, memory-mapped read-only (its header
+    must be readable; the file may be cut short after those rows)."""
+    shape, dtype, _, offset = common.npy_header(path)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n_rows,) + shape[1:])
+
+
+def intact_rows(npy, meta):
+    """(n, damage): how many leading rows of the finished file npy have all their bytes
+    (meta["n_clips"] when it is whole, fewer when it was cut short, 0 when its header is
+    gone) and what is wrong with it (None: nothing). SystemExit when its header describes
+    another array than its .json: then nothing in it can be trusted."""
+    shape = (meta["n_clips"], common.N_MELS, common.N_FRAMES)
+    try:
+        common.check_npy(npy, shape, meta["dtype"])
+        return meta["n_clips"], None
+    except ValueError as error:
+        damage = str(error)
+    try:
+        found_shape, dtype, fortran_order, offset = common.npy_header(npy)
+    except ValueError:
+        return 0, damage
+    if found_shape != shape or dtype != np.dtype(meta["dtype"]) or fortran_order:
+        raise SystemExit(f"error: {damage}, but its .json says {describe(meta)}: the pair does "
+                         "not belong together; pass --overwrite to compute it again")
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    return min(meta["n_clips"], max(os.path.getsize(npy) - offset, 0) // row_bytes), damage
+
+
+def read_partial(files):
+    """(state, None): the settings, done rows and failures of an interrupted run (its
+    progress file); or (None, why it cannot be resumed); (None, None) when there is none."""
+    if not files["partial"].is_file():
+        return None, None
+    if not files["progress"].is_file():
+        return None, "has no progress file"
+    try:
+        state = common.read_json(files["progress"])
+    except ValueError as error:
+        return None, f"cannot be resumed: {error}"
+    if not {"n_clips", "dtype", "done", "failed"} <= set(state):
+        return None, f"cannot be resumed: {files['progress']} lacks the rows done"
+    try:
+        common.check_npy(files["partial"], (state["n_clips"], common.N_MELS, common.N_FRAMES),
+                         state["dtype"])
+    except (ValueError, TypeError) as error:
+        return None, f"cannot be resumed: {error}"
+    return state, None
+
+
+def create_partial(partial, settings, source_rows=None):
+    """Create the output file for `settings`, all zeros, or starting with the rows
+    `source_rows` (an array (n, N_MELS, N_FRAMES), e.g. a memmap of the file it replaces);
+    its disk space reserved first; made under a temp name, then renamed."""
     tmp = partial.with_name(partial.name + ".tmp")
     shape = (settings["n_clips"], common.N_MELS, common.N_FRAMES)
-    rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=settings["dtype"], shape=shape)
-    if source is not None:
-        old_rows = np.load(source, mmap_mode="r")
-        for start in range(0, len(old_rows), COPY_ROWS):  # in chunks: memory stays bounded
-            stop = min(start + COPY_ROWS, len(old_rows))
-            rows[start:stop] = old_rows[start:stop]
-        del old_rows
-    rows.flush()
-    del rows
-    os.replace(tmp, partial)
+    n_bytes = math.prod(shape) * np.dtype(settings["dtype"]).itemsize
+    if n_bytes > shutil.disk_usage(partial.parent).free:
+        raise SystemExit(no_space(partial, n_bytes, "not enough free space"))
+    try:
+        rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=settings["dtype"], shape=shape)
+        reserve(tmp)
+        if source_rows is not None:
+            for start in range(0, len(source_rows), COPY_ROWS):  # in chunks: memory stays bounded
+                stop = min(start + COPY_ROWS, len(source_rows))
+                rows[start:stop] = source_rows[start:stop]
+        rows.flush()
+        del rows
+        os.replace(tmp, partial)
+    except OSError as error:  # a file-size limit, or a disk that filled meanwhile
+        tmp.unlink(missing_ok=True)
+        if error.errno in common.DISK_ERRORS:
+            raise SystemExit(no_space(partial, n_bytes, os.strerror(error.errno))) from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_progress(files, settings, done, failed):
@@ -187,6 +319,11 @@ def save_progress(files, settings, done, failed):
     fd = os.open(files["partial"], os.O_RDONLY)
     try:
         os.fsync(fd)  # the workers' pages first, so that a recorded row is on disk
+    except OSError as error:
+        if common.disk_error_in(error) is None:
+            raise
+        raise SystemExit(f"error: {common.disk_error_text(files['partial'], error)}; the rows "
+                         f"recorded in {files['progress']} are kept: rerun to resume") from None
     finally:
         os.close(fd)
     write_json(files["progress"], dict(settings, done=np.flatnonzero(done).tolist(), failed=failed))
@@ -194,7 +331,8 @@ def save_progress(files, settings, done, failed):
 
 def prepare(args, settings, mp3_paths, files):
     """Decide where this run starts: resume an interrupted run, extend a finished file
-    with fewer rows, or start afresh; leaves the partial file and progress ready.
+    with fewer rows or repair a damaged one, or start afresh; leaves the partial file
+    (its disk space reserved) and progress ready.
 
     Returns (done, failed): bool ndarray (N,) of the rows already computed and the list
     of failures among them; None when the finished file already matches (nothing to do).
@@ -206,45 +344,57 @@ def prepare(args, settings, mp3_paths, files):
         files["partial"].unlink(missing_ok=True)
         files["progress"].unlink(missing_ok=True)
     done, failed = np.zeros(settings["n_clips"], bool), []
-    state = read_partial(files)
+    state, why_not = read_partial(files)
     if state is not None and can_carry_over(state, settings, mp3_paths):
         say(f"resuming {files['partial']}: {len(state['done'])} clips of {describe(state)} done")
         if state["n_clips"] != settings["n_clips"]:
             say(f"extending it to {describe(settings)}")
-            create_partial(files["partial"], settings, source=files["partial"])
+            create_partial(files["partial"], settings,
+                           leading_rows(files["partial"], state["n_clips"]))
+        else:
+            reserve(files["partial"])  # a partial file of an older version may be sparse
         done[state["done"]] = True
         failed = state["failed"]
     else:
         if files["partial"].exists():
-            why = ("has no matching progress file" if state is None else
-                   f"was started with {describe(state)} (or other features or clips)")
+            why = why_not or f"was started with {describe(state)} (or other features or clips)"
             say(f"{files['partial']} {why}; this run asks for {describe(settings)}: starting again")
         finished = None
         if files["json"].is_file() and files["npy"].is_file() and not args.overwrite:
-            finished = json.loads(files["json"].read_text())
+            finished = read_json(files["json"], ["n_clips", "dtype", "failed"],
+                                 f"{files['npy'].name} cannot be trusted without it: pass "
+                                 "--overwrite to compute it again")
         if finished is None:
             create_partial(files["partial"], settings)
-        elif {k: finished.get(k) for k in settings} == settings:
-            print(f"{files['npy']} is already complete ({describe(finished)}, "
-                  f"{len(finished['failed'])} failed); nothing to do "
-                  "(--overwrite computes it again)")
-            return None
-        elif can_carry_over(finished, settings, mp3_paths):
-            say(f"extending {files['npy']} ({describe(finished)}) to {describe(settings)}")
-            create_partial(files["partial"], settings, source=files["npy"])
-            done[:finished["n_clips"]] = True
-            failed = finished["failed"]
-        else:
+        elif not can_carry_over(finished, settings, mp3_paths):
             raise SystemExit(f"error: {files['npy']} is complete with {describe(finished)}; "
                              f"this run asks for {describe(settings)} (or other features or "
                              "clips) and would replace it: pass --overwrite to do so, or use "
                              "another --data-dir")
+        else:
+            n_intact, damage = intact_rows(files["npy"], finished)
+            if damage is not None:
+                say(f"{damage}; its first {n_intact} rows are whole: computing the other "
+                    f"{finished['n_clips'] - n_intact} again")
+            elif {k: finished.get(k) for k in settings} == settings:
+                print(f"{files['npy']} is already complete ({describe(finished)}, "
+                      f"{len(finished['failed'])} failed); nothing to do "
+                      "(--overwrite computes it again)")
+                return None
+            else:
+                say(f"extending {files['npy']} ({describe(finished)}) to {describe(settings)}")
+            create_partial(files["partial"], settings,
+                           leading_rows(files["npy"], n_intact) if n_intact else None)
+            done[:n_intact] = True
+            failed = [f for f in finished["failed"] if f["row"] < n_intact]
     save_progress(files, settings, done, failed)
     return done, failed
 
 
 def finish(files, settings, failed):
-    """Turn the partial file into the finished pair; the .json last, so it means complete."""
+    """Turn the partial file into the finished pair; the .json last, so it means complete.
+    When the .json cannot be written (a full disk) the partial file is put back: the rerun
+    that follows finds every row done."""
     import librosa
     import soundfile
 
@@ -253,45 +403,155 @@ def finish(files, settings, failed):
     versions = dict(librosa=librosa.__version__, numpy=np.__version__,
                     soundfile=soundfile.__version__)
     shape = [settings["n_clips"], common.N_MELS, common.N_FRAMES]
-    write_json(files["json"], dict(settings, shape=shape, versions=versions,
-                                   failed=sorted(failed, key=lambda f: f["row"])))
+    try:
+        write_json(files["json"], dict(settings, shape=shape, versions=versions,
+                                       failed=sorted(failed, key=lambda f: f["row"])))
+    except BaseException:
+        os.replace(files["npy"], files["partial"])
+        raise
     files["progress"].unlink(missing_ok=True)
 
 
+# -----------------------------------------------------------------------------
+# The pool
+def start_pool(n_workers, partial):
+    """A pool of n_workers processes, forked (as Python's default on Linux until 3.14) so
+    that they inherit what warm_up loaded instead of each paying for it."""
+    return ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=init_worker, initargs=(str(partial), os.getpid()))
+
+
+def stop_pool(pool):
+    """Kill the pool's workers (they ignore Ctrl-C and would finish their clips), then shut
+    it down. Python before 3.14 has no public way to reach them."""
+    if hasattr(pool, "terminate_workers"):
+        pool.terminate_workers()
+    else:
+        for process in list((pool._processes or {}).values()):
+            process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+WORKER_DIED = "its worker process died twice while computing it, the second time alone " \
+              "(killed by the system, out of memory?, or crashed in the decoder)"
+
+
 def run_pool(args, todo, files, settings, done, failed, clip_ids, mp3_paths):
-    """Compute the rows `todo` ((row, audio path) pairs) with a pool of workers, marking
-    them in `done` and adding failures to `failed` as they come; progress is saved every
-    SAVE_EVERY_S and on Ctrl-C (which ends the run with exit code 130)."""
-    saved_at = time.monotonic()
+    """Compute the rows `todo` ((row, audio path) pairs) in a pool of worker processes,
+    marking them in `done` and adding failures to `failed` as they come.
+
+    Progress is saved every SAVE_EVERY_S while rows come in (the wait for results times
+    out, so a stalled pool cannot hold back rows already done) and on every exit. At most
+    one clip per worker is in flight, so when a worker dies (BrokenProcessPool: the OOM
+    killer, kill -9, a crash in a decoder) the clips it may have held are known: they are
+    computed again one at a time in a fresh pool of one worker, and one whose worker dies
+    again is listed as failed. Two deaths of a full pool with no clip finished in between stop
+    the run (exit 1: something kills any worker); Ctrl-C stops it (exit 130). A rerun
+    resumes either.
+    """
     n_clips = len(done)
+    n_workers = min(args.workers, len(todo))
+    queue, suspects = collections.deque(todo), collections.deque()
+    streak, pool_deaths = [], 0  # tasks lost, full-pool deaths, since the last finished clip
+    saved_at, unsaved = time.monotonic(), False
     bar = tqdm(total=n_clips, initial=n_clips - len(todo), desc="log-mel", unit="clip",
                smoothing=0.05)
-    pool = Pool(min(args.workers, max(len(todo), 1)), initializer=init_worker,
-                initargs=(str(files["partial"]),))
+
+    def record(task, error):
+        row = task[0]
+        done[row] = True
+        if error is not None:
+            failed.append(dict(row=int(row), clip_id=int(clip_ids[row]), path=mp3_paths[row],
+                               error=error))
+            if len(failed) <= 10:  # all of them are in the .json
+                bar.write(f"failed: row {row}, {mp3_paths[row]}: {error}", file=sys.stderr)
+        bar.update()
+
+    def named(tasks):
+        rows = sorted({task[0] for task in tasks})
+        return ", ".join(f"{row} ({mp3_paths[row]})" for row in rows[:6]) + (
+            f" and {len(rows) - 6} more" if len(rows) > 6 else "")
+
+    pool = None
     try:
-        for row, error in pool.imap_unordered(extract, todo):
-            done[row] = True
-            if error is not None:
-                failed.append(dict(row=int(row), clip_id=int(clip_ids[row]), path=mp3_paths[row],
-                                   error=error))
-                if len(failed) <= 10:  # all of them are in the .json
-                    bar.write(f"failed: row {row}, {mp3_paths[row]}: {error}", file=sys.stderr)
-            bar.update()
-            if time.monotonic() - saved_at > SAVE_EVERY_S:
-                save_progress(files, settings, done, failed)
-                saved_at = time.monotonic()
-        pool.close()
+        while queue or suspects:
+            # suspects go one at a time to a pool of one: if its worker dies, that clip did it
+            alone = bool(suspects)
+            source, limit = (suspects, 1) if alone else (queue, n_workers)
+            pool, in_flight, lost, broken = start_pool(limit, files["partial"]), {}, [], False
+            while (source or in_flight) and not broken:
+                while source and len(in_flight) < limit:
+                    task = source.popleft()
+                    try:
+                        in_flight[pool.submit(extract, task)] = task
+                    except BrokenProcessPool:  # a worker died since the last wait
+                        source.appendleft(task)
+                        broken = True
+                        break
+                finished, _ = wait(in_flight, timeout=0 if broken else SAVE_EVERY_S,
+                                   return_when=FIRST_COMPLETED)
+                if broken or any(isinstance(f.exception(), BrokenProcessPool) for f in finished):
+                    broken = True
+                    finished = wait(in_flight)[0]  # a broken pool fails all its futures at once
+                for future in finished:
+                    task = in_flight.pop(future)
+                    if isinstance(future.exception(), BrokenProcessPool):
+                        lost.append(task)
+                    else:
+                        record(task, future.result()[1])
+                        streak, pool_deaths, unsaved = [], 0, True
+                if unsaved and time.monotonic() - saved_at >= SAVE_EVERY_S:
+                    save_progress(files, settings, done, failed)
+                    saved_at, unsaved = time.monotonic(), False
+            pool.shutdown(wait=True)
+            pool = None
+            if not broken:
+                continue
+            streak += lost
+            if alone and lost:  # said on the console as any failure; the next suspect goes on
+                record(lost[0], WORKER_DIED)
+                continue
+            pool_deaths += 1
+            if pool_deaths == 2:
+                stop_after_deaths(files, settings, done, failed, streak, named, bar)
+            bar.write(f"a worker process died (killed: out of memory? kill -9?) with "
+                      + (f"rows {named(lost)} in flight; computing them again, one at a time, "
+                         if lost else "no clip in flight; going on ") + "in a fresh pool",
+                      file=sys.stderr)
+            suspects.extend(sorted(lost))
+            save_progress(files, settings, done, failed)
+            saved_at, unsaved = time.monotonic(), False
     except KeyboardInterrupt:
-        pool.terminate()
-        pool.join()
+        if pool is not None:
+            stop_pool(pool)
+            pool = None
         bar.close()
         save_progress(files, settings, done, failed)
         again = "the same command without --overwrite" if args.overwrite else "the same command"
         print(f"interrupted: {done.sum()} of {n_clips} clips done, kept in {files['partial']}; "
               f"rerun {again} to resume", file=sys.stderr)
         raise SystemExit(130)
-    pool.join()
+    finally:
+        if pool is not None:  # an error on the way out: no worker outlives the run
+            stop_pool(pool)
+        bar.close()
+    save_progress(files, settings, done, failed)  # on disk before the .json says complete
+
+
+def stop_after_deaths(files, settings, done, failed, streak, named, bar):
+    """Stop the run in one line: full pools died twice with no clip finished in between, so
+    something kills any worker (memory?). Clips that died alone meanwhile are not blamed
+    (they go back to the rows to compute); the rest of the progress is saved."""
+    blamed = {task[0] for task in streak}
+    failed[:] = [f for f in failed if f["row"] not in blamed]
+    done[list(blamed)] = False
     bar.close()
+    save_progress(files, settings, done, failed)
+    raise SystemExit(f"error: worker processes keep dying (twice with no clip finished in "
+                     f"between; in flight: rows {named(streak)}; none of them is listed as "
+                     f"failed): out of memory? {done.sum()} "
+                     f"of {len(done)} clips are kept in {files['partial']}; free memory or "
+                     "lower --workers, then rerun the same command to resume")
 
 
 # -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -148,17 +149,26 @@ def load_spectrograms(data_dir):
     if not npy.is_file() or not meta_path.is_file():
         raise SystemExit(f"error: {npy} (+ .json) not found or incomplete; "
                          f"run: python src/gen_spectrograms.py --data-dir {data_dir}")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = common.read_json(meta_path)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}; compute the spectrograms again: "
+                         f"python src/gen_spectrograms.py --data-dir {data_dir} --overwrite") from None
     wanted = common.feature_params()
     found = {key: meta.get(key) for key in wanted}
     if found != wanted:
         raise SystemExit(f"error: {meta_path} was made with feature parameters {found}, but this code "
                          f"uses {wanted}; rerun: python src/gen_spectrograms.py --data-dir {data_dir} --overwrite")
-    spectrograms = np.load(npy, mmap_mode="r")
-    if spectrograms.shape[1:] != (common.N_MELS, common.N_FRAMES) or spectrograms.shape[0] != meta.get("n_clips"):
-        raise SystemExit(f"error: {npy} has shape {spectrograms.shape}, its .json says {meta.get('n_clips')} clips "
-                         f"of {common.N_MELS} x {common.N_FRAMES}; rerun gen_spectrograms.py with --overwrite")
-    return spectrograms
+    if not isinstance(meta.get("n_clips"), int) or meta.get("dtype") not in ("float16", "float32"):
+        raise SystemExit(f"error: {meta_path} lacks n_clips or dtype; compute the spectrograms again: "
+                         f"python src/gen_spectrograms.py --data-dir {data_dir} --overwrite")
+    try:  # its size against its header and its .json: np.load's memory map would not name the file
+        common.check_npy(npy, (meta["n_clips"], common.N_MELS, common.N_FRAMES), meta["dtype"])
+    except ValueError as error:
+        raise SystemExit(f"error: {error} ({meta_path.name} says {meta['n_clips']} clips, {meta['dtype']}); "
+                         f"run python src/gen_spectrograms.py --data-dir {data_dir}: it recomputes "
+                         "the damaged rows (or says to pass --overwrite)") from None
+    return np.load(npy, mmap_mode="r")
 
 
 def make_split(args, n_clips, clip_ids=None):
@@ -198,6 +208,18 @@ def audit_split(mp3_paths, train_idx, val_idx, test_idx):
             f"training clip, {share('album')} an album, {share('artist')} an artist"
             + (f"; {counts['unparsed']:,} names not in MTAT's form, not audited" if counts["unparsed"] else ""))
     return overlap
+
+
+def check_scorable(labels, val_idx, test_idx):
+    """Refuse a split whose validation or test set has no tag with both positive and
+    negative clips: its macro ROC-AUC would be NaN every epoch (no best model, and NaN is
+    not JSON). labels: 0/1 ndarray (N, T)."""
+    for name, rows, fix in (("validation", val_idx, "a larger --val-size"),
+                            ("test", test_idx, "a smaller --train-size or --val-size")):
+        positives = labels[rows].sum(axis=0)
+        if not ((positives > 0) & (positives < len(rows))).any():
+            raise SystemExit(f"error: the {name} set ({len(rows)} clip{'s' * (len(rows) != 1)}) has no tag with both positive "
+                             f"and negative clips, so it cannot be scored (ROC-AUC); choose {fix}")
 
 
 def band_stats(source, rows, device, chunk_rows=256):
@@ -388,6 +410,8 @@ def evaluate(model, source, labels, val_idx, test_idx, norm, args, device, use_b
     metrics = {}
     for name, rows in (("val", val_idx), ("test", test_idx)):
         scores = predict_rows(model, source, rows, norm, args.eval_batch_size, device, use_bf16)
+        if not np.isfinite(scores).all():
+            raise FloatingPointError(f"the {name} scores became non-finite")
         for metric in ("roc_auc", "pr_auc"):
             per_tag = getattr(common, metric)(labels[rows], scores, per_tag=True)  # NaN: unscorable tag
             metrics[f"{name}_{metric}"] = common.macro_mean(per_tag)
@@ -396,20 +420,25 @@ def evaluate(model, source, labels, val_idx, test_idx, norm, args, device, use_b
     return metrics
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary name, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def check_finite(model):
+    """Raise FloatingPointError naming the parameters and buffers (batch norm's running
+    statistics too) that hold NaN or inf: the loss is only read every few steps and a
+    finite loss does not mean finite running statistics."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise FloatingPointError(f"the weights became non-finite ({', '.join(bad[:3])}"
+                                 f"{' and more' if len(bad) > 3 else ''})")
 
 
-def write_metrics_csv(rows, path):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+def divergence_message(error, epoch, run_dir, history, best):
+    """The line that stops a diverged run, true about what is on disk: every finished epoch
+    was saved, so last.pt holds the last epoch of history (none: nothing was saved)."""
+    if history:
+        kept = (f"the last good checkpoints in {run_dir} are intact (last.pt: epoch {history[-1]['epoch']}, "
+                f"best_model.pt: epoch {best['epoch']})")
+    else:
+        kept = f"no checkpoint was written to {run_dir}"
+    return f"error: {error} in epoch {epoch}; stopped before saving it; {kept}. Try a lower --lr"
 
 
 def main(argv=None):
@@ -437,6 +466,7 @@ def main(argv=None):
     log(f"split {args.split}: {len(train_idx):,} train / {len(val_idx):,} val / {len(test_idx):,} test clips"
         + (f" (--split-seed {args.split_seed})" if args.split == "random" else ""))
     overlap = audit_split(mp3_paths, train_idx, val_idx, test_idx)
+    check_scorable(labels, val_idx, test_idx)
     if len(train_idx) < args.batch_size * world_size():
         raise SystemExit(f"error: {len(train_idx)} training clips are fewer than one global batch "
                          f"({args.batch_size} x {world_size()}); lower --batch-size")
@@ -492,15 +522,15 @@ def main(argv=None):
         lr = optimizer.param_groups[0]["lr"]
         batches = epoch_batches(train_idx, args.seed, epoch, args.batch_size)
         started = time.time()
-        with tqdm(total=batches.size * world_size(), desc=f"epoch {epoch}/{args.epochs}", unit="clip",
-                  unit_scale=True, leave=False, disable=not is_main()) as bar:
-            try:
+        try:  # a diverged epoch stops the run before anything of it is saved
+            with tqdm(total=batches.size * world_size(), desc=f"epoch {epoch}/{args.epochs}", unit="clip",
+                      unit_scale=True, leave=False, disable=not is_main()) as bar:
                 mean_loss = train_epoch(model, optimizer, source, labels_on_device, batches, norm, use_bf16, bar)
-            except FloatingPointError as error:
-                raise SystemExit(f"error: {error} in epoch {epoch}; stopped. The last good checkpoints "
-                                 f"in {run_dir} are intact; try a lower --lr") from None
-        train_seconds = time.time() - started
-        metrics = evaluate(model, source, labels, val_idx, test_idx, norm, args, device, use_bf16)
+            train_seconds = time.time() - started
+            check_finite(plain_model)
+            metrics = evaluate(model, source, labels, val_idx, test_idx, norm, args, device, use_bf16)
+        except FloatingPointError as error:
+            raise SystemExit(divergence_message(error, epoch, run_dir, history, best)) from None
         scheduler.step()
         history.append(dict(epoch=epoch, lr=lr, train_loss=round(mean_loss, 6),
                             val_roc_auc=round(metrics["val_roc_auc"], 6), test_roc_auc=round(metrics["test_roc_auc"], 6),
@@ -514,15 +544,21 @@ def main(argv=None):
             + ("  *" if improved else ""))
         if is_main():
             state_dict = {k: v.cpu() for k, v in plain_model.state_dict().items()}
+            # each through common.atomic_write: a full disk is one line, the previous file stays
             if improved:
-                save_atomic(dict(state_dict=state_dict, tag_names=tag_names, norm_mean=norm[0].cpu(),
-                                 norm_std=norm[1].cpu(), feature_params=common.feature_params(),
-                                 args=json_args(args), epoch=epoch, metrics=best), run_dir / "best_model.pt")
-            save_atomic(dict(model=state_dict, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                             torch_rng=torch.get_rng_state(), history=history, best=best, epoch=epoch,
-                             cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                             args=json_args(args)), run_dir / "last.pt")
-            write_metrics_csv(history, run_dir / "metrics.csv")
+                with common.atomic_write(run_dir / "best_model.pt", "wb") as f:
+                    torch.save(dict(state_dict=state_dict, tag_names=tag_names, norm_mean=norm[0].cpu(),
+                                    norm_std=norm[1].cpu(), feature_params=common.feature_params(),
+                                    args=json_args(args), epoch=epoch, metrics=best), f)
+            with common.atomic_write(run_dir / "last.pt", "wb") as f:
+                torch.save(dict(model=state_dict, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                torch_rng=torch.get_rng_state(), history=history, best=best, epoch=epoch,
+                                cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                                args=json_args(args)), f)
+            with common.atomic_write(run_dir / "metrics.csv", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(history[0]))
+                writer.writeheader()
+                writer.writerows(history)
 
     summary = (f"best validation ROC-AUC {best['val_roc_auc']:.4f} at epoch {best['epoch']}; "
                f"test ROC-AUC {best['test_roc_auc']:.4f}, PR-AUC {best['test_pr_auc']:.4f}")
@@ -537,7 +573,8 @@ def main(argv=None):
         results.update(split=args.split, split_seed=args.split_seed if args.split == "random" else None,
                        seed=args.seed, epochs=args.epochs, n_tags=len(tag_names), merge=not args.no_merge,
                        n_train=len(train_idx), n_val=len(val_idx), n_test=len(test_idx), split_overlap=overlap)
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+        with common.atomic_write(run_dir / "results.json") as f:  # valid JSON: check_scorable refused NaN
+            f.write(json.dumps(results, indent=2, allow_nan=False) + "\n")
         print(f"best model: {run_dir / 'best_model.pt'}\n{summary}", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -562,4 +599,9 @@ def json_args(args):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # every file is written atomically: the last finished epoch's are whole
+        print("\ninterrupted: the checkpoints of the last finished epoch are kept in the run folder; "
+              "continue with the same command plus --resume --run NAME", file=sys.stderr)
+        raise SystemExit(130)

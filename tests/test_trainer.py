@@ -88,7 +88,8 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoints(data_dir, tmp_path, mo
         return loss if len(calls) <= 2 else loss * float("nan")  # epoch 2 goes bad
 
     monkeypatch.setattr(trainer, "train_step", step_then_nan)
-    with pytest.raises(SystemExit, match="loss became nan in epoch 2.*intact"):
+    with pytest.raises(SystemExit, match=r"loss became nan in epoch 2; stopped before saving it; the last good "
+                                         r"checkpoints in .* are intact \(last.pt: epoch 1, best_model.pt: epoch 1\)"):
         trainer.main(["--data-dir", str(data_dir), "--out", str(tmp_path), "--run", "r", "--epochs", "3"] + SMALL)
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["epoch"] == 1
     assert common.load_model(tmp_path / "r" / "best_model.pt")[1]["epoch"] == 1
