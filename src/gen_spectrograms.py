@@ -514,7 +514,7 @@ def run_pool(args, todo, files, settings, done, failed, clip_ids, mp3_paths):
             pool_deaths += 1
             if pool_deaths == 2:
                 stop_after_deaths(files, settings, done, failed, streak, named, bar)
-            bar.write(f"a worker process died (killed: out of memory? kill -9?) with "
+            bar.write("a worker process died (killed: out of memory? kill -9?) with "
                       + (f"rows {named(lost)} in flight; computing them again, one at a time, "
                          if lost else "no clip in flight; going on ") + "in a fresh pool",
                       file=sys.stderr)

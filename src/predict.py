@@ -24,7 +24,6 @@ import csv
 import json
 import multiprocessing
 import os
-import re
 import signal
 import sys
 import time
@@ -421,16 +420,8 @@ def load_checkpoint(path, device):
         raise SystemExit(f"error: checkpoint {path} not found; {fix}")
     try:
         model, checkpoint = common.load_model(path, device)
-    except ValueError as error:  # its message names the file; kept whole, on one line
-        text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())
-        # a loader's own explanation runs for a paragraph (and arrives cut at 200
-        # characters): keep its first sentence, which says what failed
-        found = re.fullmatch(r"(.*? \(\w+: )(.*)\)", text)
-        if found:
-            text = found[1] + re.split(r"(?<=\.) ", found[2])[0].rstrip(" .") + ")"
-        raise SystemExit(f"error: {text}; {fix}") from None
-    except RuntimeError:  # load_state_dict: weights of another architecture
-        raise SystemExit(f"error: {path}: its weights do not fit this model; {fix}") from None
+    except ValueError as error:  # one whole line naming the file (common.load_error_reason)
+        raise SystemExit(f"error: {error}; {fix}") from None
     norm_mean = checkpoint["norm_mean"].float().to(device)
     norm_std = checkpoint["norm_std"].float().to(device)
     return model, list(checkpoint["tag_names"]), norm_mean, norm_std
