@@ -18,6 +18,7 @@ Tags are spelled with MTAT's synonyms at random (drum/drums, no vocals/no voice,
 so only common.merge_synonyms turns them back into one tag each. Clip i depends only on
 (seed, i), not on n_clips.
 """
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +27,8 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import lfilter  # scipy comes with librosa
 from tqdm import tqdm
+
+import common
 
 
 # The header of MTAT's annotations_final.csv between "clip_id" and "mp3_path", in order
@@ -356,8 +359,10 @@ def write_clip(data_dir, seed, clip_id):
     mp3_path = clip_path(clip_id)
     path = data_dir / "mp3" / mp3_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path.with_suffix(".tmp"), audio, CLIP_SAMPLE_RATE, format="MP3")
-    os.replace(path.with_suffix(".tmp"), path)
+    encoded = io.BytesIO()  # encoded in memory (~150 kB): a full disk is then a plain OSError
+    sf.write(encoded, audio, CLIP_SAMPLE_RATE, format="MP3")
+    with common.atomic_write(path, "wb") as f:
+        f.write(encoded.getbuffer())
     row = [str(int(name in spelled)) for name in MTAT_TAG_NAMES]
     return annotation_line([str(clip_id)] + row + [mp3_path])
 
@@ -384,6 +389,5 @@ def write_synthetic_mtat(data_dir, n_clips, seed=0, progress=True, workers=None)
         lines += tqdm(rows, total=n_clips, desc="synthesising", unit="clip", disable=not progress)
     finally:  # on an error or Ctrl-C, drop the clips not started yet
         pool.shutdown(cancel_futures=True)
-    tmp_path = csv_path.with_suffix(".tmp")
-    tmp_path.write_bytes("".join(lines).encode("utf-8"))
-    os.replace(tmp_path, csv_path)
+    with common.atomic_write(csv_path, "wb") as f:
+        f.write("".join(lines).encode("utf-8"))

@@ -288,6 +288,20 @@ def test_full_disk_while_saving_a_checkpoint_is_one_line(small_data_dir, tmp_pat
     assert checkpoint["epoch"] == 1
 
 
+@pytest.mark.slow
+def test_full_disk_while_synthesising_the_demo_set_is_one_line(tmp_path):
+    # a clip is ~100 kB: the disk fills after a few of them
+    with small_disk(tmp_path / "disk", 300_000) as preexec_fn:
+        run = subprocess.run([sys.executable, str(SRC / "get_data.py"), "--synthetic", "12",
+                              "--data-dir", str(tmp_path / "disk" / "demo")],
+                             capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
+        left = [p.name for p in (tmp_path / "disk" / "demo").rglob("*") if p.is_file()]
+    assert run.returncode == 1
+    line = one_line_error(run.stderr)
+    assert line.startswith("error: cannot write ") and ".mp3: " in line
+    assert not [name for name in left if not name.endswith(".mp3")]  # no .tmp, no annotations
+
+
 # -----------------------------------------------------------------------------
 # 3. a split that cannot be scored
 @pytest.mark.parametrize("sizes, name", [(("32", "1"), "validation set (1 clip)"),
