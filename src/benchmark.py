@@ -1,9 +1,11 @@
-"""Speed figures for the README: where the time of one log-mel goes, how many clips/s
-gen_spectrograms.py extracts with 1, 2, ... workers, and how fast trainer.py trains
-(its fast path against a plain port's baseline).
+"""Speed figures for the docs: where the time of one log-mel goes, how many clips/s
+gen_spectrograms.py extracts with 1, 2, ... workers, how fast trainer.py trains (its fast
+path against a plain port's baseline), how fast predict.py tags a folder, and how long the
+paper's run takes.
 
-    python src/benchmark.py                              # everything, on the real MTAT clip
+    python src/benchmark.py                              # features, train, predict
     python src/benchmark.py --what train --device cuda   # training steps and evaluation
+    python src/benchmark.py --what paper --device cuda   # trainer.py at the paper's size
     python src/benchmark.py --what train --device cpu --steps 3 --batch-size 8 --eval-clips 64
     python src/benchmark.py --what features --workers 1 2 --n-clips 200
     python src/benchmark.py --what features --cold-start # + first call with a cold numba cache
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 import common
+import plumbing
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CLIP = ROOT / "tests" / "fixtures" / "joram-moments_of_clarity-08-solipsism-59-88.mp3"
@@ -35,7 +38,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", choices=list(BENCHMARKS) + ["all"], default="all",
-                   help="which benchmark to run (default: all)")
+                   help="which benchmark to run (default: all = features, train and predict)")
     fixtures = Path(os.environ.get("MTAT_FIXTURES", DEFAULT_CLIP.parent))
     p.add_argument("--clip", type=Path, default=fixtures / DEFAULT_CLIP.name,
                    help="audio clip to time; copies of it make the extraction data set "
@@ -67,7 +70,21 @@ def parse_args(argv=None):
     p.add_argument("--memory-minutes", type=int, nargs="*", default=[10, 30, 60],
                    help="predict: lengths of the files whose peak memory is measured "
                         "(default: 10 30 60; a 60-minute WAV takes 605 MiB of disk)")
+    p.add_argument("--epochs", type=int, default=3,
+                   help="paper: epochs of trainer.py timed, then projected to 40 (default: 3; the "
+                        "first pays the start-up costs, so at least 2)")
+    p.add_argument("--paper-clips", type=int, default=common.N_CLIPS,
+                   help=f"paper: spectrogram rows (default: {common.N_CLIPS:,}, the paper's split; fewer: "
+                        "--split random, 70%% train and 10%% validation, for a quick try on a CPU)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="paper: time trainer.py on this data folder's spectrograms (default: random "
+                        "float16 spectrograms labelled by the real annotations, written to a "
+                        "temporary folder)")
     args = p.parse_args(argv)
+    if args.epochs < 2:
+        p.error("--epochs must be at least 2: the first epoch pays the start-up costs")
+    if args.paper_clips < 20:
+        p.error("--paper-clips must be at least 20")
     for flag in ("tracks", "steps", "batch_size", "eval_clips", "repeats", "n_clips", "runs"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -253,15 +270,22 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def model_for(mode, device):
-    """A fresh MSCNN as the mode runs it: 'baseline' plain fp32 layout; 'fast' the
-    trainer's (channels_last); 'fast+compile' that under trainer.compile_model."""
+def trainer_args(device, mode, data_bytes):
+    """trainer.py's arguments and speed choices for this device, as a run of the mode
+    would resolve them ('fast+compile': with --compile)."""
     import trainer
 
+    args = trainer.parse_args(["--device", device.type] + (["--compile"] if mode == "fast+compile" else []))
+    plumbing.resolve_speed_choices(args, device, data_bytes)
+    return args
+
+
+def model_for(mode, device, args=None):
+    """A fresh MSCNN as the mode runs it: 'baseline' plain fp32 layout; 'fast' and
+    'fast+compile' as trainer.py builds it (plumbing.on_device, plumbing.parallel)."""
     if mode == "baseline":
         return common.MSCNN().to(device)
-    model = trainer.build_model(50, 0.4, device)
-    return trainer.compile_model(model, device) if mode == "fast+compile" else model
+    return plumbing.parallel(plumbing.on_device(common.MSCNN(), device), device, args, 1)[0]
 
 
 def fixed_norm(device):
@@ -275,10 +299,10 @@ def time_train_steps(device, mode, steps, batch_size, repeats=3):
     """Median seconds per training step of MSCNN on random data of the real shape.
 
     mode 'baseline': what a plain port does: fp32, eager, each batch a float32 host array
-    copied to the device. mode 'fast': trainer.train_epoch itself, as trainer.py runs it:
-    the data resident on the device as float16 and normalised there, channels_last, and on
-    CUDA bf16 autocast, fused Adam and cudnn.benchmark. 'fast+compile': the same with
-    trainer.py --compile.
+    copied to the device. mode 'fast': trainer.train_epoch itself with trainer.py's speed
+    choices for the device (plumbing.resolve_speed_choices): the data float16 (resident on
+    CUDA) and normalised on the device, channels_last, and on CUDA bf16 autocast, fused
+    Adam and cudnn.benchmark. 'fast+compile': the same with trainer.py --compile.
     """
     import numpy as np
     import torch
@@ -287,9 +311,6 @@ def time_train_steps(device, mode, steps, batch_size, repeats=3):
 
     fast = mode != "baseline"
     torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = fast and device.type == "cuda"
-    model = model_for(mode, device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fast and device.type == "cuda")
     n_stored = 4 * batch_size  # a small pool of clips to draw batches from
     host = np.random.default_rng(0).normal(-8, 2, (n_stored, common.N_MELS, common.N_FRAMES))
     labels = torch.from_numpy((np.random.default_rng(1).random((n_stored, 50)) < 0.1).astype(np.float32))
@@ -297,14 +318,19 @@ def time_train_steps(device, mode, steps, batch_size, repeats=3):
                         for i in range(steps)])
     norm = fixed_norm(device)
     if fast:
-        source = trainer.to_device_source(host.astype(np.float16), device)
+        host = host.astype(np.float16)
+        args = trainer_args(device, mode, host.nbytes)
+        source = plumbing.to_device_source(host, device, args.resident)
         labels = labels.to(device)
     else:
+        torch.backends.cudnn.benchmark = False
         host = host.astype(np.float32)
+    model = model_for(mode, device, args if fast else None).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fast and args.fused_adam)
 
     def run_steps():
         if fast:
-            trainer.train_epoch(model, optimizer, source, labels, batches, norm, device.type == "cuda")
+            trainer.train_epoch(model, optimizer, source, labels, batches, norm, args.precision == "bf16")
         else:
             for rows in batches:
                 x = common.normalise(torch.from_numpy(host[rows]).to(device), *norm)
@@ -315,26 +341,33 @@ def time_train_steps(device, mode, steps, batch_size, repeats=3):
     return median_seconds(run_steps, repeats) / steps
 
 
-def time_evaluation(device, mode, n_clips, batch_size=256):
+def time_evaluation(device, mode, n_clips):
     """Seconds to score n_clips clips (no gradients), as trainer.evaluate does ('fast':
-    resident float16 data, channels_last, bf16 on CUDA, batches of batch_size;
-    'fast+compile': and --compile) or a plain port would ('baseline': fp32, batches of 32
-    copied from the host)."""
+    trainer.predict_rows with the trainer's choices and --eval-batch-size; 'fast+compile':
+    and --compile) or a plain port would ('baseline': fp32, batches of 32 copied from the
+    host)."""
     import numpy as np
+    import torch
 
     import trainer
 
     fast = mode != "baseline"
-    model = model_for(mode, device)
     host = np.random.default_rng(0).normal(-8, 2, (n_clips, common.N_MELS, common.N_FRAMES)).astype(
         np.float16 if fast else np.float32)
     norm = fixed_norm(device)
-    source = trainer.to_device_source(host, device) if fast else host
     rows = np.arange(n_clips)
+    if fast:
+        args = trainer_args(device, mode, host.nbytes)
+        source = plumbing.to_device_source(host, device, args.resident)
+    else:
+        torch.backends.cudnn.benchmark = False
+    model = model_for(mode, device, args if fast else None)
 
     def run():
-        trainer.predict_rows(model, source, rows, norm, batch_size if fast else 32, device,
-                             fast and device.type == "cuda")
+        if fast:
+            trainer.predict_rows(model, source, rows, norm, args.eval_batch_size, device, args.precision == "bf16")
+        else:
+            trainer.predict_rows(model, host, rows, norm, 32, device, False)
         sync(device)
 
     run()
@@ -345,7 +378,7 @@ def train_benchmark(args):
     """ms/step, clips/s and TFLOP/s of the baseline and the fast path (and with --compile,
     the fast path compiled); projected time of the paper's run (40 epochs of 18,000 clips,
     plus scoring 7,863 clips every epoch)."""
-    device = common.resolve_device(args.device)
+    device = plumbing.resolve_device(args.device)
     flops = forward_flops()
     print(f"MSCNN forward: {flops / 1e9:.2f} GFLOP per clip, training step ~3x: "
           f"{3 * flops / 1e9:.2f} GFLOP per clip; device {device}", flush=True)
@@ -398,12 +431,11 @@ def random_checkpoint(path, n_tags=50):
     predict.py do not depend on what the weights are."""
     import torch
 
+
     torch.manual_seed(0)
-    torch.save(dict(state_dict=common.MSCNN(n_tags).state_dict(),
-                    tag_names=[f"tag{i}" for i in range(n_tags)],
-                    norm_mean=torch.full((common.N_MELS,), -8.0),
-                    norm_std=torch.full((common.N_MELS,), 3.0),
-                    feature_params=common.feature_params(), args={}, epoch=1, metrics={}), path)
+    norm = torch.full((common.N_MELS,), -8.0), torch.full((common.N_MELS,), 3.0)
+    plumbing.save_best_model(path, common.MSCNN(n_tags).state_dict(), [f"tag{i}" for i in range(n_tags)],
+                             norm, args={}, epoch=1, metrics={})
 
 
 def time_predict_stages(track_path, checkpoint_path, batch_size=64):
@@ -565,14 +597,95 @@ def predict_benchmark(args):
     return results
 
 
+# -----------------------------------------------------------------------------
+# The paper's run: trainer.py at full size, timed for a few epochs, projected to 40
+def write_random_spectrograms(data_dir, n_clips, device, seed=0, chunk_rows=1024):
+    """DATA/spectrograms.npy (+ .json) as gen_spectrograms.py writes them, but random:
+    float16 (n_clips, N_MELS, N_FRAMES), normal with mean -8 and std 2 (about a log-mel's),
+    drawn on `device` chunk by chunk and streamed to disk; and DATA/annotations_final.csv,
+    the real MTAT annotations of tests/fixtures/ (their first n_clips rows label the rows)."""
+    import gzip
+
+    import numpy as np
+    import torch
+
+    import gen_spectrograms
+
+    annotations = Path(os.environ.get("MTAT_FIXTURES", DEFAULT_CLIP.parent)) / "annotations_final.csv.gz"
+    if not annotations.is_file():
+        raise SystemExit(f"error: {annotations} not found: the real MTAT annotations label the random "
+                         "spectrograms; restore tests/fixtures/ from git (or fix $MTAT_FIXTURES)")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with gzip.open(annotations) as src, plumbing.atomic_write(data_dir / "annotations_final.csv", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    shape = (n_clips, common.N_MELS, common.N_FRAMES)
+    generator = torch.Generator(device).manual_seed(seed)
+    with plumbing.atomic_write(data_dir / "spectrograms.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, dict(descr=np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                                     fortran_order=False, shape=shape))
+        for start in range(0, n_clips, chunk_rows):
+            rows = min(chunk_rows, n_clips - start)
+            chunk = torch.randn((rows,) + shape[1:], generator=generator, device=device)
+            f.write(chunk.mul_(2).sub_(8).half().cpu().numpy().tobytes())
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the GPU's memory is the run's (the trainer checks what is free)
+    mp3_paths = common.read_annotations(data_dir / "annotations_final.csv")[3]
+    plumbing.write_json(data_dir / "spectrograms.json", dict(
+        gen_spectrograms.settings_of(n_clips, "float16", mp3_paths), shape=list(shape), failed=[],
+        note="random values written by src/benchmark.py --what paper, for timing only"))
+
+
+def project_40_epochs(wall_s, epoch_s):
+    """The 40-epoch time of a run timed for len(epoch_s) epochs: its start-up (the wall
+    time outside the epochs: data, upload, band statistics, checkpoints), its first epoch
+    (which pays cuDNN's autotuning and compilation) and 39 epochs at the median of the
+    others. -> (startup_s, projected_s)."""
+    startup_s = wall_s - sum(epoch_s)
+    return startup_s, startup_s + epoch_s[0] + 39 * statistics.median(epoch_s[1:])
+
+
+def paper_benchmark(args):
+    """trainer.py with its defaults (the paper's recipe, the device's speed choices) for
+    --epochs epochs on --paper-clips rows, every epoch scored as the paper's run does;
+    seconds per epoch, start-up, and the projected 40 epochs."""
+    import csv
+
+    import trainer
+
+    device = plumbing.resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data_dir or Path(tmp) / "data"
+        if args.data_dir is None:
+            t0 = time.perf_counter()
+            write_random_spectrograms(data_dir, args.paper_clips, device)
+            print(f"random spectrograms: {args.paper_clips:,} rows written in "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+        flags = ["--data-dir", str(data_dir), "--out", tmp, "--run", "paper", "--epochs", str(args.epochs),
+                 "--device", device.type]
+        if args.paper_clips < common.N_CLIPS:
+            flags += ["--split", "random", "--train-size", str(args.paper_clips * 7 // 10),
+                      "--val-size", str(args.paper_clips // 10), "--batch-size", str(args.batch_size)]
+        t0 = time.perf_counter()
+        trainer.main(flags)
+        wall_s = time.perf_counter() - t0
+        with open(Path(tmp) / "paper" / "metrics.csv", newline="") as f:
+            epoch_s = [float(row["seconds"]) for row in csv.DictReader(f)]
+    startup_s, projected_s = project_40_epochs(wall_s, epoch_s)
+    print(f"trainer.py {' '.join(flags[6:])}: epochs " + ", ".join(f"{s:.1f}" for s in epoch_s)
+          + f" s, start-up {startup_s:.1f} s; 40 epochs projected {format_duration(projected_s)}", flush=True)
+    return dict(device=str(device), n_clips=args.paper_clips, epoch_s=epoch_s, startup_s=startup_s,
+                projected_40_epochs_s=projected_s)
+
+
 # what --what can run; each takes the parsed args and returns a dict of figures
 BENCHMARKS = {"features": features_benchmark, "train": train_benchmark,
-              "predict": predict_benchmark}
+              "predict": predict_benchmark, "paper": paper_benchmark}
+ALL = ("features", "train", "predict")  # --what all: what a CPU can run in minutes
 
 
 def main(argv=None):
     args = parse_args(argv)
-    names = list(BENCHMARKS) if args.what == "all" else [args.what]
+    names = list(ALL) if args.what == "all" else [args.what]
     print(f"machine: {os.cpu_count()} CPU cores; python {sys.version.split()[0]}")
     return {name: BENCHMARKS[name](args) for name in names}
 

@@ -1,17 +1,12 @@
-"""What the scripts share: features, tags, splits, the multi-scale CNN and metrics.
+"""The paper, shared by the scripts: features, tags, splits and their audit, the
+multi-scale CNN, metrics.
 
-Reference: Dabral, Deshmukh and Malapati, "A Multi-scale Convolutional Neural Network
-Architecture for Music Auto-Tagging", Springer 2018. Every constant below is the
-original system's (see the README for where we deliberately differ).
+Dabral, Deshmukh and Malapati, "A Multi-scale Convolutional Neural Network Architecture
+for Music Auto-Tagging", Springer 2018. Every constant below is the original system's
+(docs/original.md; the README's table of deviations says where we differ). The machinery
+around it (files, pools, devices, checkpoints) is in plumbing.py.
 """
-import contextlib
 import csv
-import errno
-import json
-import math
-import os
-import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -406,82 +401,12 @@ class MSCNN(nn.Module):
         return self.head[-1](self.embed(x))
 
 
-CHECKPOINT_KEYS = ("state_dict", "tag_names", "norm_mean", "norm_std", "feature_params",
-                   "args", "epoch", "metrics")
-
-
-def load_model(checkpoint_path, device="cpu"):
-    """Load a checkpoint written by trainer.py (weights_only=True) into a fresh MSCNN.
-
-    The checkpoint is a dict: state_dict; tag_names (list of str); norm_mean, norm_std
-    (float32 tensors (N_MELS,), per-band statistics of the training clips' log-mel);
-    feature_params (dict, see feature_params()); args (the run's arguments, dict);
-    epoch (int, 1-based); metrics (dict of that epoch's scores).
-
-    Returns:
-        model (MSCNN in eval mode on `device`, channels_last), checkpoint (the dict).
-    Raises ValueError naming the file when it is not such a checkpoint.
-    """
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and unsafe-global errors alike
-        raise ValueError(f"{checkpoint_path}: not a PyTorch checkpoint of this project "
-                         f"({load_error_reason(error)})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing:
-        raise ValueError(f"{checkpoint_path}: not a checkpoint of trainer.py "
-                         f"(missing {', '.join(missing)})")
-    if checkpoint["feature_params"] != feature_params():
-        raise ValueError(f"{checkpoint_path}: trained on features {checkpoint['feature_params']}, "
-                         f"but this code computes {feature_params()}")
-    tensors = dict(checkpoint["state_dict"], norm_mean=checkpoint["norm_mean"],
-                   norm_std=checkpoint["norm_std"])
-    bad = [name for name, t in tensors.items()
-           if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:  # a diverged run's weights: they would tag every clip with garbage
-        raise ValueError(f"{checkpoint_path}: holds non-finite values (NaN or inf) in "
-                         f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}; the run "
-                         "that wrote it diverged: use a checkpoint of an earlier epoch, or "
-                         "train again with a lower --lr")
-    model = MSCNN(n_tags=len(checkpoint["tag_names"]))
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:  # keys or shapes of another network
-        reason = " ".join(str(error).split())  # PyTorch lists the problems on several lines
-        raise ValueError(f"{checkpoint_path}: its weights do not fit the MSCNN of "
-                         f"{len(checkpoint['tag_names'])} tags ({reason})") from None
-    # channels_last: the layout the trainer uses, 1.8x faster scoring on a CPU
-    return model.to(device, memory_format=torch.channels_last).eval(), checkpoint
-
-
-def load_error_reason(error):
-    """Why torch.load failed, in a few whole words: its messages run over many lines and
-    bury the reason (after 'WeightsUnpickler error:') in advice about weights_only."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # no terminal colour codes
-    if "WeightsUnpickler error:" in text:
-        reason = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
-        return "weights-only loading refused it: " + re.split(r"(?<=\.)\s", reason)[0].rstrip(".")
-    if isinstance(error, EOFError) or not text.strip():
-        return "the file ends early: truncated?"
-    return f"{type(error).__name__}: {text.strip().splitlines()[0]}"
-
-
 def normalise(log_mel_batch, norm_mean, norm_std):
     """(B, N_MELS, n) log-mel -> (B, 1, N_MELS, n) standardised per mel band.
 
     norm_mean, norm_std: tensors (N_MELS,) on the batch's device; the result is float32.
     """
     return ((log_mel_batch.float() - norm_mean[:, None]) / norm_std[:, None]).unsqueeze(1)
-
-
-def resolve_device(name="auto"):
-    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but PyTorch sees no CUDA GPU "
-                         f"(torch {torch.__version__}); use --device cpu or install a CUDA build")
-    return torch.device(name)
 
 
 # -----------------------------------------------------------------------------
@@ -523,105 +448,3 @@ def pr_auc(y_true, y_score, per_tag=False):
 def macro_mean(scores):
     """Mean of per-tag scores (T,) over the scorable tags (not NaN); NaN if there is none."""
     return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
-
-
-# -----------------------------------------------------------------------------
-# Files
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
-
-
-def disk_error_text(path, error):
-    """One line for a failed write: what, where, how much room is left."""
-    reason = os.strerror(error.errno) if getattr(error, "errno", None) else str(error).splitlines()[0]
-    try:
-        free = f"; {shutil.disk_usage(Path(path).parent).free / 2**20:,.0f} MiB free there"
-    except OSError:
-        free = ""
-    return f"cannot write {path}: {reason}{free}"
-
-
-@contextlib.contextmanager
-def atomic_write(path, mode="w", **open_kwargs):
-    """Open a temporary file beside `path` for writing; on success it replaces `path`.
-
-    Nothing half-written is ever left under `path`: the data go to `<path>.tmp`, are
-    flushed to disk, and only then renamed over `path`. On any error the temporary file is
-    removed and the previous `path`, if any, stays as it was. A full disk, a file-size
-    limit, a read-only file system or an I/O error (ENOSPC, EDQUOT, EFBIG, EROFS, EIO;
-    also when wrapped, as torch.save wraps them in a RuntimeError) is raised as
-    SystemExit with one line naming the file and the space left; other errors propagate.
-
-        with atomic_write(run_dir / "results.json") as f:
-            f.write(text)
-        with atomic_write(run_dir / "last.pt", "wb") as f:
-            torch.save(state, f)
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        cause = disk_error_in(error)
-        if cause is not None:
-            raise SystemExit(f"error: {disk_error_text(path, cause)}; the previous "
-                             f"{path.name}, if any, is unchanged") from None
-        raise
-
-
-def disk_error_in(error):
-    """The OSError with a DISK_ERRORS errno in error's chain of causes, or None (torch.save
-    wraps the OSError of a failed write in a RuntimeError)."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in DISK_ERRORS:
-            return error
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def read_json(path):
-    """The JSON object in the file at path; ValueError naming the file when it is not one."""
-    try:
-        obj = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} is not valid JSON of this project (not an object)")
-    return obj
-
-
-def npy_header(path):
-    """(shape, dtype, fortran_order, data_offset) read from the header of the .npy file at
-    path; data_offset is where the array's bytes start. ValueError naming the file when it
-    has no .npy header."""
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
-            shape, fortran_order, dtype = read(f)
-            return shape, dtype, fortran_order, f.tell()
-    except ValueError as error:  # no magic string, or a header cut short or garbled
-        raise ValueError(f"{path} has no valid .npy header ({error})") from None
-
-
-def check_npy(path, shape, dtype):
-    """Check that the .npy file at path holds a whole C-order array of `shape` and `dtype`:
-    its header says so, and its size is the header's plus shape x itemsize bytes. (A file
-    cut short by a full disk or a broken copy still opens with np.load's memory map, or
-    fails there without naming the file.) Raises ValueError: one line naming the file."""
-    shape, dtype = tuple(shape), np.dtype(dtype)
-    found_shape, found_dtype, fortran_order, offset = npy_header(path)
-    if found_shape != shape or found_dtype != dtype or fortran_order:
-        raise ValueError(f"{path} holds {found_dtype} {found_shape}"
-                         f"{' in Fortran order' if fortran_order else ''}, "
-                         f"expected {dtype} {shape}")
-    expected, size = offset + math.prod(shape) * dtype.itemsize, os.path.getsize(path)
-    if size != expected:
-        raise ValueError(f"{path} is damaged: {size:,} bytes, where its header ({dtype} "
-                         f"{shape}) needs {expected:,} "
-                         f"({'cut short' if size < expected else 'extra bytes at the end'})")

@@ -21,38 +21,27 @@ killer, kill -9) is noticed: the clips it may have held are computed again one a
 in a fresh pool, and a clip that kills its worker again is listed as failed.
 """
 import argparse
-import collections
-import ctypes
+import contextlib
 import errno
 import hashlib
-import json
 import math
-import multiprocessing
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 import common
+import plumbing
 
 SAVE_EVERY_S = 5.0  # the progress file is rewritten this often while rows come in (and on exit)
 COPY_ROWS = 256  # rows per chunk when a finished or partial file is carried over to a new N
 DEFAULT_WORKERS = 8  # the original's
-MAX_DEATHS_IN_A_ROW = 3  # worker deaths with no clip finished in between: not one clip's fault
-
-
-def usable_cores():
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def parse_args(argv=None):
@@ -63,19 +52,18 @@ def parse_args(argv=None):
                         "(default: data)")
     p.add_argument("--workers", type=int, default=None,
                    help=f"worker processes, one clip at a time each (default: {DEFAULT_WORKERS}, the "
-                        "original's, or the CPU cores this process may use if fewer: 8 workers on "
-                        "2 cores measured ~15%% slower than 2, 51.4 against 60.3 clips/s with "
-                        "python src/benchmark.py --what features --workers 2 8). More than the "
+                        "original's, or the CPU cores this process may use if fewer: more workers "
+                        "than cores is slower, docs/gen_spectrograms.md#speed). More than the "
                         "cores, given here, is used as given, with a note")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N annotation rows (default: all)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
-                   help="storage type of spectrograms.npy; float16 halves the file (4.2 GB for "
-                        "MTAT) and keeps log-mel to within 0.016 (default: float16)")
+                   help="storage type of spectrograms.npy; float16 halves the file, at the "
+                        "precision docs/gen_spectrograms.md states (default: float16)")
     p.add_argument("--overwrite", action="store_true",
                    help="compute every row again, replacing a finished or partial file")
     args = p.parse_args(argv)
-    cores = usable_cores()
+    cores = plumbing.usable_cores()
     if args.workers is None:
         args.workers = min(DEFAULT_WORKERS, cores)
     elif args.workers < 1:
@@ -89,40 +77,18 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# The workers: each opens the output memmap once and writes its rows straight into it
+# The workers (plumbing.pool_results): each opens the output memmap once and writes its
+# rows straight into it
 out_rows = None  # the worker's (N, N_MELS, N_FRAMES) memmap of the partial file
-blas_limit = None  # kept so the one-thread BLAS limit lives as long as the worker
 
 
-def init_worker(partial_path, main_pid):
-    """Pool initializer: ignore Ctrl-C (the main process stops the pool), die with the
-    main process, one BLAS thread per worker, and open the output file for writing."""
-    global out_rows, blas_limit
-    from threadpoolctl import threadpool_limits
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    exit_with(main_pid)
-    # librosa retries a file soundfile cannot open with audioread and warns twice; the
-    # failure itself is reported with its error in the .json and on the console
+def init_worker(partial_path):
+    """Quiet librosa's fallback warnings (a failure is reported with its error in the .json
+    and on the console) and open the output file for writing."""
+    global out_rows
     warnings.filterwarnings("ignore", message="PySoundFile failed", category=UserWarning)
     warnings.filterwarnings("ignore", message=".*audioread", category=FutureWarning)
-    # librosa's mel projection (an einsum on OpenBLAS) runs several times slower with 2
-    # threads than with 1 on a loaded 2-core machine, and W workers x T threads would
-    # oversubscribe the cores; the parallelism is across clips instead
-    blas_limit = threadpool_limits(limits=1)
     out_rows = np.load(partial_path, mmap_mode="r+")
-
-
-def exit_with(main_pid):
-    """Have the kernel kill this worker when the main process dies (Linux's
-    PR_SET_PDEATHSIG): after a kill -9 or the OOM killer took the main process, the
-    workers would otherwise wait for work forever, each holding its memory."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: orphans wait, as they do without this
-        return
-    if os.getppid() != main_pid:  # it died before the call above
-        os._exit(1)
 
 
 def extract(task):
@@ -163,18 +129,11 @@ def warm_up():
 
 # -----------------------------------------------------------------------------
 # Files and progress
-def write_json(path, obj):
-    """Write obj as JSON to path atomically (common.atomic_write: a full disk is one line,
-    the previous file stays)."""
-    with common.atomic_write(path) as f:
-        f.write(json.dumps(obj, indent=1) + "\n")
-
-
 def read_json(path, keys, fix):
     """The JSON object in path, which must have `keys`; one line (SystemExit) saying `fix`
     when it is not valid JSON or lacks one of them."""
     try:
-        obj = common.read_json(path)
+        obj = plumbing.read_json(path)
     except ValueError as error:
         raise SystemExit(f"error: {error}; {fix}") from None
     missing = [key for key in keys if key not in obj]
@@ -227,7 +186,7 @@ def reserve(path):
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as error:
-        if error.errno in common.DISK_ERRORS:
+        if error.errno in plumbing.DISK_ERRORS:
             raise SystemExit(no_space(path, size, os.strerror(error.errno))) from None
         if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # these: cannot reserve here
             raise
@@ -238,7 +197,7 @@ def reserve(path):
 def leading_rows(path, n_rows):
     """The first n_rows rows of the .npy file at path, memory-mapped read-only (its header
     must be readable; the file may be cut short after those rows)."""
-    shape, dtype, _, offset = common.npy_header(path)
+    shape, dtype, _, offset = plumbing.npy_header(path)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n_rows,) + shape[1:])
 
 
@@ -249,12 +208,12 @@ def intact_rows(npy, meta):
     another array than its .json: then nothing in it can be trusted."""
     shape = (meta["n_clips"], common.N_MELS, common.N_FRAMES)
     try:
-        common.check_npy(npy, shape, meta["dtype"])
+        plumbing.check_npy(npy, shape, meta["dtype"])
         return meta["n_clips"], None
     except ValueError as error:
         damage = str(error)
     try:
-        found_shape, dtype, fortran_order, offset = common.npy_header(npy)
+        found_shape, dtype, fortran_order, offset = plumbing.npy_header(npy)
     except ValueError:
         return 0, damage
     if found_shape != shape or dtype != np.dtype(meta["dtype"]) or fortran_order:
@@ -272,13 +231,13 @@ def read_partial(files):
     if not files["progress"].is_file():
         return None, "has no progress file"
     try:
-        state = common.read_json(files["progress"])
+        state = plumbing.read_json(files["progress"])
     except ValueError as error:
         return None, f"cannot be resumed: {error}"
     if not {"n_clips", "dtype", "done", "failed"} <= set(state):
         return None, f"cannot be resumed: {files['progress']} lacks the rows done"
     try:
-        common.check_npy(files["partial"], (state["n_clips"], common.N_MELS, common.N_FRAMES),
+        plumbing.check_npy(files["partial"], (state["n_clips"], common.N_MELS, common.N_FRAMES),
                          state["dtype"])
     except (ValueError, TypeError) as error:
         return None, f"cannot be resumed: {error}"
@@ -306,7 +265,7 @@ def create_partial(partial, settings, source_rows=None):
         os.replace(tmp, partial)
     except OSError as error:  # a file-size limit, or a disk that filled meanwhile
         tmp.unlink(missing_ok=True)
-        if error.errno in common.DISK_ERRORS:
+        if error.errno in plumbing.DISK_ERRORS:
             raise SystemExit(no_space(partial, n_bytes, os.strerror(error.errno))) from None
         raise
     except BaseException:
@@ -320,13 +279,13 @@ def save_progress(files, settings, done, failed):
     try:
         os.fsync(fd)  # the workers' pages first, so that a recorded row is on disk
     except OSError as error:
-        if common.disk_error_in(error) is None:
+        if plumbing.disk_error_in(error) is None:
             raise
-        raise SystemExit(f"error: {common.disk_error_text(files['partial'], error)}; the rows "
+        raise SystemExit(f"error: {plumbing.disk_error_text(files['partial'], error)}; the rows "
                          f"recorded in {files['progress']} are kept: rerun to resume") from None
     finally:
         os.close(fd)
-    write_json(files["progress"], dict(settings, done=np.flatnonzero(done).tolist(), failed=failed))
+    plumbing.write_json(files["progress"], dict(settings, done=np.flatnonzero(done).tolist(), failed=failed))
 
 
 def prepare(args, settings, mp3_paths, files):
@@ -404,7 +363,7 @@ def finish(files, settings, failed):
                     soundfile=soundfile.__version__)
     shape = [settings["n_clips"], common.N_MELS, common.N_FRAMES]
     try:
-        write_json(files["json"], dict(settings, shape=shape, versions=versions,
+        plumbing.write_json(files["json"], dict(settings, shape=shape, versions=versions,
                                        failed=sorted(failed, key=lambda f: f["row"])))
     except BaseException:
         os.replace(files["npy"], files["partial"])
@@ -414,144 +373,73 @@ def finish(files, settings, failed):
 
 # -----------------------------------------------------------------------------
 # The pool
-def start_pool(n_workers, partial):
-    """A pool of n_workers processes, forked (as Python's default on Linux until 3.14) so
-    that they inherit what warm_up loaded instead of each paying for it."""
-    return ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=init_worker, initargs=(str(partial), os.getpid()))
-
-
-def stop_pool(pool):
-    """Kill the pool's workers (they ignore Ctrl-C and would finish their clips), then shut
-    it down. Python before 3.14 has no public way to reach them."""
-    if hasattr(pool, "terminate_workers"):
-        pool.terminate_workers()
-    else:
-        for process in list((pool._processes or {}).values()):
-            process.terminate()
-    pool.shutdown(wait=True, cancel_futures=True)
-
-
-WORKER_DIED = "its worker process died twice while computing it, the second time alone " \
-              "(killed by the system, out of memory?, or crashed in the decoder)"
-
-
 def run_pool(args, todo, files, settings, done, failed, clip_ids, mp3_paths):
-    """Compute the rows `todo` ((row, audio path) pairs) in a pool of worker processes,
-    marking them in `done` and adding failures to `failed` as they come.
+    """Compute the rows `todo` ((row, audio path) pairs) in plumbing.pool_results's worker
+    processes (one clip in flight per worker), marking them in `done` and adding failures to
+    `failed` as they come.
 
-    Progress is saved every SAVE_EVERY_S while rows come in (the wait for results times
-    out, so a stalled pool cannot hold back rows already done) and on every exit. At most
-    one clip per worker is in flight, so when a worker dies (BrokenProcessPool: the OOM
-    killer, kill -9, a crash in a decoder) the clips it may have held are known: they are
-    computed again one at a time in a fresh pool of one worker, and one whose worker dies
-    again is listed as failed. Two deaths of a full pool with no clip finished in between stop
-    the run (exit 1: something kills any worker); Ctrl-C stops it (exit 130). A rerun
-    resumes either.
+    Progress is saved every SAVE_EVERY_S while rows come in (the pool ticks when none
+    does, so a stalled clip cannot hold back rows already done) and on every exit. A worker
+    that dies costs a retry of its clip alone; one that kills its worker again is listed
+    as failed. Workers that keep dying stop the run (exit 1: something kills any worker);
+    Ctrl-C or SIGTERM stops it (exit 128 + the signal). A rerun resumes either.
     """
     n_clips = len(done)
-    n_workers = min(args.workers, len(todo))
-    queue, suspects = collections.deque(todo), collections.deque()
-    streak, pool_deaths = [], 0  # tasks lost, full-pool deaths, since the last finished clip
-    saved_at, unsaved = time.monotonic(), False
+    saved_at = time.monotonic()
     bar = tqdm(total=n_clips, initial=n_clips - len(todo), desc="log-mel", unit="clip",
                smoothing=0.05)
 
-    def record(task, error):
-        row = task[0]
-        done[row] = True
-        if error is not None:
-            failed.append(dict(row=int(row), clip_id=int(clip_ids[row]), path=mp3_paths[row],
-                               error=error))
-            if len(failed) <= 10:  # all of them are in the .json
-                bar.write(f"failed: row {row}, {mp3_paths[row]}: {error}", file=sys.stderr)
-        bar.update()
+    def describe(task):
+        return f"row {task[0]} ({mp3_paths[task[0]]})"
 
-    def named(tasks):
-        rows = sorted({task[0] for task in tasks})
-        return ", ".join(f"{row} ({mp3_paths[row]})" for row in rows[:6]) + (
-            f" and {len(rows) - 6} more" if len(rows) > 6 else "")
-
-    pool = None
+    results = plumbing.pool_results(extract, todo, min(args.workers, len(todo)), init_worker,
+                                    (str(files["partial"]),), tick_s=SAVE_EVERY_S, describe=describe)
     try:
-        while queue or suspects:
-            # suspects go one at a time to a pool of one: if its worker dies, that clip did it
-            alone = bool(suspects)
-            source, limit = (suspects, 1) if alone else (queue, n_workers)
-            pool, in_flight, lost, broken = start_pool(limit, files["partial"]), {}, [], False
-            while (source or in_flight) and not broken:
-                while source and len(in_flight) < limit:
-                    task = source.popleft()
-                    try:
-                        in_flight[pool.submit(extract, task)] = task
-                    except BrokenProcessPool:  # a worker died since the last wait
-                        source.appendleft(task)
-                        broken = True
-                        break
-                finished, _ = wait(in_flight, timeout=0 if broken else SAVE_EVERY_S,
-                                   return_when=FIRST_COMPLETED)
-                if broken or any(isinstance(f.exception(), BrokenProcessPool) for f in finished):
-                    broken = True
-                    finished = wait(in_flight)[0]  # a broken pool fails all its futures at once
-                for future in finished:
-                    task = in_flight.pop(future)
-                    if isinstance(future.exception(), BrokenProcessPool):
-                        lost.append(task)
-                    else:
-                        record(task, future.result()[1])
-                        streak, pool_deaths, unsaved = [], 0, True
-                if unsaved and time.monotonic() - saved_at >= SAVE_EVERY_S:
+        with contextlib.closing(results):
+            for item in results:
+                if item is not None:  # None: a tick, no clip finished meanwhile
+                    index, result = item  # extract's (row, error text or None), or WorkerDied
+                    error = str(result) if isinstance(result, Exception) else result[1]
+                    record(todo[index][0], error, done, failed, clip_ids, mp3_paths, bar)
+                if time.monotonic() - saved_at >= SAVE_EVERY_S:
                     save_progress(files, settings, done, failed)
-                    saved_at, unsaved = time.monotonic(), False
-            pool.shutdown(wait=True)
-            pool = None
-            if not broken:
-                continue
-            streak += lost
-            if alone and lost:  # said on the console as any failure; the next suspect goes on
-                record(lost[0], WORKER_DIED)
-                continue
-            pool_deaths += 1
-            if pool_deaths == 2:
-                stop_after_deaths(files, settings, done, failed, streak, named, bar)
-            bar.write("a worker process died (killed: out of memory? kill -9?) with "
-                      + (f"rows {named(lost)} in flight; computing them again, one at a time, "
-                         if lost else "no clip in flight; going on ") + "in a fresh pool",
-                      file=sys.stderr)
-            suspects.extend(sorted(lost))
-            save_progress(files, settings, done, failed)
-            saved_at, unsaved = time.monotonic(), False
-    except KeyboardInterrupt:
-        if pool is not None:
-            stop_pool(pool)
-            pool = None
+                    saved_at = time.monotonic()
+    except plumbing.WorkersKeepDying as error:
+        bar.close()
+        stop_after_deaths(files, settings, done, failed, [todo[i][0] for i in error.tasks], error)
+    except KeyboardInterrupt as interrupt:
         bar.close()
         save_progress(files, settings, done, failed)
         again = "the same command without --overwrite" if args.overwrite else "the same command"
         print(f"interrupted: {done.sum()} of {n_clips} clips done, kept in {files['partial']}; "
               f"rerun {again} to resume", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(plumbing.exit_code(interrupt))
     finally:
-        if pool is not None:  # an error on the way out: no worker outlives the run
-            stop_pool(pool)
         bar.close()
     save_progress(files, settings, done, failed)  # on disk before the .json says complete
 
 
-def stop_after_deaths(files, settings, done, failed, streak, named, bar):
+def record(row, error, done, failed, clip_ids, mp3_paths, bar):
+    """Mark a row done; a failure is listed (and the first ten said on the console)."""
+    done[row] = True
+    if error is not None:
+        failed.append(dict(row=int(row), clip_id=int(clip_ids[row]), path=mp3_paths[row], error=error))
+        if len(failed) <= 10:  # all of them are in the .json
+            bar.write(f"failed: row {row}, {mp3_paths[row]}: {error}", file=sys.stderr)
+    bar.update()
+
+
+def stop_after_deaths(files, settings, done, failed, rows, error):
     """Stop the run in one line: full pools died twice with no clip finished in between, so
     something kills any worker (memory?). Clips that died alone meanwhile are not blamed
     (they go back to the rows to compute); the rest of the progress is saved."""
-    blamed = {task[0] for task in streak}
+    blamed = set(rows)
     failed[:] = [f for f in failed if f["row"] not in blamed]
     done[list(blamed)] = False
-    bar.close()
     save_progress(files, settings, done, failed)
-    raise SystemExit(f"error: worker processes keep dying (twice with no clip finished in "
-                     f"between; in flight: rows {named(streak)}; none of them is listed as "
-                     f"failed): out of memory? {done.sum()} "
-                     f"of {len(done)} clips are kept in {files['partial']}; free memory or "
-                     "lower --workers, then rerun the same command to resume")
+    raise SystemExit(f"error: {error}; none of them is listed as failed: out of memory? "
+                     f"{done.sum()} of {len(done)} clips are kept in {files['partial']}; free memory "
+                     "or lower --workers, then rerun the same command to resume")
 
 
 # -----------------------------------------------------------------------------
@@ -580,9 +468,9 @@ def main(argv=None):
                         clips_per_s=None)
         t0 = time.perf_counter()
         warm_up()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print("interrupted before this run computed any clip; nothing lost", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(plumbing.exit_code(interrupt))
     done, failed = start
     todo = [(row, str(audio_dir / mp3_paths[row])) for row in np.flatnonzero(~done)]
     run_pool(args, todo, files, settings, done, failed, clip_ids, mp3_paths)
@@ -598,4 +486,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    plumbing.handle_signals()  # SIGTERM and SIGHUP stop it as Ctrl-C does
     main()

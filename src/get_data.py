@@ -219,9 +219,9 @@ def get_archive(data_dir, hosts, from_dir):
             f"replace {', '.join(theirs)} with MTAT's parts" if theirs else "")
         raise SystemExit(f"error: MD5 mismatch for {ARCHIVE} ({' + '.join(p.name for p in paths)}"
                          f" concatenated): expected {MD5[ARCHIVE]}, got {actual}; {fix}")
-    import common  # here, not at the top: common loads torch (seconds), --help need not wait
+    import plumbing  # here, not at the top: it loads torch (seconds), --help need not wait
 
-    with common.atomic_write(marker) as f:
+    with plumbing.atomic_write(marker) as f:
         f.write(json.dumps({"md5": actual, "parts": part_stamps(paths)}))
     print(f"{ARCHIVE}: MD5 verified")
     return paths

@@ -22,15 +22,11 @@ import argparse
 import contextlib
 import csv
 import json
-import multiprocessing
 import os
-import signal
 import sys
 import time
 import warnings
-from collections import Counter, deque
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import plumbing
 
 BAR_ABOVE_N_FILES = 4  # a progress bar only pays off past a handful of files
 MAX_WORKERS = 8  # default --workers: the cores, at most this many
@@ -233,89 +230,26 @@ def decode_one(path):
         return error
 
 
-blas_limit = None  # kept so that a decoder's one-thread BLAS limit lives as long as it
-
-
-def init_decoder():
-    """Pool initializer: ignore Ctrl-C (the main process stops the pool and saves), and one
-    BLAS thread per decoder (the parallelism is across files; see gen_spectrograms)."""
-    global blas_limit
-    from threadpoolctl import threadpool_limits
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    blas_limit = threadpool_limits(limits=1)
-
-
-def decode_in_pool(paths, workers, ahead=2):
-    """Decode files in `workers` processes; yield (path, decode_one(path)) in input order.
-
-    At most ahead * workers files are decoding or decoded ahead of the consumer, so memory
-    stays that of a few spectrograms. A worker that dies (killed, out of memory, a decoder
-    crash) breaks the pool: the files then in flight are retried once in a fresh pool, with
-    one warning line; a file in flight when a pool breaks for the second time gets a
-    ValueError saying its decoder died (a file decoded alongside the culprit both times is
-    reported too; a rerun with --resume retries it). Never waits on a dead worker.
-    """
-    # librosa's imports and numba functions loaded once here, not in every forked decoder
-    # (a fresh process pays seconds for them on its first file)
-    LogMelStream().feed(np.zeros(common.N_FFT, np.float32))
-    context = multiprocessing.get_context("fork")  # decoders start in ms, not seconds
-    todo, in_flight, done = deque(range(len(paths))), {}, {}
-    attempts = Counter()
-    next_out, pool = 0, None
-    try:
-        while next_out < len(paths):
-            if pool is None:
-                pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_decoder)
-            broken = False
-            while todo and len(in_flight) + len(done) < ahead * workers:
-                try:
-                    future = pool.submit(decode_one, paths[todo[0]])
-                except BrokenProcessPool:
-                    broken = True
-                    break
-                in_flight[future] = todo.popleft()
-            if not broken and next_out not in done:
-                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    try:
-                        done[in_flight[future]] = future.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        continue
-                    except Exception as error:  # e.g. MemoryError raised inside the decoder
-                        path = paths[in_flight[future]]
-                        done[in_flight[future]] = ValueError(
-                            f"{path}: decoding failed ({type(error).__name__}: {error})")
-                    del in_flight[future]
-            if broken:
-                pool.shutdown(wait=False, cancel_futures=True)
-                pool, lost = None, sorted(in_flight.values())
-                in_flight.clear()
-                for i in lost:
-                    attempts[i] += 1
-                    if attempts[i] >= 2:
-                        done[i] = ValueError(f"{paths[i]}: its decoder process died twice while "
-                                             "reading it (killed, out of memory, or a decoder "
-                                             "crash); nothing tagged")
-                retry = [i for i in lost if i not in done]
-                todo.extendleft(reversed(retry))
-                tqdm.write(f"warning: a decoder process died (killed, out of memory, or a decoder "
-                           f"crash); retrying the {len(retry)} file(s) in flight in a fresh pool",
-                           file=sys.stderr)
-            while next_out in done:
-                yield paths[next_out], done.pop(next_out)
-                next_out += 1
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-
 def decode_all(paths, workers):
-    """(path, decode_one(path)) in input order: in this process (workers 0) or a pool."""
-    if workers == 0:
-        return ((path, decode_one(path)) for path in paths)
-    return decode_in_pool(paths, min(workers, len(paths)))
+    """(path, decode_one(path)) in input order: in this process (workers 0) or in
+    plumbing.pool_results's worker processes, at most two files per worker ahead of the
+    scoring, so memory stays that of a few spectrograms. A file whose decoder process dies
+    twice, the second time alone, gets a ValueError saying so."""
+    if workers == 0 or not paths:
+        yield from ((path, decode_one(path)) for path in paths)
+        return
+    # librosa's imports and numba functions loaded once here, not in every forked decoder
+    LogMelStream().feed(np.zeros(common.N_FFT, np.float32))
+    results = plumbing.pool_results(decode_one, paths, min(workers, len(paths)), ordered=True,
+                                    ahead=2)
+    with contextlib.closing(results):
+        for index, result in results:
+            path = paths[index]
+            if isinstance(result, plumbing.WorkerDied):
+                result = ValueError(f"{path}: {result}; nothing tagged")
+            elif isinstance(result, Exception) and not isinstance(result, ValueError):
+                result = ValueError(f"{path}: decoding failed ({type(result).__name__}: {result})")
+            yield path, result
 
 
 # -----------------------------------------------------------------------------
@@ -419,8 +353,8 @@ def load_checkpoint(path, device):
     elif not path.exists():
         raise SystemExit(f"error: checkpoint {path} not found; {fix}")
     try:
-        model, checkpoint = common.load_model(path, device)
-    except ValueError as error:  # one whole line naming the file (common.load_error_reason)
+        model, checkpoint = plumbing.load_model(path, device)
+    except ValueError as error:  # one whole line naming the file (plumbing.load_error_reason)
         raise SystemExit(f"error: {error}; {fix}") from None
     norm_mean = checkpoint["norm_mean"].float().to(device)
     norm_std = checkpoint["norm_std"].float().to(device)
@@ -489,7 +423,7 @@ def save_taggram(png_path, window_probs, starts, duration_s, tag_names, title):
     ax.set_title(title, fontsize=9)
     fig.colorbar(mesh, ax=ax, label="probability", fraction=0.04)
     fig.tight_layout()
-    with common.atomic_write(png_path, "wb") as f:
+    with plumbing.atomic_write(png_path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
 
 
@@ -497,7 +431,7 @@ def write_json(path, results):
     """Write results ({path: {"tags", "windows", "duration_s"} or {"error"}}) as JSON, one
     file per line (readable and diffable), atomically."""
     lines = [f"{json.dumps(audio)}: {json.dumps(entry)}" for audio, entry in results.items()]
-    with common.atomic_write(path) as f:
+    with plumbing.atomic_write(path) as f:
         f.write("{\n" + ",\n".join(lines) + "\n}\n")
 
 
@@ -507,7 +441,7 @@ CSV_COLUMNS = ["path", "duration_s", "windows"]  # then one column per tag, then
 def write_csv(path, results, tag_names):
     """One row per file: path, duration_s, windows, each tag's probability (checkpoint
     order), error (empty when tagged; only path and error are filled when not)."""
-    with common.atomic_write(path, newline="", encoding="utf-8") as f:
+    with plumbing.atomic_write(path, newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS + tag_names + ["error"])
         for audio, entry in results.items():
@@ -541,7 +475,7 @@ def write_embeddings(path, results, tag_names, per_window):
                                   [e["windows"] for _, e in tagged]).astype(np.int64),
             window_start_s=np.concatenate([e["window_start_s"] for _, e in tagged]
                                           or [np.zeros(0)]))
-    with common.atomic_write(path, "wb") as f:
+    with plumbing.atomic_write(path, "wb") as f:
         np.savez(f, **arrays)
 
 
@@ -738,7 +672,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.taggram:
         import_figure()  # fail before the slow part, not after it
-    device = common.resolve_device(args.device)
+    device = plumbing.resolve_device(args.device)
     checkpoint_path = args.checkpoint
     if checkpoint_path is None:
         checkpoint_path = newest_checkpoint(args.experiments)
@@ -786,12 +720,15 @@ def main(argv=None):
             if time.monotonic() - last_save > SAVE_EVERY_S:  # a killed run keeps this much
                 save_outputs(args, results, tag_names)
                 last_save = time.monotonic()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, plumbing.WorkersKeepDying) as stop:
         bar.close()
         save_outputs(args, results, tag_names)
-        raise SystemExit("interrupted; the files tagged so far are saved"
-                         + ("; rerun with --resume to tag the rest"
-                            if args.csv or args.json or args.embeddings else "")) from None
+        rest = "; rerun with --resume to tag the rest" if args.csv or args.json or args.embeddings else ""
+        if isinstance(stop, plumbing.WorkersKeepDying):
+            raise SystemExit(f"error: {stop}: out of memory? The files tagged so far are saved{rest}; "
+                             "free memory or lower --workers") from None
+        print(f"interrupted; the files tagged so far are saved{rest}", file=sys.stderr)
+        raise SystemExit(plumbing.exit_code(stop)) from None
     finally:
         bar.close()
         if hasattr(decoded, "close"):
@@ -808,4 +745,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    plumbing.handle_signals()  # SIGTERM and SIGHUP stop it as Ctrl-C does: what is tagged is saved
     main()

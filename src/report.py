@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+import plumbing
 
 # Published figures the runs are compared with.
 # Dabral et al. 2018 on the paper split: best validation ROC-AUC 0.904, test 0.900
@@ -192,7 +193,7 @@ def plot_curves(runs, path):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    with common.atomic_write(path, "wb") as f:
+    with plumbing.atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return True
@@ -245,7 +246,7 @@ def main(argv=None):
         out = args.runs[0] if single_parent else Path(os.path.commonpath([d.resolve().parent for d in run_dirs]))
     out.mkdir(parents=True, exist_ok=True)
     text = format_report(runs)
-    with common.atomic_write(out / "report.md") as f:
+    with plumbing.atomic_write(out / "report.md") as f:
         f.write(text)
     print(text, end="")
     written = [out / "report.md"]

@@ -28,7 +28,7 @@ import soundfile as sf
 from scipy.signal import lfilter  # scipy comes with librosa
 from tqdm import tqdm
 
-import common
+import plumbing
 
 
 # The header of MTAT's annotations_final.csv between "clip_id" and "mp3_path", in order
@@ -361,7 +361,7 @@ def write_clip(data_dir, seed, clip_id):
     path.parent.mkdir(parents=True, exist_ok=True)
     encoded = io.BytesIO()  # encoded in memory (~150 kB): a full disk is then a plain OSError
     sf.write(encoded, audio, CLIP_SAMPLE_RATE, format="MP3")
-    with common.atomic_write(path, "wb") as f:
+    with plumbing.atomic_write(path, "wb") as f:
         f.write(encoded.getbuffer())
     row = [str(int(name in spelled)) for name in MTAT_TAG_NAMES]
     return annotation_line([str(clip_id)] + row + [mp3_path])
@@ -389,5 +389,5 @@ def write_synthetic_mtat(data_dir, n_clips, seed=0, progress=True, workers=None)
         lines += tqdm(rows, total=n_clips, desc="synthesising", unit="clip", disable=not progress)
     finally:  # on an error or Ctrl-C, drop the clips not started yet
         pool.shutdown(cancel_futures=True)
-    with common.atomic_write(csv_path, "wb") as f:
+    with plumbing.atomic_write(csv_path, "wb") as f:
         f.write("".join(lines).encode("utf-8"))

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import common
+import plumbing
 import trainer
 from conftest import SRC, write_spectrogram_set
 
@@ -93,7 +94,7 @@ def test_fast_path_matches_fp32_eager_on_cuda(record_property):
     x, y = normalised_batch(8, seed=0)
     torch.manual_seed(1)
     reference = common.MSCNN(50, 0.0).to(CUDA)
-    fast = trainer.build_model(50, 0.0, CUDA)
+    fast = plumbing.on_device(common.MSCNN(50, 0.0), CUDA)
     fast.load_state_dict(reference.state_dict())
     on_cpu = common.MSCNN(50, 0.0)
     on_cpu.load_state_dict(reference.state_dict())
@@ -135,7 +136,7 @@ def test_fast_path_matches_fp32_eager_on_cuda(record_property):
 @pytest.mark.slow
 def test_trainer_on_cuda_takes_the_gpu_choices_and_learns(cuda_run):
     run_dir, results = cuda_run
-    _, checkpoint = common.load_model(run_dir / "best_model.pt")  # on the CPU: a plain state dict
+    _, checkpoint = plumbing.load_model(run_dir / "best_model.pt")  # on the CPU: a plain state dict
     assert {k: checkpoint["args"][k] for k in SPEED_KEYS} == dict(
         precision="bf16", fused_adam=True, resident=True, cudnn_benchmark=True)
     assert results["val_roc_auc"] >= 0.95 and results["test_roc_auc"] >= 0.95
@@ -208,8 +209,8 @@ def test_nccl_ddp_with_sync_batchnorm_in_one_process(tmp_path, record_property):
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         torch.manual_seed(1)
-        plain = trainer.build_model(50, 0.0, device)
-        inner = trainer.build_model(50, 0.0, device)
+        plain = plumbing.on_device(common.MSCNN(50, 0.0), device)
+        inner = plumbing.on_device(common.MSCNN(50, 0.0), device)
         inner.load_state_dict(plain.state_dict())
         ddp = torch.nn.parallel.DistributedDataParallel(
             torch.nn.SyncBatchNorm.convert_sync_batchnorm(inner), device_ids=[device])
@@ -246,7 +247,7 @@ def test_torchrun_two_gpus_sync_batchnorm_matches_one(cuda_data_dir, cuda_run, t
     assert float(rows[0]["train_loss"]) == pytest.approx(float(single[0]["train_loss"]), rel=0.2)
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["val_roc_auc"] >= 0.95 and results["test_roc_auc"] >= 0.95
-    _, checkpoint = common.load_model(tmp_path / "two" / "best_model.pt")  # plain keys, no "module."
+    _, checkpoint = plumbing.load_model(tmp_path / "two" / "best_model.pt")  # plain keys, no "module."
     assert checkpoint["args"]["resident"] is True
 
 
@@ -290,7 +291,7 @@ def test_benchmark_on_cuda_small(record_property):
 # compilation takes the longest: last, so that a time limit cuts it and not the others
 @pytest.mark.slow
 def test_compiled_reduce_overhead_matches_eager_on_cuda(record_property):
-    """trainer.compile_model on CUDA (torch.compile, mode reduce-overhead: CUDA graphs)
+    """plumbing.compile_model on CUDA (torch.compile, mode reduce-overhead: CUDA graphs)
     against eager in exact fp32 (TF32 off) and dropout 0, with the CPU test's tolerances
     (logits 1e-4, loss 1e-5, gradients 1e-3): a scoring pass, then three training steps
     (the graphs are recorded, then replayed), each started from eager's state (weights,
@@ -299,10 +300,10 @@ def test_compiled_reduce_overhead_matches_eager_on_cuda(record_property):
     torch.backends.cudnn.allow_tf32 = False
     batches = [normalised_batch(32, seed) for seed in range(3)]
     torch.manual_seed(1)
-    eager = trainer.build_model(50, 0.0, CUDA)
-    plain = trainer.build_model(50, 0.0, CUDA)
+    eager = plumbing.on_device(common.MSCNN(50, 0.0), CUDA)
+    plain = plumbing.on_device(common.MSCNN(50, 0.0), CUDA)
     plain.load_state_dict(eager.state_dict())
-    compiled = trainer.compile_model(plain, CUDA)
+    compiled = plumbing.compile_model(plain, CUDA)
     assert type(compiled).__name__ == "OptimizedModule"  # really compiled
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -317,7 +318,7 @@ def test_compiled_reduce_overhead_matches_eager_on_cuda(record_property):
     for step, (x, y) in enumerate(batches):
         plain.load_state_dict(eager.state_dict())  # in place: the graphs' weights are these tensors
         if step:
-            trainer.load_optimizer_state(compiled_adam, eager_adam.state_dict(), fused=True)
+            plumbing.load_optimizer_state(compiled_adam, eager_adam.state_dict(), fused=True)
         loss = trainer.train_step(eager.train(), eager_adam, x, y, False).item()
         grads = {n: p.grad.clone() for n, p in eager.named_parameters()}
         compiled_loss = trainer.train_step(compiled.train(), compiled_adam, x, y, False).item()
@@ -337,7 +338,7 @@ def test_trainer_compile_on_cuda(cuda_data_dir, cuda_run, tmp_path):
     masks than eager, and early training is chaotic, so the losses are only near."""
     results = trainer.main(["--data-dir", str(cuda_data_dir), "--out", str(tmp_path), "--run", "compiled",
                             "--epochs", "2", "--compile"] + CUDA_RUN_ARGS)
-    _, checkpoint = common.load_model(tmp_path / "compiled" / "best_model.pt")
+    _, checkpoint = plumbing.load_model(tmp_path / "compiled" / "best_model.pt")
     assert checkpoint["args"]["compile"] is True
     assert not any(key.startswith("_orig_mod.") for key in checkpoint["state_dict"])
     compiled, eager = read_rows(tmp_path / "compiled" / "metrics.csv"), read_rows(cuda_run[0] / "metrics.csv")

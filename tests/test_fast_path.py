@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import plumbing
 import trainer
 from conftest import SMALL_RUN_ARGS, SRC
 
@@ -35,7 +36,7 @@ def test_bf16_forward_matches_fp32(batch):
     x, _ = batch
     torch.manual_seed(1)
     model = common.MSCNN().eval()
-    fast_model = trainer.build_model(50, 0.4, torch.device("cpu")).eval()
+    fast_model = plumbing.on_device(common.MSCNN(50, 0.4), torch.device("cpu")).eval()
     fast_model.load_state_dict(model.state_dict())
     with torch.no_grad():
         exact = model(x)
@@ -50,7 +51,7 @@ def test_bf16_training_step_matches_fp32(batch):
     x, y = batch
     torch.manual_seed(1)
     reference = common.MSCNN()
-    fast = trainer.build_model(50, 0.4, torch.device("cpu"))  # the trainer's layout
+    fast = plumbing.on_device(common.MSCNN(50, 0.4), torch.device("cpu"))  # the trainer's layout
     fast.load_state_dict(reference.state_dict())
     reference_init = {n: v.clone() for n, v in reference.state_dict().items()}
     results = {}
@@ -82,10 +83,10 @@ def test_compiled_step_and_forward_match_eager(batch):
     x, y = batch
     cpu = torch.device("cpu")
     torch.manual_seed(1)
-    eager = trainer.build_model(50, 0.0, cpu)
-    plain = trainer.build_model(50, 0.0, cpu)
+    eager = plumbing.on_device(common.MSCNN(50, 0.0), cpu)
+    plain = plumbing.on_device(common.MSCNN(50, 0.0), cpu)
     plain.load_state_dict(eager.state_dict())
-    compiled = trainer.compile_model(plain, cpu)
+    compiled = plumbing.compile_model(plain, cpu)
     initial = {n: v.clone() for n, v in eager.state_dict().items()}
     results = {}
     for name, model in (("eager", eager), ("compiled", compiled)):
@@ -135,7 +136,7 @@ def test_torchrun_two_processes_matches_one(small_data_dir, small_run, tmp_path)
     assert float(ddp[0]["train_loss"]) == pytest.approx(float(single[0]["train_loss"]), rel=0.05)
     for row_ddp, row_single in zip(ddp, single):
         assert float(row_ddp["val_roc_auc"]) == pytest.approx(float(row_single["val_roc_auc"]), abs=0.06)
-    common.load_model(tmp_path / "ddp" / "best_model.pt")  # a plain (not DDP-wrapped) state dict
+    plumbing.load_model(tmp_path / "ddp" / "best_model.pt")  # a plain (not DDP-wrapped) state dict
 
 
 def test_flop_count_from_layer_shapes():
@@ -176,7 +177,7 @@ def test_trainer_compile_flag(small_data_dir, small_run, tmp_path):
     """--compile trains to the same place as eager and saves a plain state dict."""
     results = trainer.main(["--data-dir", str(small_data_dir), "--out", str(tmp_path), "--run", "compiled",
                             "--epochs", "2", "--compile"] + SMALL_RUN_ARGS)
-    model, checkpoint = common.load_model(tmp_path / "compiled" / "best_model.pt")
+    model, checkpoint = plumbing.load_model(tmp_path / "compiled" / "best_model.pt")
     assert not any(key.startswith("_orig_mod.") for key in checkpoint["state_dict"])
     compiled, eager = read_rows(tmp_path / "compiled" / "metrics.csv"), read_rows(small_run[0] / "metrics.csv")
     # inductor draws other dropout masks than eager, so near, not equal
@@ -188,8 +189,8 @@ def test_resident_data_gives_the_same_training_as_the_memmap(small_data_dir):
     """The GPU path's data handling (the array uploaded whole, batches and band statistics
     read from it by device-side indices), run on the CPU against the host memmap."""
     cpu = torch.device("cpu")
-    spectrograms = trainer.load_spectrograms(small_data_dir)
-    resident = trainer.upload(spectrograms, cpu, chunk_rows=20)
+    spectrograms = plumbing.open_spectrograms(small_data_dir)
+    resident = plumbing.upload(spectrograms, cpu, chunk_rows=20)
     assert resident.dtype == torch.float16 and torch.equal(resident, torch.from_numpy(np.array(spectrograms)))
     train_idx = np.arange(0, 48, 3)
     norm = trainer.band_stats(spectrograms, train_idx, cpu, chunk_rows=5)
@@ -204,7 +205,7 @@ def test_resident_data_gives_the_same_training_as_the_memmap(small_data_dir):
     results = []
     for source in (spectrograms, resident):
         torch.manual_seed(0)
-        model = trainer.build_model(4, 0.4, cpu, 0.1)
+        model = plumbing.on_device(common.MSCNN(4, 0.4, 0.1), cpu)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         loss = trainer.train_epoch(model, optimizer, source, labels, batches, norm, False)
         scores = trainer.predict_rows(model, source, np.arange(1, 48, 3), norm, 5, cpu, False)
@@ -218,17 +219,21 @@ def test_resident_data_gives_the_same_training_as_the_memmap(small_data_dir):
 GPU_CHOICES = ["--precision", "bf16", "--fused-adam", "--resident"]
 
 
-def test_speed_choices_resolve_per_device_and_flags_win(tmp_path):
+def test_speed_choices_resolve_per_device_and_flags_win():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object: nothing runs on it
-    args = trainer.resolve_speed_choices(trainer.parse_args(["--data-dir", str(tmp_path)]), cpu)
-    assert (args.precision, args.fused_adam, args.resident, args.cudnn_benchmark) == ("fp32", False, False, False)
-    args = trainer.resolve_speed_choices(trainer.parse_args(["--no-resident"]), cuda)
-    assert (args.precision, args.fused_adam, args.resident, args.cudnn_benchmark) == ("bf16", True, False, True)
-    args = trainer.resolve_speed_choices(trainer.parse_args(GPU_CHOICES + ["--cudnn-benchmark"]), cpu)
-    assert (args.precision, args.fused_adam, args.resident, args.cudnn_benchmark) == ("bf16", True, True, True)
-    args = trainer.resolve_speed_choices(trainer.parse_args(
-        ["--precision", "fp32", "--no-fused-adam", "--no-resident", "--no-cudnn-benchmark"]), cuda)
-    assert (args.precision, args.fused_adam, args.resident, args.cudnn_benchmark) == ("fp32", False, False, False)
+
+    def choices(argv, device):
+        args = trainer.parse_args(argv)
+        line = plumbing.resolve_speed_choices(args, device, data_bytes=0)
+        assert line.startswith(f"device {device}: precision {args.precision}")
+        return args.precision, args.fused_adam, args.resident, args.cudnn_benchmark
+
+    assert choices([], cpu) == ("fp32", False, False, False)
+    assert choices(["--no-resident"], cuda) == ("bf16", True, False, True)
+    assert choices(GPU_CHOICES + ["--cudnn-benchmark"], cpu) == ("bf16", True, True, True)
+    assert choices(["--precision", "fp32", "--no-fused-adam", "--no-resident", "--no-cudnn-benchmark"],
+                   cuda) == ("fp32", False, False, False)
+    torch.backends.cudnn.benchmark = False  # as it was
 
 
 def test_resumed_optimizer_takes_this_runs_fused_choice():
@@ -239,7 +244,7 @@ def test_resumed_optimizer_takes_this_runs_fused_choice():
         weight.grad = torch.randn(3, 2)
         saved.step()
         resumed = torch.optim.Adam([weight], lr=1e-3, fused=now_fused)
-        trainer.load_optimizer_state(resumed, saved.state_dict(), now_fused)
+        plumbing.load_optimizer_state(resumed, saved.state_dict(), now_fused)
         assert resumed.param_groups[0]["fused"] is now_fused
         assert torch.equal(resumed.state[weight]["exp_avg"], saved.state[weight]["exp_avg"])
         resumed.step()  # runs with the state's step counter where that Adam keeps it
@@ -258,21 +263,21 @@ def test_gpu_choices_on_the_cpu_match_fp32_step_by_step(small_data_dir):
     are chaotic, and bf16 runs left to themselves are 8% apart in loss by the second step.
     """
     cpu = torch.device("cpu")
-    spectrograms = trainer.load_spectrograms(small_data_dir)
-    resident = trainer.to_device_source(spectrograms, cpu, resident=True)
+    spectrograms = plumbing.open_spectrograms(small_data_dir)
+    resident = plumbing.to_device_source(spectrograms, cpu, resident=True)
     assert isinstance(resident, torch.Tensor) and resident.dtype == torch.float16
     train_idx, val_idx = np.arange(0, 48, 4), np.arange(1, 48, 4)
     norm = trainer.band_stats(resident, train_idx, cpu)
     labels = torch.from_numpy(common.read_annotations(small_data_dir / "annotations_final.csv")[1]).float()
     batches = trainer.epoch_batches(train_idx, 0, 1, 4)  # 3 steps of 4 clips
     torch.manual_seed(0)
-    reference, fast = trainer.build_model(4, 0.4, cpu, 0.1), trainer.build_model(4, 0.4, cpu, 0.1)
+    reference, fast = plumbing.on_device(common.MSCNN(4, 0.4, 0.1), cpu), plumbing.on_device(common.MSCNN(4, 0.4, 0.1), cpu)
     reference_adam = torch.optim.Adam(reference.parameters(), lr=1e-3)
     fast_adam = torch.optim.Adam(fast.parameters(), lr=1e-3, fused=True)
     for step in range(len(batches)):
         fast.load_state_dict(reference.state_dict())
         if step:
-            trainer.load_optimizer_state(fast_adam, reference_adam.state_dict(), fused=True)
+            plumbing.load_optimizer_state(fast_adam, reference_adam.state_dict(), fused=True)
         before = {n: v.clone() for n, v in reference.state_dict().items()}
         results = {}
         for name, model, adam, source, use_bf16 in (("fp32", reference, reference_adam, spectrograms, False),
@@ -307,8 +312,8 @@ def test_trainer_runs_the_gpu_choices_on_the_cpu_and_resumes(small_data_dir, sma
                                                              monkeypatch):
     """trainer.py --precision bf16 --fused-adam --resident on the CPU: it states, saves and
     takes the choices, learns as fp32 does, and an interrupted run resumes to the same numbers."""
-    uploads, upload = [], trainer.upload  # which arrays main makes resident (then uploads them)
-    monkeypatch.setattr(trainer, "upload", lambda array, *a, **k: uploads.append(array.shape) or upload(array, *a, **k))
+    uploads, upload = [], plumbing.upload  # which arrays main makes resident (then uploads them)
+    monkeypatch.setattr(plumbing, "upload", lambda array, *a, **k: uploads.append(array.shape) or upload(array, *a, **k))
 
     def run(name, epochs, *extra):
         return trainer.main(["--data-dir", str(small_data_dir), "--out", str(tmp_path), "--run", name,
@@ -317,7 +322,7 @@ def test_trainer_runs_the_gpu_choices_on_the_cpu_and_resumes(small_data_dir, sma
     results = run("full", 2)
     assert uploads == [(48, common.N_MELS, common.N_FRAMES)]
     assert "precision bf16, fused Adam on, resident data on, cudnn.benchmark off" in capsys.readouterr().out
-    _, checkpoint = common.load_model(tmp_path / "full" / "best_model.pt")
+    _, checkpoint = plumbing.load_model(tmp_path / "full" / "best_model.pt")
     assert {k: checkpoint["args"][k] for k in ("precision", "fused_adam", "resident", "cudnn_benchmark")} == dict(
         precision="bf16", fused_adam=True, resident=True, cudnn_benchmark=False)
     fast, exact = read_rows(tmp_path / "full" / "metrics.csv"), read_rows(small_run[0] / "metrics.csv")

@@ -20,6 +20,7 @@ import soundfile
 import torch
 
 import common
+import plumbing
 import gen_spectrograms
 import get_data
 import trainer
@@ -187,7 +188,7 @@ def test_workers_that_always_die_stop_the_run_in_one_line_and_a_rerun_completes(
     run = run_with_killing_log_mel("'/mp3/' in str(path)", data_dir)
     assert run.returncode == 1, run.stderr
     line = one_line_error(run.stderr)
-    assert line.startswith("error: worker processes keep dying") and "rows 0 (0/clip-0.wav)" in line
+    assert line.startswith("error: worker processes keep dying") and "in flight: row 0 (0/clip-0.wav)" in line
     assert "rerun the same command to resume" in line
     progress = json.loads((data_dir / "spectrograms.progress.json").read_text())
     assert progress["done"] == [] and progress["failed"] == []  # no clip blamed for it
@@ -279,7 +280,7 @@ def test_full_disk_while_saving_a_checkpoint_is_one_line(small_data_dir, tmp_pat
                              + SMALL_RUN_ARGS, capture_output=True, text=True, timeout=300,
                              preexec_fn=preexec_fn)
         left = sorted(p.name for p in (tmp_path / "disk" / "r").iterdir())
-        model, checkpoint = common.load_model(tmp_path / "disk" / "r" / "best_model.pt")
+        model, checkpoint = plumbing.load_model(tmp_path / "disk" / "r" / "best_model.pt")
     assert run.returncode == 1
     line = one_line_error(run.stderr)
     assert line.startswith(f"error: cannot write {tmp_path / 'disk' / 'r' / 'last.pt'}: ")
@@ -341,7 +342,7 @@ def test_load_model_refuses_a_checkpoint_with_non_finite_tensors(tmp_path):
                tmp_path / "poisoned.pt")
     with pytest.raises(ValueError, match=r"poisoned.pt: holds non-finite values \(NaN or inf\) "
                                          r"in head.0.running_var; the run that wrote it diverged"):
-        common.load_model(tmp_path / "poisoned.pt")
+        plumbing.load_model(tmp_path / "poisoned.pt")
 
 
 class NotAllowed:
@@ -351,14 +352,14 @@ class NotAllowed:
 def test_checkpoint_errors_are_whole_sentences(tmp_path):
     torch.save({"x": NotAllowed()}, tmp_path / "pickled.pt")
     with pytest.raises(ValueError) as caught:
-        common.load_model(tmp_path / "pickled.pt")
+        plumbing.load_model(tmp_path / "pickled.pt")
     message = str(caught.value)
     assert message.endswith("(weights-only loading refused it: Unsupported global: GLOBAL "
                             "test_faults.NotAllowed was not an allowed global by default)")
     torch.save({"x": torch.zeros(3)}, tmp_path / "cut.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "cut.pt").read_bytes()[:100])
     with pytest.raises(ValueError, match=r"cut.pt: not a PyTorch checkpoint of this project \(.+\)$"):
-        common.load_model(tmp_path / "cut.pt")
+        plumbing.load_model(tmp_path / "cut.pt")
 
 
 # -----------------------------------------------------------------------------
@@ -414,7 +415,7 @@ def test_get_data_names_a_data_dir_that_is_a_file(tmp_path):
 
 
 def test_default_workers_are_never_more_than_the_cores(capsys):
-    cores = gen_spectrograms.usable_cores()
+    cores = plumbing.usable_cores()
     assert gen_spectrograms.parse_args([]).workers == min(8, cores)
     assert capsys.readouterr().err == ""
     # more, asked for, is honoured (benchmark.py measures it) with a note

@@ -1,0 +1,729 @@
+"""The machinery under the recipe, written once for every script: safe files, signals, the
+worker pool, devices and speed choices, the spectrogram file and the checkpoint format.
+
+Nothing here is the paper's (that is common.py and trainer.py); everything here is what
+keeps a long run correct when a disk fills, a process is killed or a file is damaged.
+
+    atomic_write, write_json, read_json      files appear whole or not at all
+    check_npy, open_spectrograms             a .npy checked against its header and .json
+    handle_signals, Interrupted, exit_code   SIGTERM and SIGHUP end a script as Ctrl-C does
+    pool_results, usable_cores               worker processes with one policy for deaths
+    resolve_device, resolve_speed_choices    the device and its speed flags, decided once
+    setup_distributed, rank, log, ...        torchrun
+    save_epoch, resume, load_model, ...      the run folder: best_model.pt, last.pt,
+                                             metrics.csv, results.json
+"""
+import argparse
+import collections
+import contextlib
+import csv
+import ctypes
+import errno
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import common
+
+# -----------------------------------------------------------------------------
+# Files: atomic writes and disk errors
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
+
+
+def disk_error_text(path, error):
+    """One line for a failed write: what, where, how much room is left."""
+    reason = os.strerror(error.errno) if getattr(error, "errno", None) else str(error).splitlines()[0]
+    try:
+        free = f"; {shutil.disk_usage(Path(path).parent).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = ""
+    return f"cannot write {path}: {reason}{free}"
+
+
+def disk_error_in(error):
+    """The OSError with a DISK_ERRORS errno in error's chain of causes, or None (torch.save
+    wraps the OSError of a failed write in a RuntimeError)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w", **open_kwargs):
+    """Open a temporary file beside `path` for writing; on success it replaces `path`.
+
+    Nothing half-written is ever left under `path`: the data go to `<path>.tmp`, are
+    flushed to disk, and only then renamed over `path`. On any error (Ctrl-C and
+    SIGTERM included) the temporary file is removed and the previous `path`, if any, stays
+    as it was. A full disk, a file-size limit, a read-only file system or an I/O error
+    (ENOSPC, EDQUOT, EFBIG, EROFS, EIO; also when wrapped, as torch.save wraps them) is
+    raised as SystemExit with one line naming the file and the space left; other errors
+    propagate.
+
+        with atomic_write(run_dir / "results.json") as f:
+            f.write(text)
+        with atomic_write(run_dir / "last.pt", "wb") as f:
+            torch.save(state, f)
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):  # the clean-up must not hide the first error
+            tmp.unlink(missing_ok=True)
+        cause = disk_error_in(error)
+        if cause is not None:
+            raise SystemExit(f"error: {disk_error_text(path, cause)}; the previous "
+                             f"{path.name}, if any, is unchanged") from None
+        raise
+
+
+def write_json(path, obj, indent=1):
+    """Write obj as JSON to path atomically (NaN refused: it is not JSON)."""
+    with atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=indent, allow_nan=False) + "\n")
+
+
+def read_json(path):
+    """The JSON object in the file at path; ValueError naming the file when it is not one."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not valid JSON of this project (not an object)")
+    return obj
+
+
+def npy_header(path):
+    """(shape, dtype, fortran_order, data_offset) read from the header of the .npy file at
+    path; data_offset is where the array's bytes start. ValueError naming the file when it
+    has no .npy header."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, fortran_order, dtype = read(f)
+            return shape, dtype, fortran_order, f.tell()
+    except ValueError as error:  # no magic string, or a header cut short or garbled
+        raise ValueError(f"{path} has no valid .npy header ({error})") from None
+
+
+def check_npy(path, shape, dtype):
+    """Check that the .npy file at path holds a whole C-order array of `shape` and `dtype`:
+    its header says so, and its size is the header's plus shape x itemsize bytes. (A file
+    cut short by a full disk or a broken copy still opens with np.load's memory map, or
+    fails there without naming the file.) Raises ValueError: one line naming the file."""
+    shape, dtype = tuple(shape), np.dtype(dtype)
+    found_shape, found_dtype, fortran_order, offset = npy_header(path)
+    if found_shape != shape or found_dtype != dtype or fortran_order:
+        raise ValueError(f"{path} holds {found_dtype} {found_shape}"
+                         f"{' in Fortran order' if fortran_order else ''}, "
+                         f"expected {dtype} {shape}")
+    expected, size = offset + math.prod(shape) * dtype.itemsize, os.path.getsize(path)
+    if size != expected:
+        raise ValueError(f"{path} is damaged: {size:,} bytes, where its header ({dtype} "
+                         f"{shape}) needs {expected:,} "
+                         f"({'cut short' if size < expected else 'extra bytes at the end'})")
+
+
+def open_spectrograms(data_dir):
+    """Open DATA/spectrograms.npy memory-mapped after checking it against its .json (the
+    feature parameters of common, the number of rows and the dtype, the file's size).
+
+    Returns ndarray (N, N_MELS, N_FRAMES): a read-only memmap, float16 or float32.
+    Raises SystemExit with one line naming the file and the fix.
+    """
+    npy, meta_path = data_dir / "spectrograms.npy", data_dir / "spectrograms.json"
+    again = f"compute the spectrograms again: python src/gen_spectrograms.py --data-dir {data_dir} --overwrite"
+    if not npy.is_file() or not meta_path.is_file():
+        raise SystemExit(f"error: {npy} (+ .json) not found or incomplete; "
+                         f"run: python src/gen_spectrograms.py --data-dir {data_dir}")
+    try:
+        meta = read_json(meta_path)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}; {again}") from None
+    wanted = common.feature_params()
+    found = {key: meta.get(key) for key in wanted}
+    if found != wanted:
+        raise SystemExit(f"error: {meta_path} was made with feature parameters {found}, but this code "
+                         f"uses {wanted}; rerun: python src/gen_spectrograms.py --data-dir {data_dir} --overwrite")
+    if not isinstance(meta.get("n_clips"), int) or meta.get("dtype") not in ("float16", "float32"):
+        raise SystemExit(f"error: {meta_path} lacks n_clips or dtype; {again}")
+    try:  # its size against its header and its .json: np.load's memory map would not name the file
+        check_npy(npy, (meta["n_clips"], common.N_MELS, common.N_FRAMES), meta["dtype"])
+    except ValueError as error:
+        raise SystemExit(f"error: {error} ({meta_path.name} says {meta['n_clips']} clips, {meta['dtype']}); "
+                         f"run python src/gen_spectrograms.py --data-dir {data_dir}: it recomputes "
+                         "the damaged rows (or says to pass --overwrite)") from None
+    return np.load(npy, mmap_mode="r")
+
+
+# -----------------------------------------------------------------------------
+# Signals: SIGTERM and SIGHUP end a script the way Ctrl-C does
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread by handle_signals. A KeyboardInterrupt,
+    so every clean-up written for Ctrl-C (saving, removing temporary files, stopping
+    workers) runs for them too."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def handle_signals():
+    """From now on SIGTERM and SIGHUP raise Interrupted in this process (a kill, a closed
+    terminal, a batch system's time limit), as SIGINT raises KeyboardInterrupt."""
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
+
+
+def exit_code(interrupt):
+    """The exit status of a process ended by this KeyboardInterrupt: 128 + the signal's
+    number, as a shell reports it (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
+    return 128 + getattr(interrupt, "signum", signal.SIGINT)
+
+
+# -----------------------------------------------------------------------------
+# The worker pool: gen_spectrograms.py's and predict.py's, with one policy
+def usable_cores():
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class WorkerDied(Exception):
+    """What pool_results yields for a task whose worker died while running it alone."""
+
+
+class WorkersKeepDying(Exception):
+    """Full pools died twice with no task finished in between: something kills any worker
+    (memory?), not one task. .tasks: the indices of the tasks in flight meanwhile."""
+
+    def __init__(self, tasks, described):
+        super().__init__(f"worker processes keep dying (twice with no task finished in between; "
+                         f"in flight: {described})")
+        self.tasks = tasks
+
+
+blas_limit = None  # a worker's one-thread BLAS limit, kept alive as long as the worker
+
+
+def start_worker(parent_pid, initializer, initargs):
+    """Every worker's start: Ctrl-C ignored and SIGTERM/SIGHUP back to their defaults (the
+    main process stops the pool; a fork inherits its handlers), death with the main
+    process, one BLAS thread (the parallelism is across tasks: W workers x T threads
+    would oversubscribe the cores), then the caller's initializer."""
+    global blas_limit
+    from threadpoolctl import threadpool_limits
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    exit_with(parent_pid)
+    blas_limit = threadpool_limits(limits=1)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def exit_with(parent_pid):
+    """Have the kernel kill this worker when the main process dies (Linux's
+    PR_SET_PDEATHSIG): after a kill -9 or the OOM killer took the main process, the
+    workers would otherwise wait for work forever, each holding its memory."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: orphans wait, as they do without this
+        return
+    if os.getppid() != parent_pid:  # it died before the call above
+        os._exit(1)
+
+
+def stop_pool(pool):
+    """Kill the pool's workers (they ignore Ctrl-C and would finish their tasks), then shut
+    it down and reap them. Python before 3.14 has no public way to reach them."""
+    if hasattr(pool, "terminate_workers"):
+        pool.terminate_workers()
+    else:
+        for process in list((pool._processes or {}).values()):
+            process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def pool_results(fn, tasks, workers, initializer=None, initargs=(), ordered=False, ahead=1,
+                 tick_s=None, describe=str):
+    """Run fn(task) for every task in `workers` forked worker processes.
+
+    Yields (index, result) as tasks finish, in task order when `ordered`; an exception fn
+    raises is yielded as its result. With tick_s, yields None whenever tick_s seconds pass
+    without a result (so that the caller can save its progress). At most ahead x workers
+    tasks are in flight or finished and waiting for their turn.
+
+    The policy for a worker that dies (the OOM killer, kill -9, a crash in a decoder): the
+    pool breaks; the tasks it had in flight are run again one at a time in a fresh pool of
+    one, with one warning line naming them (describe(task)); a task whose worker dies
+    again, alone, yields WorkerDied. Two deaths of full pools with no task finished in
+    between raise WorkersKeepDying. Workers ignore Ctrl-C and die with this process; when
+    the generator ends, fails or is closed (Ctrl-C or SIGTERM in the caller: close it, e.g.
+    with contextlib.closing), its workers are killed and reaped, never left waiting.
+    Forked, so that they inherit what this process has loaded instead of each paying for it.
+    """
+    context = multiprocessing.get_context("fork")
+    todo, suspects, held = collections.deque(range(len(tasks))), collections.deque(), {}
+    next_out, streak, full_deaths = 0, [], 0  # tasks lost, full-pool deaths, since a task finished
+    pool = None
+
+    def names(indices):
+        indices = sorted(set(indices))
+        return ", ".join(describe(tasks[i]) for i in indices[:6]) + (
+            f" and {len(indices) - 6} more" if len(indices) > 6 else "")
+
+    def release():  # what is finished, in task order when ordered
+        nonlocal next_out
+        while held and not ordered:
+            index = next(iter(held))
+            yield index, held.pop(index)
+        while next_out in held:
+            yield next_out, held.pop(next_out)
+            next_out += 1
+
+    try:
+        while todo or suspects:
+            alone = bool(suspects)  # a suspect runs alone: if its worker dies, it did it
+            source, limit = (suspects, 1) if alone else (todo, ahead * workers)
+            pool = ProcessPoolExecutor(1 if alone else workers, mp_context=context,
+                                       initializer=start_worker,
+                                       initargs=(os.getpid(), initializer, initargs))
+            in_flight, lost, broken = {}, [], False
+            while (source or in_flight) and not broken:
+                while source and (len(in_flight) + (0 if alone else len(held)) < limit or (
+                        ordered and not alone and source[0] == next_out)):  # the one awaited
+                    try:
+                        in_flight[pool.submit(fn, tasks[source[0]])] = source[0]
+                    except BrokenProcessPool:  # a worker died since the last wait
+                        broken = True
+                        break
+                    source.popleft()
+                done, _ = wait(in_flight, timeout=0 if broken else tick_s,
+                               return_when=FIRST_COMPLETED)
+                if broken or any(isinstance(f.exception(), BrokenProcessPool) for f in done):
+                    broken = True
+                    done = wait(in_flight)[0]  # a broken pool fails all its futures at once
+                if not done and not broken:
+                    yield None
+                for future in done:
+                    index = in_flight.pop(future)
+                    error = future.exception()
+                    if isinstance(error, BrokenProcessPool):
+                        lost.append(index)
+                        continue
+                    held[index] = error if error is not None else future.result()
+                    streak, full_deaths = [], 0
+                yield from release()
+            pool.shutdown(wait=True)
+            pool = None
+            if not broken:
+                continue
+            streak += lost
+            if alone:
+                for index in lost:
+                    held[index] = WorkerDied(
+                        "its worker process died twice while computing it, the second time "
+                        "alone (killed by the system, out of memory?, or crashed in the decoder)")
+                yield from release()
+                continue
+            full_deaths += 1
+            if full_deaths == 2:
+                raise WorkersKeepDying(sorted(set(streak)), names(streak))
+            tqdm.write("a worker process died (killed: out of memory? kill -9?) with "
+                       + (f"{names(lost)} in flight; computing them again, one at a time, "
+                          if lost else "nothing in flight; going on ") + "in a fresh pool",
+                       file=sys.stderr)
+            suspects.extend(sorted(lost))
+        yield from release()
+    finally:
+        if pool is not None:  # an error or Ctrl-C on the way out: no worker outlives it
+            stop_pool(pool)
+
+
+# -----------------------------------------------------------------------------
+# Devices and speed choices
+def resolve_device(name="auto"):
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but PyTorch sees no CUDA GPU "
+                         f"(torch {torch.__version__}); use --device cpu or install a CUDA build")
+    return torch.device(name)
+
+
+def add_speed_flags(p):
+    """trainer.py's speed flags. 'auto' (None) is decided per device by
+    resolve_speed_choices; naming one runs a GPU's choice on the CPU too, which is how the
+    tests check the GPU's path on a CPU."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda when available)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16: the network under bfloat16 autocast (weights, loss and Adam stay fp32); "
+                        "fp32: float32 throughout (on CUDA, PyTorch's default of TF32 convolutions); "
+                        "auto: bf16 on CUDA, fp32 on a CPU (default: auto)")
+    p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None,
+                   help="Adam's fused kernel, one for all parameters (PyTorch has it for CUDA and CPU) "
+                        "(default: on CUDA)")
+    p.add_argument("--resident", action=argparse.BooleanOptionalAction, default=None,
+                   help="hold all spectrograms as one tensor on the device, so a batch is an index "
+                        "(on a CPU: in RAM, the whole array), instead of reading batches from the "
+                        "memory map (default: on CUDA when spectrograms.npy fits in free GPU memory "
+                        f"with {GPU_RESERVE_BYTES / 2**30:.0f} GiB to spare)")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
+                   help="let cuDNN time its convolution algorithms for the fixed input shape and keep "
+                        "the fastest (no effect on a CPU) (default: on CUDA)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (with CUDA graphs on CUDA); off by default "
+                        "(docs/performance.md has what it gains and costs)")
+    p.add_argument("--eval-batch-size", type=int, default=256, help="clips per step when scoring (default: 256)")
+
+
+GPU_RESERVE_BYTES = 6 * 2 ** 30  # GPU memory left free beside resident data: model, activations
+
+
+def resolve_speed_choices(args, device, data_bytes):
+    """Decide each speed choice left at auto for this device, the one place where they
+    are decided; the result replaces auto in args (so it is printed, and saved with the
+    checkpoints' args). What a CPU run and a GPU run with the same choices differ in is
+    then only the device. Sets cudnn.benchmark; returns the line that states the choices.
+
+    precision: bf16 on CUDA; fp32 on a CPU (exact, and bf16 gives a CPU no speed-up).
+    fused_adam, cudnn_benchmark: on CUDA. resident: on CUDA when the spectrograms
+    (data_bytes) fit in free GPU memory with GPU_RESERVE_BYTES to spare (else pinned host
+    batches); never by default on a CPU, where the memory map keeps host memory bounded.
+    Raises SystemExit when --resident asks for more than the GPU has free.
+    """
+    cuda = device.type == "cuda"
+    if args.precision == "auto":
+        args.precision = "bf16" if cuda else "fp32"
+    if args.fused_adam is None:
+        args.fused_adam = cuda
+    if args.cudnn_benchmark is None:
+        args.cudnn_benchmark = cuda
+    if cuda and args.resident is not False:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+        fits = data_bytes <= free_bytes - GPU_RESERVE_BYTES
+        sizes = (f"the spectrograms ({data_bytes / 2**30:.1f} GiB) do not fit in the GPU's free "
+                 f"{free_bytes / 2**30:.1f} GiB with {GPU_RESERVE_BYTES / 2**30:.0f} GiB to spare")
+        if args.resident and not fits:
+            raise SystemExit(f"error: --resident: {sizes}; drop --resident to read pinned host batches")
+        if not fits:
+            log(f"{sizes}: pinned host batches")
+        args.resident = fits
+    args.resident = bool(args.resident)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark  # fixed input shape: autotuning pays once
+    return (f"device {device}: precision {args.precision}, fused Adam {on_off(args.fused_adam)}, "
+            f"resident data {on_off(args.resident)}, cudnn.benchmark {on_off(args.cudnn_benchmark)}, "
+            f"compile {on_off(args.compile)}")
+
+
+def on_off(flag):
+    return "on" if flag else "off"
+
+
+def on_device(model, device):
+    """The model on device in channels_last layout: the same numbers as the default layout,
+    faster on a CPU (oneDNN) and the layout cuDNN's bf16 convolutions prefer
+    (docs/performance.md)."""
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def compile_model(model, device):
+    """torch.compile (--compile): inductor's fused kernels and, on CUDA, CUDA graphs that
+    replay each fixed-shape step as one launch ('reduce-overhead')."""
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
+def to_device_source(spectrograms, device, resident):
+    """Where batches are read from: resident, the whole array as one tensor on device (one
+    upload, then indexing costs nothing); else the host memmap itself."""
+    return upload(spectrograms, device) if resident else spectrograms
+
+
+def upload(spectrograms, device, chunk_rows=1024):
+    """A copy of the array (N, N_MELS, N_FRAMES) as a tensor of its dtype on device,
+    made in chunks so host memory stays bounded."""
+    resident = torch.empty(spectrograms.shape, dtype=getattr(torch, spectrograms.dtype.name), device=device)
+    for start in tqdm(range(0, len(spectrograms), chunk_rows), desc=f"to {device}", unit="chunk",
+                      leave=False, disable=not is_main()):
+        chunk = np.array(spectrograms[start:start + chunk_rows])  # writable: torch warns on a read-only memmap
+        resident[start:start + chunk_rows] = torch.from_numpy(chunk)
+    return resident
+
+
+def get_batch(source, rows, rows_on_device):
+    """Spectrogram rows -> tensor (B, N_MELS, N_FRAMES) on rows_on_device's device.
+
+    rows: sorted int ndarray, to read a host memmap; rows_on_device: the same rows as a
+    tensor on the device, to index a resident tensor without waiting for the GPU (a
+    host-to-device copy of the indices each step would stall the queue of kernels).
+    """
+    if isinstance(source, torch.Tensor):
+        return source[rows_on_device]
+    batch = torch.from_numpy(np.asarray(source[rows]))
+    if rows_on_device.is_cuda:
+        return batch.pin_memory().to(rows_on_device.device, non_blocking=True)
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# torchrun: one process per GPU (one process without torchrun)
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def log(message):
+    """Print a line above any progress bar, from the main process only."""
+    if is_main():
+        tqdm.write(message)
+
+
+def setup_distributed(device_name):
+    """Start the process group under torchrun; -> the device this process uses."""
+    device = resolve_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def parallel(model, device, args, start_epoch):
+    """-> (the model to train: DistributedDataParallel under torchrun, with batch norm over
+    the global batch on CUDA, and torch.compile'd with --compile; the plain model, whose
+    state dict is what is saved)."""
+    plain = model
+    if world_size() > 1:
+        if device.type == "cuda":  # batch norm over the global batch, as on one GPU
+            model = plain = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
+        torch.manual_seed(args.seed + 1000 * rank() + start_epoch)  # each process its own dropout masks
+    if args.compile:
+        model = compile_model(model, device)
+    return model, plain
+
+
+def finish_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Guards of a training run
+def check_finite(model):
+    """Raise FloatingPointError naming the parameters and buffers (batch norm's running
+    statistics too) that hold NaN or inf: the loss is only read every few steps and a
+    finite loss does not mean finite running statistics."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise FloatingPointError(f"the weights became non-finite ({', '.join(bad[:3])}"
+                                 f"{' and more' if len(bad) > 3 else ''})")
+
+
+def divergence_message(error, epoch, run_dir, history, best):
+    """The line that stops a diverged run, true about what is on disk: every finished epoch
+    was saved, so last.pt holds the last epoch of history (none: nothing was saved)."""
+    if history:
+        kept = (f"the last good checkpoints in {run_dir} are intact (last.pt: epoch {history[-1]['epoch']}, "
+                f"best_model.pt: epoch {best['epoch']})")
+    else:
+        kept = f"no checkpoint was written to {run_dir}"
+    return f"error: {error} in epoch {epoch}; stopped before saving it; {kept}. Try a lower --lr"
+
+
+# -----------------------------------------------------------------------------
+# The run folder: best_model.pt (all that inference needs), last.pt (all that resuming
+# needs), metrics.csv (a row per epoch), results.json (the result, for report.py).
+# Both .pt files load with torch.load(..., weights_only=True).
+CHECKPOINT_KEYS = ("state_dict", "tag_names", "norm_mean", "norm_std", "feature_params",
+                   "args", "epoch", "metrics")
+LAST_KEYS = ("model", "optimizer", "scheduler", "torch_rng", "cuda_rng", "history", "best",
+             "epoch", "args")
+
+
+def json_args(args):
+    """The arguments as plain types (a checkpoint loads with weights_only=True)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def start_run(args, resume_keys, model, optimizer, scheduler, device):
+    """The run folder OUT/RUN, new or (--resume) continued from its last.pt.
+
+    A new run refuses a folder that already holds one. --resume refuses a run whose
+    resume_keys (the arguments that define it) differ from this one's, then restores the
+    weights, Adam's state, the schedule and the random-number generators, so the resumed
+    run is bit-identical to an uninterrupted one.
+    Returns (run_dir, history, best, start_epoch).
+    """
+    run_dir = args.out / (args.run or time.strftime("%Y%m%d-%H%M%S"))
+    if not args.resume:
+        if is_main():
+            if (run_dir / "last.pt").exists():
+                raise SystemExit(f"error: {run_dir} already holds a run; pass --resume to continue it or another --run")
+            run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir, [], None, 1
+    if args.run is None or not (run_dir / "last.pt").is_file():
+        raise SystemExit(f"error: --resume needs --run NAME of a run with a last.pt ({run_dir / 'last.pt'} not found)")
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    saved = dict({"split_seed": state["args"]["seed"]}, **state["args"])  # older runs drew --split random from --seed
+    changed = [k for k in resume_keys if saved[k] != json_args(args)[k]]
+    if changed:
+        raise SystemExit(f"error: cannot resume {run_dir} with different {', '.join('--' + k.replace('_', '-') for k in changed)}")
+    model.load_state_dict(state["model"])
+    load_optimizer_state(optimizer, state["optimizer"], args.fused_adam)
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state.get("cuda_rng") is not None:  # dropout masks on CUDA
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    log(f"resuming {run_dir} after epoch {state['epoch']}")
+    return run_dir, state["history"], state["best"], state["epoch"] + 1
+
+
+def load_optimizer_state(optimizer, saved, fused):
+    """optimizer.load_state_dict(saved), but with this run's --fused-adam: a saved state
+    carries the interrupted run's choice in its parameter groups, and would impose it."""
+    for group in saved["param_groups"]:
+        group["fused"] = fused
+    optimizer.load_state_dict(saved)
+
+
+def save_epoch(run_dir, model, optimizer, scheduler, history, best, improved, tag_names, norm, args, device):
+    """Save a finished epoch (main process only): best_model.pt when it improved, last.pt,
+    metrics.csv; each through atomic_write, so a full disk is one line and a kill at any
+    moment leaves the previous epoch's files whole."""
+    if not is_main():
+        return
+    state_dict = {k: v.cpu() for k, v in model.state_dict().items()}
+    if improved:
+        save_best_model(run_dir / "best_model.pt", state_dict, tag_names, norm, json_args(args),
+                        best["epoch"], best)
+    with atomic_write(run_dir / "last.pt", "wb") as f:
+        torch.save(dict(model=state_dict, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        torch_rng=torch.get_rng_state(),
+                        cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        history=history, best=best, epoch=history[-1]["epoch"], args=json_args(args)), f)
+    with atomic_write(run_dir / "metrics.csv", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def save_best_model(path, state_dict, tag_names, norm, args, epoch, metrics):
+    """best_model.pt: state_dict; tag_names (list of str); norm_mean, norm_std (float32
+    tensors (N_MELS,), per-band statistics of the training clips' log-mel); feature_params
+    (dict, common.feature_params()); args (the run's arguments, plain types); epoch (int,
+    1-based); metrics (dict of that epoch's scores). load_model reads it."""
+    with atomic_write(path, "wb") as f:
+        torch.save(dict(state_dict=state_dict, tag_names=list(tag_names), norm_mean=norm[0].cpu(),
+                        norm_std=norm[1].cpu(), feature_params=common.feature_params(), args=args,
+                        epoch=epoch, metrics=metrics), f)
+
+
+def load_model(checkpoint_path, device="cpu"):
+    """Load a best_model.pt (save_best_model; weights_only=True) into a fresh MSCNN.
+
+    Returns:
+        model (MSCNN in eval mode on `device`, channels_last), checkpoint (the dict).
+    Raises ValueError naming the file when it is not such a checkpoint, was made with other
+    feature parameters, or holds NaN or inf.
+    """
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and unsafe-global errors alike
+        raise ValueError(f"{checkpoint_path}: not a PyTorch checkpoint of this project "
+                         f"({load_error_reason(error)})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise ValueError(f"{checkpoint_path}: not a checkpoint of trainer.py "
+                         f"(missing {', '.join(missing)})")
+    if checkpoint["feature_params"] != common.feature_params():
+        raise ValueError(f"{checkpoint_path}: trained on features {checkpoint['feature_params']}, "
+                         f"but this code computes {common.feature_params()}")
+    tensors = dict(checkpoint["state_dict"], norm_mean=checkpoint["norm_mean"],
+                   norm_std=checkpoint["norm_std"])
+    bad = [name for name, t in tensors.items()
+           if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # a diverged run's weights: they would tag every clip with garbage
+        raise ValueError(f"{checkpoint_path}: holds non-finite values (NaN or inf) in "
+                         f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}; the run "
+                         "that wrote it diverged: use a checkpoint of an earlier epoch, or "
+                         "train again with a lower --lr")
+    model = common.MSCNN(n_tags=len(checkpoint["tag_names"]))
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:  # keys or shapes of another network
+        reason = " ".join(str(error).split())  # PyTorch lists the problems on several lines
+        raise ValueError(f"{checkpoint_path}: its weights do not fit the MSCNN of "
+                         f"{len(checkpoint['tag_names'])} tags ({reason})") from None
+    return on_device(model, device).eval(), checkpoint
+
+
+def load_error_reason(error):
+    """Why torch.load failed, in a few whole words: its messages run over many lines and
+    bury the reason (after 'WeightsUnpickler error:') in advice about weights_only."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # no terminal colour codes
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+        return "weights-only loading refused it: " + re.split(r"(?<=\.)\s", reason)[0].rstrip(".")
+    if isinstance(error, EOFError) or not text.strip():
+        return "the file ends early: truncated?"
+    return f"{type(error).__name__}: {text.strip().splitlines()[0]}"
+
+
+METRICS_COLUMNS = ("val_roc_auc", "test_roc_auc", "val_pr_auc", "test_pr_auc")  # of metrics.csv, after epoch, lr, train_loss
+
+
+def write_results(run_dir, best, tag_names, args, split, overlap):
+    """results.json: the best epoch's scores (per-tag test ROC-AUC null where the test set
+    cannot score a tag, as NaN is not JSON) and what report.py groups and compares runs by.
+    Returns the dict written."""
+    results = {k: best[k] for k in ("epoch", "val_roc_auc", "val_pr_auc", "test_roc_auc", "test_pr_auc")}
+    results["test_roc_auc_per_tag"] = {name: None if math.isnan(auc) else auc
+                                       for name, auc in zip(tag_names, best["test_roc_auc_per_tag"])}
+    results["best_model"] = str(run_dir / "best_model.pt")
+    results.update(split=args.split, split_seed=args.split_seed if args.split == "random" else None,
+                   seed=args.seed, epochs=args.epochs, n_tags=len(tag_names), merge=not args.no_merge,
+                   **{f"n_{part}": len(rows) for part, rows in zip(("train", "val", "test"), split)},
+                   split_overlap=overlap)
+    write_json(run_dir / "results.json", results, indent=2)
+    return results
