@@ -19,6 +19,7 @@ CPU that other processes used meanwhile, since other load on the machine slows t
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -53,7 +54,7 @@ def parse_args(argv=None):
                    help="extraction runs per worker count; the best is kept (default: 3)")
     p.add_argument("--cold-start", action="store_true",
                    help="also time the first log-mel of a fresh process with an empty numba "
-                        "cache (what a fresh install pays once; about 35 s of CPU)")
+                        "cache (what a fresh install pays once)")
     p.add_argument("--device", default="auto", help="train: auto | cpu | cuda (default: auto)")
     p.add_argument("--steps", type=int, default=200,
                    help="train: timed training steps per repeat (default: 200; use ~3 on a CPU)")
@@ -80,6 +81,9 @@ def parse_args(argv=None):
                    help="paper: time trainer.py on this data folder's spectrograms (default: random "
                         "float16 spectrograms labelled by the real annotations, written to a "
                         "temporary folder)")
+    p.add_argument("--trainer-flags", default="",
+                   help="paper: more trainer.py flags, one string, e.g. \"--precision fp32 --no-fused-adam "
+                        "--no-resident --no-cudnn-benchmark\" for the trainer's fp32 baseline, or \"--compile\"")
     args = p.parse_args(argv)
     if args.epochs < 2:
         p.error("--epochs must be at least 2: the first epoch pays the start-up costs")
@@ -665,6 +669,7 @@ def paper_benchmark(args):
         if args.paper_clips < common.N_CLIPS:
             flags += ["--split", "random", "--train-size", str(args.paper_clips * 7 // 10),
                       "--val-size", str(args.paper_clips // 10), "--batch-size", str(args.batch_size)]
+        flags += shlex.split(args.trainer_flags)
         t0 = time.perf_counter()
         trainer.main(flags)
         wall_s = time.perf_counter() - t0

@@ -114,8 +114,8 @@ def error_text(error, path):
 def warm_up():
     """Compute one log-mel of 1 s of silence, in the main process before the pool starts.
 
-    librosa's first load imports scipy.signal and compiles its numba functions: about
-    3 s per process, or 30+ s when numba's on-disk cache is cold (a fresh install).
+    librosa's first load imports scipy.signal and compiles its numba functions: seconds
+    per process, more when numba's on-disk cache is cold (a fresh install).
     Paid here once, the forked workers inherit it instead of each paying it, and the
     cache gets written once rather than by every worker at the same time.
     """

@@ -40,10 +40,8 @@ BAR_ABOVE_N_FILES = 4  # a progress bar only pays off past a handful of files
 MAX_WORKERS = 8  # default --workers: the cores, at most this many
 SAVE_EVERY_S = 60  # outputs are rewritten (atomically) this often during a run
 EMBEDDING_SIZE = 500  # units of MSCNN's penultimate (dense) layer
-# windows per forward pass: on a CPU a window's activations take ~20 MB and a batch of 8
-# scores as fast as one of 64 (a 10-minute file, --workers 0, 2-core CPU: 12.7 s and 676 MB
-# peak at 8, 12.2 s and 852 MB at 16, 12.6 s and 1,395 MB at 64), so the small batch keeps
-# the peak memory low; a GPU wants large batches
+# windows per forward pass: on a CPU a small batch scores as fast as a large one and keeps
+# the peak memory low (docs/predict.md, "Memory"); a GPU wants large batches
 CPU_BATCH, CUDA_BATCH = 8, 64
 
 
@@ -653,8 +651,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="windows scored per forward pass (windows of several files share "
-                        f"one); default {CUDA_BATCH} on a GPU, {CPU_BATCH} on a CPU, where each "
-                        "window of a batch costs ~20 MB and larger batches are no faster")
+                        f"one); default {CUDA_BATCH} on a GPU, {CPU_BATCH} on a CPU, where larger "
+                        "batches cost memory and are no faster (docs/predict.md)")
     args = parser.parse_args(argv)
     if args.workers < 0:
         parser.error(f"--workers must be 0 or more, got {args.workers}")

@@ -25,7 +25,7 @@ import plumbing
 
 # Published figures the runs are compared with.
 # Dabral et al. 2018 on the paper split: best validation ROC-AUC 0.904, test 0.900
-# (REFERENCE.md, "Published result"); no PR-AUC published.
+# (docs/original.md, "The published result"); no PR-AUC published.
 PAPER_2018 = dict(val_roc_auc=0.904, test_roc_auc=0.900)
 # Won et al. 2020, "Evaluation of CNN-based automatic music tagging models", on the clean
 # split (50 unmerged tags): model, ROC-AUC, PR-AUC (src/splits/README.md).

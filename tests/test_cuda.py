@@ -3,8 +3,8 @@ its GPU defaults (resident data, bf16, fused Adam, cudnn.benchmark) and --resume
 --compile (CUDA graphs), torchrun (NCCL, SyncBatchNorm), predict.py and benchmark.py.
 
 Every test is marked `cuda` and skips, with the reason, where torch.cuda.is_available()
-is false, as in CI. src/gpu_session.py runs this file on a lent GPU and copies the
-measured differences (record_property) into its figures file. Tolerances are the CPU
+is false, as in CI; on a GPU: python -m pytest -m cuda -v tests. Each test records the
+differences it measured (record_property, in a --junitxml report). Tolerances are the CPU
 tests' (tests/test_fast_path.py) where the same comparison runs there, unless the test
 states another bound and why; none of them has been checked on a GPU yet.
 """

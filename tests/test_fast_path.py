@@ -173,6 +173,24 @@ def test_training_benchmark_runs_on_cpu(capsys):
 
 
 @pytest.mark.slow
+def test_paper_benchmark_projects_40_epochs(capsys):
+    """benchmark.py --what paper: trainer.py itself on random spectrograms labelled by the
+    real annotations, timed per epoch and projected to 40 (at a size a CPU runs in seconds)."""
+    import benchmark
+
+    results = benchmark.main(["--what", "paper", "--device", "cpu", "--paper-clips", "40", "--epochs", "3",
+                              "--batch-size", "8"])["paper"]
+    out = capsys.readouterr().out
+    assert "random spectrograms: 40 rows" in out and "40 epochs projected" in out
+    assert "split random: 28 train / 4 val / 8 test clips" in out  # trainer.py's own lines
+    epochs = results["epoch_s"]
+    assert len(epochs) == 3 and all(s > 0 for s in epochs) and results["startup_s"] > 0
+    # start-up + the first epoch (which pays the one-off costs) + 39 at the median of the others
+    assert results["projected_40_epochs_s"] == pytest.approx(
+        results["startup_s"] + epochs[0] + 39 * (epochs[1] + epochs[2]) / 2)
+
+
+@pytest.mark.slow
 def test_trainer_compile_flag(small_data_dir, small_run, tmp_path):
     """--compile trains to the same place as eager and saves a plain state dict."""
     results = trainer.main(["--data-dir", str(small_data_dir), "--out", str(tmp_path), "--run", "compiled",

@@ -1,4 +1,4 @@
-"""Faults a long real run meets, through the real scripts (issue 12): a worker killed by
+"""Faults a long real run meets, through the real scripts: a worker killed by
 kill -9 (or the OOM killer), a full disk, a split that cannot be scored, a diverging run,
 and damaged files. Each must end in one clear line or finish, never hang or leave a
 half-written file."""
@@ -231,6 +231,37 @@ def test_progress_is_saved_on_a_timer_and_a_killed_run_resumes(clips_dir, expect
     assert f"{N_CLIPS - 1} clips of {N_CLIPS} clips, float32 done" in rerun.stderr
     assert "computed 1 clips" in rerun.stdout
     check_rows(data_dir, expected_rows)
+
+
+def square_or_die(task):
+    """A pool task: (value, marker) -> value ** 2, after killing its own process (as the OOM
+    killer would) while the marker file exists; marker 'once' removes itself first."""
+    value, marker = task
+    if marker and os.path.exists(marker):
+        if marker.endswith("once"):
+            os.unlink(marker)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return value ** 2
+
+
+def test_pool_retries_a_dead_workers_tasks_alone_and_keeps_order(tmp_path, capsys):
+    """plumbing.pool_results, the pool of gen_spectrograms.py and predict.py: a task that
+    killed its worker once is run again and gives its result; one that kills it every time
+    is yielded as WorkerDied, alone; the others' results come in task order, and workers
+    that die whatever they run stop it with WorkersKeepDying."""
+    once, always = tmp_path / "die-once", tmp_path / "die-always"
+    once.touch()
+    always.touch()
+    tasks = [(i, str(once) if i == 3 else str(always) if i == 6 else None) for i in range(10)]
+    results = list(plumbing.pool_results(square_or_die, tasks, 2, ordered=True, ahead=2,
+                                         describe=lambda task: f"task {task[0]}"))
+    assert [index for index, _ in results] == list(range(10))
+    assert [r for i, r in results if i != 6] == [i ** 2 for i in range(10) if i != 6]
+    assert isinstance(results[6][1], plumbing.WorkerDied)
+    assert "a worker process died" in capsys.readouterr().err
+    with pytest.raises(plumbing.WorkersKeepDying) as dying:
+        list(plumbing.pool_results(square_or_die, [(i, str(always)) for i in range(4)], 2))
+    assert dying.value.tasks and set(dying.value.tasks) <= {0, 1, 2, 3}
 
 
 # -----------------------------------------------------------------------------

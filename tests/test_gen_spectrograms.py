@@ -204,28 +204,50 @@ def test_interrupted_run_resumes(tmp_path, annotations_csv, audio_variants, monk
     check_output(data_dir, expected, "float32", 1e-4)
 
 
+def children_of(pid):
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def gone(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
 @pytest.mark.slow
-def test_ctrl_c_stops_workers_and_keeps_progress(tmp_path, annotations_csv, audio_variants):
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False),
+                                              (signal.SIGHUP, False)])
+def test_ctrl_c_or_sigterm_stops_workers_and_keeps_progress(tmp_path, annotations_csv, audio_variants,
+                                                            signum, to_group):
+    """Ctrl-C (SIGINT to the script and its workers, as a terminal sends it), or SIGTERM /
+    SIGHUP to the main process alone (kill, a closed terminal): progress saved, no worker
+    left, no temporary file, exit 128 + the signal, one line; a rerun resumes."""
     # 40 rows, so the run is still going when the first failure (row 1) is reported
     data_dir = make_folder(tmp_path, annotations_csv, audio_variants)
     csv_path = data_dir / "annotations_final.csv"
     lines = csv_path.read_bytes().split(b"\r\n")
     csv_path.write_bytes(b"\r\n".join(lines[:1] + lines[1:8] * 6) + b"\r\n")
-    proc = subprocess.Popen([sys.executable, str(SRC / "gen_spectrograms.py"),
-                             "--data-dir", str(data_dir), "--workers", "2"],
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    seen = []
+    command = [sys.executable, str(SRC / "gen_spectrograms.py"), "--data-dir", str(data_dir), "--workers", "2"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen, workers = [], []
     for line in proc.stderr:  # tqdm redraws with '\r'; failures come as whole lines
         seen.append(line)
         if line.startswith("failed: row"):
-            os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C: to the script and its workers
+            workers = children_of(proc.pid)
+            os.killpg(proc.pid, signum) if to_group else os.kill(proc.pid, signum)
             break
     rest = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 130, "".join(seen) + rest
-    assert "interrupted" in rest and "Traceback" not in rest
+    assert proc.returncode == 128 + signum, "".join(seen) + rest
+    assert rest.strip().splitlines()[-1].startswith("interrupted: ") and "Traceback" not in rest
+    assert workers and all(gone(pid) for pid in workers)
     progress = json.loads((data_dir / "spectrograms.progress.json").read_text())
     assert 1 <= len(progress["done"]) < 42
     assert not (data_dir / "spectrograms.json").exists()
+    assert not list(data_dir.glob("*.tmp"))
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0 and "resuming" in rerun.stderr, rerun.stderr
 
 
 def test_missing_annotations_is_one_clear_error(tmp_path):

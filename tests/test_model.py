@@ -1,4 +1,4 @@
-"""The multi-scale CNN against REFERENCE.md: sizes, pooling kinds, init, batch norm, dropout."""
+"""The multi-scale CNN against docs/original.md: sizes, pooling kinds, init, batch norm, dropout."""
 import math
 
 import pytest

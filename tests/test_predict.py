@@ -551,7 +551,7 @@ class NotAWeight:
 
 
 def test_short_audio_nan_audio_and_checkpoint_folders(checkpoint, tmp_path, recwarn, capsys):
-    """Issue 12, item 6: no librosa warning on audio shorter than n_fft; a file with a NaN
+    """No librosa warning on audio shorter than n_fft; a file with a NaN
     sample is called that, not undecodable; a run folder stands for its best_model.pt and a
     folder without one is called a folder; a checkpoint error is one whole line."""
     tiny = tmp_path / "tiny.wav"
