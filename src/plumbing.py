@@ -263,13 +263,14 @@ def exit_with(parent_pid):
 
 
 def stop_pool(pool):
-    """Kill the pool's workers (they ignore Ctrl-C and would finish their tasks), then shut
-    it down and reap them. Python before 3.14 has no public way to reach them."""
-    if hasattr(pool, "terminate_workers"):
-        pool.terminate_workers()
+    """Kill the pool's workers (they ignore Ctrl-C and would finish their tasks; SIGKILL, as
+    one just forked may still hold this process's SIGTERM handler), then shut the pool down
+    and reap them. Python before 3.14 has no public way to reach them."""
+    if hasattr(pool, "kill_workers"):
+        pool.kill_workers()
     else:
         for process in list((pool._processes or {}).values()):
-            process.terminate()
+            process.kill()
     pool.shutdown(wait=True, cancel_futures=True)
 
 
