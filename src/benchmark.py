@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=200,
                    help="train: timed training steps per repeat (default: 200; use ~3 on a CPU)")
     p.add_argument("--batch-size", type=int, default=32, help="train: clips per step (default: 32)")
-    p.add_argument("--scales", type=int, nargs="+", choices=common.SCALES, default=list(common.SCALES), metavar="S",
+    p.add_argument("--scales", type=int, nargs="+", choices=common.SCALES, default=list(common.SCALES),
+                   metavar="S",
                    help="train, paper: the network's branches, as trainer.py --scales (default: 1 2 3, the "
                         "paper's network)")
     p.add_argument("--compile", action="store_true",
@@ -384,8 +385,8 @@ def train_benchmark(args):
     device = plumbing.resolve_device(args.device)
     scales = tuple(sorted(set(args.scales)))
     flops = forward_flops(scales=scales)
-    print(f"MSCNN, scales {' '.join(map(str, scales))}, forward: {flops / 1e9:.2f} GFLOP per clip, training step "
-          f"~3x: {3 * flops / 1e9:.2f} GFLOP per clip; device {device}", flush=True)
+    print(f"MSCNN, scales {' '.join(map(str, scales))}, forward: {flops / 1e9:.2f} GFLOP per clip, "
+          f"training step ~3x: {3 * flops / 1e9:.2f} GFLOP per clip; device {device}", flush=True)
     results = dict(device=str(device), scales=list(scales), forward_gflop_per_clip=flops / 1e9)
     print(f"{'path':12} {'ms/step':>9} {'clips/s':>9} {'TFLOP/s':>8} {'eval clips/s':>13} {'40 epochs':>10} {'speed-up':>8}")
     for mode in ("baseline", "fast") + (("fast+compile",) if args.compile else ()):

@@ -309,13 +309,15 @@ def folder_split(mp3_paths):
     Raises ValueError naming a path outside MTAT's folders (0..f).
     """
     folders = [path.split("/", 1)[0] if "/" in path else "" for path in mp3_paths]
-    outside = [path for path, folder in zip(mp3_paths, folders) if len(folder) != 1 or folder not in "0123456789abcdef"]
+    outside = [path for path, folder in zip(mp3_paths, folders)
+               if len(folder) != 1 or folder not in "0123456789abcdef"]
     if outside:
         raise ValueError(f"{len(outside):,} mp3_path(s) are not in one of MTAT's folders 0..f (e.g. "
                          f"'{outside[0]}'); the folder split needs MTAT's layout '<folder>/<name>.mp3'")
     broken = set(BROKEN_CLIPS)
     return tuple(np.array([row for row, (folder, path) in enumerate(zip(folders, mp3_paths))
-                           if folder in part and path not in broken], dtype=np.int64) for part in FOLDER_PARTS)
+                           if folder in part and path not in broken], dtype=np.int64)
+                 for part in FOLDER_PARTS)
 
 
 def parse_mp3_path(mp3_path):
@@ -399,7 +401,8 @@ class MSCNN(nn.Module):
     def __init__(self, n_tags=50, dropout=0.4, bn_momentum=0.01, scales=SCALES):
         super().__init__()
         if not scales or len(set(scales)) != len(scales) or not set(scales) <= set(SCALES):
-            raise ValueError(f"scales must be a non-empty subset of {SCALES} without repeats, got {tuple(scales)}")
+            raise ValueError(f"scales must be a non-empty subset of {SCALES} without repeats, "
+                             f"got {tuple(scales)}")
         self.scales = tuple(sorted(scales))
         # built in this order whatever the subset: each layer draws its initial weights from
         # torch's generator in turn, and the default network must draw exactly the paper's

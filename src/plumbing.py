@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import time
+import zipfile
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -689,11 +690,13 @@ def load_model(checkpoint_path, device="cpu"):
                          f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}; the run "
                          "that wrote it diverged: use a checkpoint of an earlier epoch, or "
                          "train again with a lower --lr")
-    scales = checkpoint["args"].get("scales", common.SCALES) if isinstance(checkpoint["args"], dict) else common.SCALES
-    try:  # the branches the run trained (older checkpoints: all three)
+    args = checkpoint["args"] if isinstance(checkpoint["args"], dict) else {}
+    scales = args.get("scales", common.SCALES)  # the branches the run trained (older runs: all three)
+    try:
         model = common.MSCNN(n_tags=len(checkpoint["tag_names"]), scales=tuple(scales))
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{checkpoint_path}: its args hold scales {scales!r}, not a subset of 1 2 3 ({error})") from None
+        raise ValueError(f"{checkpoint_path}: its args hold scales {scales!r}, not a subset of 1 2 3 "
+                         f"({error})") from None
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:  # keys or shapes of another network
@@ -728,7 +731,8 @@ def write_results(run_dir, best, tag_names, args, split, overlap):
                                        for name, auc in zip(tag_names, best["test_roc_auc_per_tag"])}
     results["best_model"] = str(run_dir / "best_model.pt")
     results.update(split=args.split, split_seed=args.split_seed if args.split == "random" else None,
-                   scales=list(args.scales), seed=args.seed, epochs=args.epochs, n_tags=len(tag_names), merge=not args.no_merge,
+                   scales=list(args.scales), seed=args.seed, epochs=args.epochs, n_tags=len(tag_names),
+                   merge=not args.no_merge,
                    **{f"n_{part}": len(rows) for part, rows in zip(("train", "val", "test"), split)},
                    split_overlap=overlap)
     write_json(run_dir / "results.json", results, indent=2)
@@ -764,7 +768,7 @@ def read_test_scores(run_dir, epoch=None):
     try:
         with np.load(path, allow_pickle=False) as f:
             saved = {key: f[key] for key in ("scores", "labels", "rows", "tag_names", "epoch")}
-    except (OSError, ValueError, KeyError, EOFError) as error:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # cut short, or not ours
         raise ValueError(f"{path} is damaged or not trainer.py's ({type(error).__name__}: {error})") from None
     n_clips, n_tags = saved["scores"].shape if saved["scores"].ndim == 2 else (-1, -1)
     if (saved["labels"].shape != (n_clips, n_tags) or saved["rows"].shape != (n_clips,)
@@ -773,7 +777,7 @@ def read_test_scores(run_dir, epoch=None):
                          f"{saved['rows'].shape} and tag_names {saved['tag_names'].shape} do not fit together")
     saved["epoch"] = int(saved["epoch"])
     if epoch is not None and saved["epoch"] != epoch:
-        raise ValueError(f"{path} holds the test scores of epoch {saved['epoch']}, not of the best epoch {epoch} "
-                         "(a run stopped between the two files whose resumed epoch scored otherwise)")
+        raise ValueError(f"{path} holds the test scores of epoch {saved['epoch']}, not of the best epoch "
+                         f"{epoch} (a run stopped between the two files whose resumed epoch scored otherwise)")
     saved["tag_names"] = [str(name) for name in saved["tag_names"]]
     return saved

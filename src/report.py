@@ -147,8 +147,8 @@ def reference(split):
         return (f"Won et al. 2020, {len(WON_2020)} models: ROC-AUC {min(rocs):.4f}–{max(rocs):.4f}, "
                 f"PR-AUC {min(prs):.4f}–{max(prs):.4f} (table below)")
     if split == "folder":
-        return ("MARBLE, frozen features probed: " + ", ".join(f"{name} {roc:.3f}" for name, roc in MARBLE_FOLDER)
-                + f" ROC-AUC, PR-AUC about {MARBLE_PR_AUC:.2f}")
+        models = ", ".join(f"{name} {roc:.3f}" for name, roc in MARBLE_FOLDER)
+        return f"MARBLE, frozen features probed: {models} ROC-AUC, PR-AUC about {MARBLE_PR_AUC:.2f}"
     return "none (not a published split)"
 
 
@@ -163,24 +163,25 @@ def run_key(run):
 
 def published_references():
     """Markdown: each published figure with the split it was measured on."""
+    rocs, prs = [m[1] for m in WON_2020], [m[2] for m in WON_2020]
+    marble = ", ".join(f"{name} {roc:.3f}" for name, roc in MARBLE_FOLDER)
     return ["", "## Published references, by split", "",
-            f"- **paper split** (the original's draw of clips, 18,000 / 2,000 / 5,863; clips of one song on both "
-            f"sides): Dabral et al. 2018, this network: test ROC-AUC {PAPER_2018['test_roc_auc']:.3f} (validation "
-            f"{PAPER_2018['val_roc_auc']:.3f}); no PR-AUC published.",
-            f"- **clean split** (Lee et al. 2017's lists, 15,244 / 1,529 / 4,332, the 50 most frequent tags "
+            "- **paper split** (the original's draw of clips, 18,000 / 2,000 / 5,863; clips of one song "
+            f"on both sides): Dabral et al. 2018, this network: test ROC-AUC {PAPER_2018['test_roc_auc']:.3f} "
+            f"(validation {PAPER_2018['val_roc_auc']:.3f}); no PR-AUC published.",
+            "- **clean split** (Lee et al. 2017's lists, 15,244 / 1,529 / 4,332, the 50 most frequent tags "
             f"unmerged): Won et al. 2020, {len(WON_2020)} networks trained end to end: ROC-AUC "
-            f"{min(m[1] for m in WON_2020):.4f}–{max(m[1] for m in WON_2020):.4f}, PR-AUC "
-            f"{min(m[2] for m in WON_2020):.4f}–{max(m[2] for m in WON_2020):.4f}.",
-            "- **folder split** (MTAT's folders 0-b / c / d-f with every usable clip, 18,706 / 1,825 / 5,329, the "
-            "same tags): the MARBLE benchmark, probes on frozen self-supervised features: "
-            + ", ".join(f"{name} {roc:.3f}" for name, roc in MARBLE_FOLDER)
-            + f" ROC-AUC, PR-AUC about {MARBLE_PR_AUC:.2f}.",
+            f"{min(rocs):.4f}–{max(rocs):.4f}, PR-AUC {min(prs):.4f}–{max(prs):.4f}.",
+            "- **folder split** (MTAT's folders 0-b / c / d-f with every usable clip, 18,706 / 1,825 / "
+            "5,329, the same tags): the MARBLE benchmark, probes on frozen self-supervised features: "
+            f"{marble} ROC-AUC, PR-AUC about {MARBLE_PR_AUC:.2f}.",
             "", "A figure compares only with runs on its own split: the three differ in their clips."]
 
 
 def format_report(runs):
-    """Markdown: the runs, then per split the mean ± std beside the published reference,
-    then (with clean-split runs) where their mean stands in Won et al.'s table."""
+    """Markdown: the runs, then per split (and --scales) the mean ± std beside the published
+    reference, the references by split, then (with clean- or folder-split runs) where their
+    mean stands in Won et al.'s or MARBLE's table."""
     runs = sorted(runs, key=run_key)
     lines = ["# Results", "",
              "## Runs", "",
@@ -200,7 +201,8 @@ def format_report(runs):
         group = [r for r in runs if r["split"] == split and scales_of(r) == scales]
         epochs = sorted({r["epochs"] for r in group})
         n_runs = f"{len(group)}" + (f" (epochs differ: {', '.join(map(str, epochs))})" if len(epochs) > 1 else "")
-        lines.append(f"| {config_name(group[0])} | {n_runs} | {format_mean_std([r['val_roc_auc'] for r in group])} | "
+        lines.append(f"| {config_name(group[0])} | {n_runs} | "
+                     f"{format_mean_std([r['val_roc_auc'] for r in group])} | "
                      f"{format_mean_std([r['test_roc_auc'] for r in group])} | "
                      f"{format_mean_std([r['test_pr_auc'] for r in group])} | {reference(split)} |")
     lines += published_references()
@@ -213,21 +215,24 @@ def format_report(runs):
     folder = [r for r in runs if r["split"] == "folder"]
     if folder:  # MARBLE publishes ROC-AUC per model and PR-AUC only roughly
         table = [(name, roc, None) for name, roc in MARBLE_FOLDER] + project_rows(folder)
-        lines += ["", "## The folder split against the field (MARBLE: probes on frozen self-supervised features), "
-                  "by test ROC-AUC", "", "| model | ROC-AUC | PR-AUC |", "|---|---|---|"]
-        lines += [f"| {name} | {a:.4f} | {b:.4f} |" if b is not None else f"| {name} | {a:.3f} | about {MARBLE_PR_AUC:.2f} |"
+        lines += ["", "## The folder split against the field (MARBLE: probes on frozen self-supervised "
+                  "features), by test ROC-AUC", "", "| model | ROC-AUC | PR-AUC |", "|---|---|---|"]
+        lines += [f"| {name} | {a:.4f} | {b:.4f} |" if b is not None
+                  else f"| {name} | {a:.3f} | about {MARBLE_PR_AUC:.2f} |"
                   for name, a, b in sorted(table, key=lambda m: -m[1])]
     return "\n".join(lines) + "\n"
 
 
 def project_rows(runs):
-    """This project's rows for a table of the field: (name, mean test ROC-AUC, mean PR-AUC) per --scales."""
+    """This project's rows for a table of the field, one per --scales: (name, mean test
+    ROC-AUC, mean test PR-AUC)."""
     rows = []
     for scales in sorted({scales_of(r) for r in runs}, key=lambda s: (s != common.SCALES, s)):
         group = [r for r in runs if scales_of(r) == scales]
-        what = "multi-scale CNN" if scales == common.SCALES else f"--scales {' '.join(map(str, scales))}"
+        what = "multi-scale CNN" if scales == common.SCALES else f"--scales {scales_text(scales)}"
         rows.append((f"**this project: {what}, mean of {len(group)} run(s)**",
-                     mean_std([r["test_roc_auc"] for r in group])[0], mean_std([r["test_pr_auc"] for r in group])[0]))
+                     mean_std([r["test_roc_auc"] for r in group])[0],
+                     mean_std([r["test_pr_auc"] for r in group])[0]))
     return rows
 
 
@@ -288,7 +293,8 @@ def same_clip_groups(runs):
     for run in runs:
         saved = run.get("scores")
         if saved is not None:
-            key = (run["split"], saved["rows"].tobytes(), saved["labels"].tobytes(), tuple(saved["tag_names"]))
+            key = (run["split"], saved["rows"].tobytes(), saved["labels"].tobytes(),
+                   tuple(saved["tag_names"]))
             groups.setdefault(key, []).append(run)
     return list(groups.values())
 
@@ -307,8 +313,9 @@ def paired_comparisons(group):
         for seed in sorted(set(by_scales[order[0]]) & set(by_scales[other])):
             a, b = by_scales[order[0]][seed], by_scales[other][seed]
             if len(a) > 1 or len(b) > 1:
-                print(f"note: several runs of seed {seed} ({', '.join(group[i]['name'] for i in a + b)}) on the "
-                      f"same clips: seed {seed} left out of the paired comparison", file=sys.stderr)
+                names = ", ".join(group[i]["name"] for i in a + b)
+                print(f"note: several runs of seed {seed} ({names}) on the same clips: seed {seed} left out "
+                      "of the paired comparison", file=sys.stderr)
                 continue
             pairs.append((a[0], b[0], seed))
         if pairs:
@@ -350,37 +357,40 @@ def verdict(split, scales_a, scales_b, roc, n_pairs):
 def uncertainty_report(runs, n_resamples):
     """Markdown: each run's test ROC-AUC and PR-AUC with its 95% bootstrap interval over the
     test clips; per group of runs on the same clips, the paired comparisons (verdict,
-    overall and per tag). -> (text, comparisons for plot_per_tag_gain: dicts with split,
-    scales_a, scales_b, tag_names, per_tag (point, low, high, p))."""
-    groups = same_clip_groups(runs)
+    overall and per tag). -> (text, the comparisons: uncertainty.bootstrap_runs' dicts plus
+    split, scales_a, scales_b, pairs [(run a, run b, seed)], tag_names, labels)."""
     figures, compared = {}, []
-    for group in groups:
+    for group in same_clip_groups(runs):
         saved = [run["scores"] for run in group]
         comparisons = paired_comparisons(group)
         result = uncertainty.bootstrap_runs(saved[0]["labels"], [s["scores"] for s in saved],
                                             [[(a, b) for a, b, _ in pairs] for _, _, pairs in comparisons],
                                             n_resamples=n_resamples)
         for run, figure in zip(group, result["runs"]):
-            figures[run["name"], str(run["run_dir"])] = figure
+            figures[id(run)] = figure
         for (scales_a, scales_b, pairs), entry in zip(comparisons, result["comparisons"]):
             compared.append(dict(entry, split=group[0]["split"], scales_a=scales_a, scales_b=scales_b,
                                  pairs=[(group[a], group[b], seed) for a, b, seed in pairs],
                                  tag_names=saved[0]["tag_names"], labels=saved[0]["labels"]))
-    lines = ["", f"## How sure each test score is: {uncertainty.CONFIDENCE:.0%} bootstrap intervals over the test clips",
-             "", "| run | split | seed | test clips | test ROC-AUC [95% interval] | test PR-AUC [95% interval] |",
+    lines = ["", f"## How sure each test score is: {uncertainty.CONFIDENCE:.0%} bootstrap intervals over "
+             "the test clips", "",
+             "| run | split | seed | test clips | test ROC-AUC [95% interval] | test PR-AUC [95% interval] |",
              "|---|---|---|---|---|---|"]
     for run in sorted(runs, key=run_key):
-        figure = figures.get((run["name"], str(run["run_dir"])))
+        figure = figures.get(id(run))
+        start = f"| {run['name']} | {config_name(run)} | {run['seed']} | "
         if figure is None:
-            lines.append(f"| {run['name']} | {config_name(run)} | {run['seed']} | | {run['test_roc_auc']:.4f} (no "
-                         f"{plumbing.TEST_SCORES}) | {run['test_pr_auc']:.4f} |")
+            lines.append(start + f"| {run['test_roc_auc']:.4f} (no {plumbing.TEST_SCORES}) | "
+                         f"{run['test_pr_auc']:.4f} |")
             continue
-        lines.append(f"| {run['name']} | {config_name(run)} | {run['seed']} | {len(run['scores']['rows']):,} | "
-                     + " | ".join(f"{figure[m][0]:.4f} {interval(*figure[m][1:])}" for m in ("roc", "pr")) + " |")
-    lines += ["", f"Percentile intervals of {n_resamples:,} resamples of each run's test clips (scipy.stats.bootstrap; "
-              "a tag that a resample leaves without a positive or a negative clip is left out of that resample's "
-              "macro mean). They say how far this one trained model's score could move on another test set drawn "
-              "like this one, not how far another seed would move it (the ± above); see docs/results.md."]
+        lines.append(start + f"{len(run['scores']['rows']):,} | "
+                     + " | ".join(f"{figure[m][0]:.4f} {interval(*figure[m][1:])}" for m in ("roc", "pr"))
+                     + " |")
+    lines += ["", f"Percentile intervals of {n_resamples:,} resamples of each run's test clips "
+              "(scipy.stats.bootstrap; a tag that a resample leaves without a positive or a negative clip "
+              "is left out of that resample's macro mean). They say how far this one trained model's score "
+              "could move on another test set drawn like this one, not how far another seed would move it "
+              "(the ± above); see docs/results.md."]
     if compared:
         lines += ["", "## Does multi-scale help? Paired comparisons on the same test clips"]
     for c in compared:
@@ -395,30 +405,32 @@ def comparison_lines(c, n_resamples):
              f"**{verdict(c['split'], c['scales_a'], c['scales_b'], c['roc'], len(c['pairs']))}**", "",
              f"| test metric | scales {a} | scales {b} | difference | 95% interval | p | per seed pair |",
              "|---|---|---|---|---|---|---|"]
-    for name, key in (("ROC-AUC", "test_roc_auc"), ("PR-AUC", "test_pr_auc")):
-        point, low, high, p = c["roc" if key == "test_roc_auc" else "pr"]
+    for name, key, metric in (("ROC-AUC", "test_roc_auc", "roc"), ("PR-AUC", "test_pr_auc", "pr")):
+        point, low, high, p = c[metric]
         mean_a = np.mean([run_a[key] for run_a, _, _ in c["pairs"]])
         mean_b = np.mean([run_b[key] for _, run_b, _ in c["pairs"]])
         seeds = ", ".join(f"{run_a[key] - run_b[key]:+.4f} ({seed})" for run_a, run_b, seed in c["pairs"])
         lines.append(f"| {name} | {mean_a:.4f} | {mean_b:.4f} | {point:+.4f} | {interval(low, high, True)} | "
                      f"{p:.4f} | {seeds} |")
     signs = {np.sign(run_a["test_roc_auc"] - run_b["test_roc_auc"]) for run_a, run_b, _ in c["pairs"]}
-    lines += ["", "The difference is the mean over the seed pairs (same seed, same clips) of the first scales' score "
-              f"minus the second's; its interval and p come from the same {n_resamples:,} resamples of the test clips, "
-              "each scoring every run (paired), p = 2 (1 + k) / (N + 1) with k the resamples on the far side of 0."
-              + (" The seed pairs disagree in sign: the seeds move the difference more than its interval shows."
-                 if len(signs - {0.0}) > 1 else "")]
+    lines += ["", "The difference is the mean over the seed pairs (same seed, same clips) of the first "
+              "scales' score minus the second's; its interval and p come from the same "
+              f"{n_resamples:,} resamples of the test clips, each scoring every run (paired): "
+              "p = 2 (1 + k) / (N + 1), k the resamples on the far side of 0."
+              + (" The seed pairs disagree in sign: the seeds move the difference more than its interval "
+                 "shows." if len(signs - {0.0}) > 1 else "")]
     point, low, high, p = c["roc_per_tag"]
     per_run = [np.mean([common.roc_auc(c["labels"], pair[side]["scores"]["scores"], per_tag=True)
                         for pair in c["pairs"]], axis=0) for side in (0, 1)]
-    gain, loss = int(np.sum(low > 0)), int(np.sum(high < 0))
-    lines += ["", f"Per tag, test ROC-AUC (mean over the seed pairs), largest gain first: {gain} of {len(point)} tags gain "
-              f"with an interval above 0, {loss} lose with one below 0 (were no tag really different, about "
-              f"{0.05 * len(point):.1f} of the {len(point)} would still reach p < 0.05 by chance).", "",
-              f"| tag | scales {a} | scales {b} | difference | 95% interval | p |", "|---|---|---|---|---|---|"]
-    for tag in sorted(range(len(point)), key=lambda t: -np.nan_to_num(point[t], nan=-np.inf)):
-        lines.append(f"| {c['tag_names'][tag]} | {per_run[0][tag]:.4f} | {per_run[1][tag]:.4f} | {point[tag]:+.4f} | "
-                     f"{interval(low[tag], high[tag], True)} | "
+    n_tags, gain, loss = len(point), int(np.sum(low > 0)), int(np.sum(high < 0))
+    lines += ["", f"Per tag, test ROC-AUC (mean over the seed pairs), largest gain first: {gain} of {n_tags} "
+              f"tags gain with an interval above 0, {loss} lose with one below 0 (were no tag really "
+              f"different, about {0.05 * n_tags:.1f} of the {n_tags} would still reach p < 0.05 by chance).",
+              "", f"| tag | scales {a} | scales {b} | difference | 95% interval | p |",
+              "|---|---|---|---|---|---|"]
+    for tag in sorted(range(n_tags), key=lambda t: -np.nan_to_num(point[t], nan=-np.inf)):
+        lines.append(f"| {c['tag_names'][tag]} | {per_run[0][tag]:.4f} | {per_run[1][tag]:.4f} | "
+                     f"{point[tag]:+.4f} | {interval(low[tag], high[tag], True)} | "
                      + (f"{p[tag]:.4f} |" if np.isfinite(p[tag]) else "n/a (a resample cannot score it) |"))
     return lines
 
@@ -438,17 +450,17 @@ def plot_per_tag_gain(compared, path):
     for ax, c in zip(axes[0], compared):
         point, low, high, _ = c["roc_per_tag"]
         order = sorted(range(len(point)), key=lambda t: np.nan_to_num(point[t], nan=-np.inf))
+        point, low, high = point[order], low[order], high[order]
         y = np.arange(len(order))
-        colours = ["tab:green" if low[t] > 0 else "tab:red" if high[t] < 0 else "tab:grey" for t in order]
-        ax.barh(y, [point[t] for t in order], color=colours)
-        known = [i for i, t in enumerate(order) if np.isfinite(low[t])]
-        ax.errorbar([point[order[i]] for i in known], y[known],
-                    xerr=[[point[order[i]] - low[order[i]] for i in known], [high[order[i]] - point[order[i]] for i in known]],
+        ax.barh(y, point, color=np.where(low > 0, "tab:green", np.where(high < 0, "tab:red", "tab:grey")))
+        known = np.isfinite(low)  # a tag some resample cannot score has no interval
+        ax.errorbar(point[known], y[known], xerr=[point[known] - low[known], high[known] - point[known]],
                     fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_yticks(y, [c["tag_names"][t] for t in order], fontsize=7)
         ax.set_xlabel(f"test ROC-AUC, scales {scales_text(c['scales_a'])} minus {scales_text(c['scales_b'])}")
-        ax.set_title(f"{c['split']} split, {len(c['pairs'])} seed pair(s), 95% intervals over test clips", fontsize=9)
+        ax.set_title(f"{c['split']} split, {len(c['pairs'])} seed pair(s), 95% intervals over test clips",
+                     fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     with plumbing.atomic_write(path, "wb") as f:
@@ -460,14 +472,15 @@ def plot_per_tag_gain(compared, path):
 # -----------------------------------------------------------------------------
 # the splits themselves
 def split_table(csv_path):
-    """Markdown table of the paper and clean splits on MTAT's annotations: clips per part
-    and, for validation and test, how many share a song, album, artist with training
+    """Markdown table of the paper, clean and folder splits on MTAT's annotations: clips per
+    part and, for validation and test, how many share a song, album, artist with training
     (common.split_overlap). The numbers of docs/results.md."""
     clip_ids, _, _, mp3_paths = common.read_annotations(csv_path)
     lines = ["| split | part | clips | sharing a song with training | an album | an artist |",
              "|---|---|---|---|---|---|"]
     for split, (train, val, test) in (("paper", common.paper_split(len(clip_ids))),
-                                      ("clean", common.clean_split(clip_ids))):
+                                      ("clean", common.clean_split(clip_ids)),
+                                      ("folder", common.folder_split(mp3_paths))):
         lines.append(f"| {split} | train | {len(train):,} | | | |")
         for part, rows in (("val", val), ("test", test)):
             o = common.split_overlap(mp3_paths, train, rows)
@@ -487,8 +500,8 @@ def main(argv=None):
                    help="resamples of the test clips for the bootstrap intervals and paired comparisons "
                         f"(default: {uncertainty.N_RESAMPLES}; 0 leaves those sections out)")
     p.add_argument("--splits", type=Path, metavar="CSV", default=None,
-                   help="instead, print the split table (sizes and leakage audit of the paper and "
-                        "clean splits) of this annotations_final.csv")
+                   help="instead, print the split table (sizes and leakage audit of the paper, clean "
+                        "and folder splits) of this annotations_final.csv")
     args = p.parse_args(argv)
     if args.resamples < 0:
         p.error("--resamples must be 0 (no intervals) or more")

@@ -59,12 +59,14 @@ def parse_args(argv=None):
                         help="batch norm's running-statistics update, PyTorch's convention: running = "
                              f"(1 - m) running + m batch (default: {BN_MOMENTUM}, the paper's; a run of only "
                              "a few hundred steps wants ~0.1 so that the statistics used for scoring catch up)")
-    recipe.add_argument("--scales", type=int, nargs="+", choices=SCALES, default=list(SCALES), metavar="S",
+    recipe.add_argument("--scales", type=int, nargs="+", choices=SCALES, default=list(SCALES),
+                        metavar="S",
                         help="the network's branches, any of 1 (full resolution), 2 (average-pooled 2x4) and "
                              "3 (4x16): '--scales 1' is the single-scale baseline that tests the paper's claim "
                              f"(default: {' '.join(map(str, SCALES))}, the paper's network)")
     recipe.add_argument("--n-tags", type=int, default=N_TAGS,
-                        help=f"keep the N most frequent tags (default: {N_TAGS}; --split clean and folder need 50)")
+                        help=f"keep the N most frequent tags (default: {N_TAGS}; --split clean and folder "
+                             "need 50)")
     recipe.add_argument("--no-merge", action="store_true",
                         help="do not merge synonym tags before choosing the top N (implied by --split clean and "
                              "folder)")
@@ -146,7 +148,8 @@ def make_split(args, n_clips, clip_ids=None, mp3_paths=None):
         try:
             return common.folder_split(mp3_paths)
         except ValueError as error:
-            raise SystemExit(f"error: {args.data_dir / 'annotations_final.csv'}: {error}; use --split random") from None
+            raise SystemExit(f"error: {args.data_dir / 'annotations_final.csv'}: {error}; "
+                             "use --split random") from None
     if args.split in ("paper", "clean"):
         if n_clips != common.N_CLIPS:
             raise SystemExit(f"error: --split {args.split} needs all {common.N_CLIPS} MTAT clips, the data has "
@@ -342,7 +345,8 @@ def main(argv=None):
     labels_on_device = torch.from_numpy(labels).float().to(device)
 
     # the model, Adam and its step schedule (the loss is train_step's)
-    model = plumbing.on_device(common.MSCNN(len(tag_names), args.dropout, args.bn_momentum, args.scales), device)
+    model = common.MSCNN(len(tag_names), args.dropout, args.bn_momentum, args.scales)  # --scales 1: the baseline
+    model = plumbing.on_device(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=args.fused_adam)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=0.1)
     run_dir, history, best, start_epoch = plumbing.start_run(args, RESUME_KEYS, model, optimizer, scheduler, device)

@@ -70,7 +70,8 @@ def weighted_per_tag(prepared, counts):
         # average precision: each positive's precision at its own score as the threshold
         tp = n_pos[:, None] - cum_pos[:, pos_below]
         called = tp + n_neg[:, None] - below
-        precision_sum = (pos_weight * np.divide(tp, called, out=np.zeros_like(tp), where=called > 0)).sum(axis=1)
+        precision = np.divide(tp, called, out=np.zeros_like(tp), where=called > 0)
+        precision_sum = (pos_weight * precision).sum(axis=1)
         roc[scorable, tag] = pairs[scorable] / (n_pos[scorable] * n_neg[scorable])
         pr[scorable, tag] = precision_sum[scorable] / n_pos[scorable]
     return roc, pr
@@ -124,7 +125,8 @@ def bootstrap_runs(labels, run_scores, comparisons=(), n_resamples=N_RESAMPLES, 
         single = clips.ndim == 1
         clips = np.atleast_2d(clips)
         offsets = n_clips * np.arange(len(clips))[:, None]
-        counts = np.bincount((clips + offsets).ravel(), minlength=clips.size).reshape(clips.shape).astype(np.int32)
+        counts = np.bincount((clips + offsets).ravel(), minlength=clips.size).reshape(clips.shape)
+        counts = counts.astype(np.int32)  # cumulative sums of at most n_clips: exact, and half the memory
         per_run = [weighted_per_tag(p, counts) for p in prepared]
         rows = [nan_mean(metric, axis=1) for roc, pr in per_run for metric in (roc, pr)]
         for pairs in comparisons:

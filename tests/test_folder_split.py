@@ -27,7 +27,8 @@ def test_folder_split_counts_rule_and_audit(annotations):
     folder = np.array([int(path.split("/")[0], 16) for path in mp3_paths])
     assert folder[train].max() == 0xb and set(folder[val]) == {0xc} and folder[test].min() == 0xd
     # the folders keep songs and albums on one side; artists recur
-    assert common.split_overlap(mp3_paths, train, val) == dict(n_clips=1825, song=0, album=0, artist=1083, unparsed=0)
+    assert common.split_overlap(mp3_paths, train, val) == dict(n_clips=1825, song=0, album=0, artist=1083,
+                                                               unparsed=0)
     assert common.split_overlap(mp3_paths, train, test) == dict(n_clips=5329, song=0, album=0, artist=3284,
                                                                 unparsed=0)
     # the clean split is the folder split less the clips without a top-50 tag (and 3 exceptions)
@@ -41,12 +42,13 @@ def test_folder_split_flags_and_errors():
     assert args.no_merge and args.n_tags == 50  # the 50 most frequent tags, unmerged, as --split clean
     with pytest.raises(SystemExit):
         trainer.parse_args(["--split", "folder", "--n-tags", "20"])
-    with pytest.raises(ValueError, match=r"1 mp3_path\(s\) are not in one of MTAT's folders 0..f \(e.g. 'song.mp3'\)"):
+    with pytest.raises(ValueError, match=r"1 mp3_path\(s\) are not in one of MTAT's folders 0..f "
+                                         r"\(e.g. 'song.mp3'\)"):
         common.folder_split(["0/a.mp3", "song.mp3", "f/b.mp3"])
     with pytest.raises(SystemExit, match=r"annotations_final.csv: 1 mp3_path.*; use --split random"):
         trainer.make_split(args, 2, mp3_paths=["g/x.mp3", "0/y.mp3"])
-    assert [rows.tolist() for rows in common.folder_split(["c/v.mp3", "0/t.mp3", "e/s.mp3", common.BROKEN_CLIPS[0]])] \
-        == [[1], [0], [2]]
+    parts = common.folder_split(["c/v.mp3", "0/t.mp3", "e/s.mp3", common.BROKEN_CLIPS[0]])
+    assert [rows.tolist() for rows in parts] == [[1], [0], [2]]  # the broken clip is in no part
 
 
 @pytest.mark.slow

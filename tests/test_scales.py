@@ -80,8 +80,8 @@ class PaperMSCNN(nn.Module):
 
     def forward(self, x):
         half = self.subsample(x)
-        merged = self.merge(torch.cat([self.branch1(x), self.branch2(half), self.branch3(self.subsample(half))], 1))
-        return self.head(merged)
+        branches = [self.branch1(x), self.branch2(half), self.branch3(self.subsample(half))]
+        return self.head(self.merge(torch.cat(branches, 1)))
 
 
 @pytest.mark.parametrize("seed", [0, 1337])

@@ -27,7 +27,8 @@ def test_trainer_saves_the_best_epochs_test_scores(small_run, small_data_dir):
     assert np.array_equal(saved["rows"], test_idx) and np.array_equal(saved["labels"], labels[test_idx])
     assert common.roc_auc(saved["labels"], saved["scores"]) == results["test_roc_auc"]
     assert common.pr_auc(saved["labels"], saved["scores"]) == results["test_pr_auc"]
-    with pytest.raises(ValueError, match=f"holds the test scores of epoch {results['epoch']}, not of the best epoch 7"):
+    with pytest.raises(ValueError, match=f"holds the test scores of epoch {results['epoch']}, not of the best "
+                                         "epoch 7"):
         plumbing.read_test_scores(run_dir, 7)
 
 
@@ -63,7 +64,8 @@ def test_resampled_metrics_equal_scikit_learns():
     counts = np.stack([np.bincount(d, minlength=200) for d in draws]).astype(np.int32)
     roc, pr = uncertainty.weighted_per_tag(prepared, counts)
     for b, draw in enumerate(draws):  # scikit-learn on the resampled clips themselves, ties and all
-        np.testing.assert_allclose(roc[b], roc_auc_score(labels[draw], good[draw], average=None), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(roc[b], roc_auc_score(labels[draw], good[draw], average=None),
+                                   rtol=0, atol=1e-12)
         np.testing.assert_allclose(pr[b], average_precision_score(labels[draw], good[draw], average=None),
                                    rtol=0, atol=1e-12)
     ones = np.ones((1, 200), dtype=np.int32)
@@ -157,8 +159,8 @@ def ablation(tmp_path_factory):
     for scales in (["1", "2", "3"], ["1"]):
         for seed in ("1", "2"):
             name = f"{'scales1-' if scales == ['1'] else ''}seed{seed}"
-            trainer.main(["--data-dir", str(data), "--out", str(out), "--run", name, "--epochs", "1", "--seed", seed,
-                          "--scales", *scales, "--split", "random", "--train-size", "32", "--val-size", "16",
+            trainer.main(["--data-dir", str(data), "--out", str(out), "--run", name, "--epochs", "1",
+                          "--seed", seed, "--scales", *scales, "--split", "random", "--train-size", "32", "--val-size", "16",
                           "--batch-size", "32", "--n-tags", "4", "--no-merge", "--device", "cpu"])
     return out
 
@@ -176,7 +178,8 @@ def test_report_intervals_and_paired_comparison(ablation, capsys):
     assert (ablation / "report.md").read_text() == text
     # the earlier sections are kept, the configurations apart
     assert "| seed1 | random | 1 | 1 |" in text and "| scales1-seed1 | random, scales 1 | 1 | 1 |" in text
-    assert re.search(r"^\| random \| 2 \| ", text, re.M) and re.search(r"^\| random, scales 1 \| 2 \| ", text, re.M)
+    assert re.search(r"^\| random \| 2 \| ", text, re.M)
+    assert re.search(r"^\| random, scales 1 \| 2 \| ", text, re.M)
     # every run's interval contains its point estimate, which is results.json's
     section = text.split("## How sure each test score is")[1].split("## Does multi-scale help?")[0]
     rows = [line.split("|")[1:-1] for line in section.splitlines() if re.match(r"\| (scales1-)?seed\d ", line)]
@@ -192,7 +195,8 @@ def test_report_intervals_and_paired_comparison(ablation, capsys):
     assert "On the random split, three scales (1 2 3) against one (1): test ROC-AUC difference" in comparison
     row = next(line for line in comparison.splitlines() if line.startswith("| ROC-AUC |"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
-    runs = {name: report.load_run(ablation / name) for name in ("seed1", "seed2", "scales1-seed1", "scales1-seed2")}
+    runs = {name: report.load_run(ablation / name)
+            for name in ("seed1", "seed2", "scales1-seed1", "scales1-seed2")}
     gains = [runs[f"seed{s}"]["test_roc_auc"] - runs[f"scales1-seed{s}"]["test_roc_auc"] for s in (1, 2)]
     assert float(cells[3]) == pytest.approx(np.mean(gains), abs=1e-4)
     low, high = (float(v) for v in cells[4].strip("[]").split(", "))
