@@ -194,3 +194,19 @@ def test_benchmark_counts_and_times_one_scale(capsys):
                               "--eval-clips", "2", "--scales", "1"])["train"]
     assert results["scales"] == [1] and results["forward_gflop_per_clip"] == expected / 1e9
     assert "MSCNN, scales 1, forward:" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_from_before_scales_resumes_as_the_full_network(small_run, small_data_dir, tmp_path):
+    """A last.pt whose args hold no scales (written before --scales) resumes with the default,
+    the three scales it had, and refuses --scales 1."""
+    run_dir, _ = small_run
+    (tmp_path / "old").mkdir()
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    del state["args"]["scales"]
+    torch.save(state, tmp_path / "old" / "last.pt")
+    run = ["--data-dir", str(small_data_dir), "--out", str(tmp_path), "--run", "old", "--resume"] + SMALL_RUN_ARGS
+    with pytest.raises(SystemExit, match="with different --scales"):
+        trainer.main(run + ["--epochs", "3", "--scales", "1"])
+    results = trainer.main(run + ["--epochs", "3"])
+    assert results["scales"] == [1, 2, 3] and results["epochs"] == 3
