@@ -19,7 +19,7 @@ import scipy.stats
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000  # resamples of the test clips; a p-value resolves down to 2 / (N + 1)
 SEED = 0  # of the resampling: a report is the same every time it is made
-BATCH = 50  # resamples scored at once: bounds memory (BATCH x clips x 8 bytes per array)
+BATCH = 50  # resamples scored at once: bounds memory (a few arrays of BATCH x clips per tag)
 
 
 def tag_orders(labels, scores):
