@@ -113,7 +113,7 @@ def scales_of(run):
 def config_name(run):
     """The split, and the scales when they are not the paper's three: 'clean, scales 1'."""
     scales = scales_of(run)
-    return run["split"] if scales == common.SCALES else f"{run['split']}, scales {' '.join(map(str, scales))}"
+    return run["split"] if scales == common.SCALES else f"{run['split']}, scales {scales_text(scales)}"
 
 
 def format_mean_std(values):
