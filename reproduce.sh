@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The whole study on MTAT: get the data -> log-mel spectrograms -> the paper's recipe
 # (trainer.py's defaults: 40 epochs, batch 32, Adam 1e-3) on the paper split and on the
-# field's clean split, 3 seeds each -> report.md and curves.png (src/report.py).
+# field's clean split, 3 seeds each; then the test of the paper's claim, the ablation: the
+# single-scale network (--scales 1) on the clean split with the same 3 seeds, paired with
+# the three-scale runs -> report.md (bootstrap intervals, the paired comparison and its
+# verdict), curves.png and per_tag_gain.png (src/report.py).
 #
 # Needs: about 3 GB of disk for the MP3s (6 GB while extracting) and 4.2 GB for the
 # spectrograms; a CUDA GPU; network access to MTAT's host
 # unless DATA already holds it.
-# Takes: not yet measured (6 runs of 40 epochs; see docs/results.md when measured).
+# Takes: not yet measured (9 runs of 40 epochs; see docs/results.md when measured).
 #
 #   bash reproduce.sh                              # data/ and experiments/study/
 #   SEEDS="1337 1338" SPLITS=clean bash reproduce.sh
@@ -17,6 +20,9 @@
 #   DATA        data folder (default: data)
 #   OUT         where the run folders and the report go (default: experiments/study)
 #   SPLITS      splits to train on (default: "paper clean")
+#   ABLATION    splits of the ablation: --scales 1 against the three scales, seed by seed;
+#               the three-scale runs are the SPLITS loop's own (default: clean; with
+#               SYNTHETIC: the SPLITS; "" leaves the ablation out)
 #   SEEDS       seeds of the weights, dropout and batch order (default: "1337 1338 1339");
 #               the splits never depend on them
 #   TRAIN_ARGS  extra trainer.py flags for every run (default: none)
@@ -25,6 +31,7 @@
 #               at small size, with SPLITS=random and TRAIN_ARGS giving the sizes), e.g.
 #               SYNTHETIC=32 SPLITS=random TRAIN_ARGS="--train-size 16 --val-size 8 --epochs 1
 #               --batch-size 8 --device cpu" DATA=/tmp/s OUT=/tmp/s/study bash reproduce.sh
+#               (the ablation then runs on the random split)
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${DATA:-data}
@@ -34,6 +41,7 @@ SEEDS=${SEEDS:-1337 1338 1339}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 WORKERS=${WORKERS:-8}
 SYNTHETIC=${SYNTHETIC:-}
+if [ -n "$SYNTHETIC" ]; then ABLATION=${ABLATION-$SPLITS}; else ABLATION=${ABLATION-clean}; fi
 start=$SECONDS
 
 if [ -n "$SYNTHETIC" ]; then
@@ -44,21 +52,37 @@ else
 fi
 python src/gen_spectrograms.py --data-dir "$DATA" --workers "$WORKERS"
 
+# train RUN FLAGS...: one run, skipped when finished, resumed when interrupted
+train() {
+    local run=$1
+    shift
+    if [ -f "$OUT/$run/results.json" ]; then
+        echo "$OUT/$run: finished, skipped"
+        return
+    fi
+    local resume=()
+    if [ -f "$OUT/$run/last.pt" ]; then
+        resume=(--resume)
+        echo "$OUT/$run: interrupted, resuming"
+    fi
+    # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
+    python src/trainer.py --data-dir "$DATA" --out "$OUT" --run "$run" "$@" $TRAIN_ARGS "${resume[@]}"
+}
+
 for split in $SPLITS; do
     for seed in $SEEDS; do
-        run="$split-seed$seed"
-        if [ -f "$OUT/$run/results.json" ]; then
-            echo "$OUT/$run: finished, skipped"
-            continue
-        fi
-        resume=()
-        if [ -f "$OUT/$run/last.pt" ]; then
-            resume=(--resume)
-            echo "$OUT/$run: interrupted, resuming"
-        fi
-        # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
-        python src/trainer.py --data-dir "$DATA" --out "$OUT" --run "$run" \
-            --split "$split" --seed "$seed" $TRAIN_ARGS "${resume[@]}"
+        train "$split-seed$seed" --split "$split" --seed "$seed"
+    done
+done
+# the paper's claim: three scales beat one; each single-scale run is paired with the
+# three-scale run of its seed (the same clips): the loop above's, or made here
+for split in $ABLATION; do
+    for seed in $SEEDS; do
+        case " $SPLITS " in
+            *" $split "*) ;;
+            *) train "$split-seed$seed" --split "$split" --seed "$seed" ;;
+        esac
+        train "$split-scales1-seed$seed" --split "$split" --seed "$seed" --scales 1
     done
 done
 

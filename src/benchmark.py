@@ -59,6 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=200,
                    help="train: timed training steps per repeat (default: 200; use ~3 on a CPU)")
     p.add_argument("--batch-size", type=int, default=32, help="train: clips per step (default: 32)")
+    p.add_argument("--scales", type=int, nargs="+", choices=common.SCALES, default=list(common.SCALES),
+                   metavar="S",
+                   help="train, paper: the network's branches, as trainer.py --scales (default: 1 2 3, the "
+                        "paper's network)")
     p.add_argument("--compile", action="store_true",
                    help="train: also time the fast path under torch.compile (trainer.py --compile)")
     p.add_argument("--eval-clips", type=int, default=7863,
@@ -244,12 +248,12 @@ def features_benchmark(args):
 
 # -----------------------------------------------------------------------------
 # Training and evaluation of the network
-def forward_flops(n_tags=50):
+def forward_flops(n_tags=50, scales=common.SCALES):
     """Floating-point operations of one clip's forward pass, counted from the layer shapes
     (a multiply-add is 2; convolutions and dense layers only, the rest is negligible)."""
     import torch
 
-    model = common.MSCNN(n_tags)
+    model = common.MSCNN(n_tags, scales=scales)
     flops = []
 
     def count(module, inputs, output):
@@ -284,12 +288,12 @@ def trainer_args(device, mode, data_bytes):
     return args
 
 
-def model_for(mode, device, args=None):
-    """A fresh MSCNN as the mode runs it: 'baseline' plain fp32 layout; 'fast' and
-    'fast+compile' as trainer.py builds it (plumbing.on_device, plumbing.parallel)."""
+def model_for(mode, device, args=None, scales=common.SCALES):
+    """A fresh MSCNN of these scales as the mode runs it: 'baseline' plain fp32 layout; 'fast'
+    and 'fast+compile' as trainer.py builds it (plumbing.on_device, plumbing.parallel)."""
     if mode == "baseline":
-        return common.MSCNN().to(device)
-    return plumbing.parallel(plumbing.on_device(common.MSCNN(), device), device, args, 1)[0]
+        return common.MSCNN(scales=scales).to(device)
+    return plumbing.parallel(plumbing.on_device(common.MSCNN(scales=scales), device), device, args, 1)[0]
 
 
 def fixed_norm(device):
@@ -299,7 +303,7 @@ def fixed_norm(device):
     return torch.full((common.N_MELS,), -8.0, device=device), torch.full((common.N_MELS,), 2.0, device=device)
 
 
-def time_train_steps(device, mode, steps, batch_size, repeats=3):
+def time_train_steps(device, mode, steps, batch_size, repeats=3, scales=common.SCALES):
     """Median seconds per training step of MSCNN on random data of the real shape.
 
     mode 'baseline': what a plain port does: fp32, eager, each batch a float32 host array
@@ -329,7 +333,7 @@ def time_train_steps(device, mode, steps, batch_size, repeats=3):
     else:
         torch.backends.cudnn.benchmark = False
         host = host.astype(np.float32)
-    model = model_for(mode, device, args if fast else None).train()
+    model = model_for(mode, device, args if fast else None, scales).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fast and args.fused_adam)
 
     def run_steps():
@@ -345,7 +349,7 @@ def time_train_steps(device, mode, steps, batch_size, repeats=3):
     return median_seconds(run_steps, repeats) / steps
 
 
-def time_evaluation(device, mode, n_clips):
+def time_evaluation(device, mode, n_clips, scales=common.SCALES):
     """Seconds to score n_clips clips (no gradients), as trainer.evaluate does ('fast':
     trainer.predict_rows with the trainer's choices and --eval-batch-size; 'fast+compile':
     and --compile) or a plain port would ('baseline': fp32, batches of 32 copied from the
@@ -365,7 +369,7 @@ def time_evaluation(device, mode, n_clips):
         source = plumbing.to_device_source(host, device, args.resident)
     else:
         torch.backends.cudnn.benchmark = False
-    model = model_for(mode, device, args if fast else None)
+    model = model_for(mode, device, args if fast else None, scales)
 
     def run():
         if fast:
@@ -383,14 +387,15 @@ def train_benchmark(args):
     the fast path compiled); projected time of the paper's run (40 epochs of 18,000 clips,
     plus scoring 7,863 clips every epoch)."""
     device = plumbing.resolve_device(args.device)
-    flops = forward_flops()
-    print(f"MSCNN forward: {flops / 1e9:.2f} GFLOP per clip, training step ~3x: "
-          f"{3 * flops / 1e9:.2f} GFLOP per clip; device {device}", flush=True)
-    results = dict(device=str(device), forward_gflop_per_clip=flops / 1e9)
+    scales = tuple(sorted(set(args.scales)))
+    flops = forward_flops(scales=scales)
+    print(f"MSCNN, scales {' '.join(map(str, scales))}, forward: {flops / 1e9:.2f} GFLOP per clip, "
+          f"training step ~3x: {3 * flops / 1e9:.2f} GFLOP per clip; device {device}", flush=True)
+    results = dict(device=str(device), scales=list(scales), forward_gflop_per_clip=flops / 1e9)
     print(f"{'path':12} {'ms/step':>9} {'clips/s':>9} {'TFLOP/s':>8} {'eval clips/s':>13} {'40 epochs':>10} {'speed-up':>8}")
     for mode in ("baseline", "fast") + (("fast+compile",) if args.compile else ()):
-        step_s = time_train_steps(device, mode, args.steps, args.batch_size)
-        eval_s = time_evaluation(device, mode, args.eval_clips)
+        step_s = time_train_steps(device, mode, args.steps, args.batch_size, scales=scales)
+        eval_s = time_evaluation(device, mode, args.eval_clips, scales)
         eval_rate = args.eval_clips / eval_s
         projected_s = 40 * (18000 // args.batch_size * step_s + 7863 / eval_rate)
         row = dict(ms_per_step=1000 * step_s, clips_per_s=args.batch_size / step_s,
@@ -665,7 +670,7 @@ def paper_benchmark(args):
             print(f"random spectrograms: {args.paper_clips:,} rows written in "
                   f"{time.perf_counter() - t0:.1f} s", flush=True)
         flags = ["--data-dir", str(data_dir), "--out", tmp, "--run", "paper", "--epochs", str(args.epochs),
-                 "--device", device.type]
+                 "--device", device.type, "--scales", *map(str, args.scales)]
         if args.paper_clips < common.N_CLIPS:
             flags += ["--split", "random", "--train-size", str(args.paper_clips * 7 // 10),
                       "--val-size", str(args.paper_clips // 10), "--batch-size", str(args.batch_size)]

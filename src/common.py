@@ -286,6 +286,40 @@ def clean_split(clip_ids, splits_dir=SPLITS_DIR):
     return tuple(parts)
 
 
+# The three MTAT clips whose MP3 holds no audio (clip ids 35644, 55753, 57881), by their
+# mp3_path: the split is a rule on paths, and a path names the broken file itself.
+BROKEN_CLIPS = ("6/norine_braun-now_and_zen-08-gently-117-146.mp3",
+                "8/jacob_heringman-josquin_des_prez_lute_settings-19-gintzler__pater_noster-204-233.mp3",
+                "9/american_baroque-dances_and_suites_of_rameau_and_couperin-25-le_petit_rien_xiveme_ordre_"
+                "couperin-88-117.mp3")
+FOLDER_PARTS = ("0123456789ab", "c", "def")  # MTAT's folders of training, validation, test
+
+
+def folder_split(mp3_paths):
+    """MTAT's folder split with every usable clip: folders 0..b train, c validation, d..f
+    test (the split of the self-supervised benchmarks, e.g. MARBLE), the three broken clips
+    (BROKEN_CLIPS) left out, whatever their tags (unlike the clean split, no clip is dropped
+    for lacking a top-50 tag). Like the clean split it keeps songs and albums on one side.
+
+    Args:
+        mp3_paths: list of N str (read_annotations), each '<folder 0-f>/<name>.mp3'.
+    Returns:
+        train_idx, val_idx, test_idx: sorted int64 ndarrays of annotation rows, (18706,),
+        (1825,), (5329,) on the full annotations; disjoint.
+    Raises ValueError naming a path outside MTAT's folders (0..f).
+    """
+    folders = [path.split("/", 1)[0] if "/" in path else "" for path in mp3_paths]
+    outside = [path for path, folder in zip(mp3_paths, folders)
+               if len(folder) != 1 or folder not in "0123456789abcdef"]
+    if outside:
+        raise ValueError(f"{len(outside):,} mp3_path(s) are not in one of MTAT's folders 0..f (e.g. "
+                         f"'{outside[0]}'); the folder split needs MTAT's layout '<folder>/<name>.mp3'")
+    broken = set(BROKEN_CLIPS)
+    return tuple(np.array([row for row, (folder, path) in enumerate(zip(folders, mp3_paths))
+                           if folder in part and path not in broken], dtype=np.int64)
+                 for part in FOLDER_PARTS)
+
+
 def parse_mp3_path(mp3_path):
     """MTAT's clip path -> (song, album, artist) keys, or None when it does not parse.
 
@@ -346,6 +380,9 @@ def conv(in_channels, out_channels, kernel):
         nn.ReLU(inplace=True))
 
 
+SCALES = (1, 2, 3)  # the branches: full resolution, average-pooled by (2, 4), by (4, 16)
+
+
 class MSCNN(nn.Module):
     """Multi-scale CNN of Dabral et al. (2018) for (B, 1, 128, 628) log-mel input.
 
@@ -354,21 +391,35 @@ class MSCNN(nn.Module):
     3x3 convolutions, a max-pool to 70 x 8 x 9 = 5040 features, batch norm, dropout 0.4,
     a 500-unit ReLU layer and one logit per tag. 2,936,810 parameters for 50 tags.
     forward returns logits (B, n_tags); apply sigmoid for probabilities.
+
+    scales: which branches the network has, any non-empty subset of (1, 2, 3) (the
+    ablation of the paper's claim; (1,) is the single-scale baseline); the merge
+    convolution then takes 70 x len(scales) channels. Branches not asked for are not built,
+    so the default network, its parameter names and its initial weights are the paper's.
     """
 
-    def __init__(self, n_tags=50, dropout=0.4, bn_momentum=0.01):
+    def __init__(self, n_tags=50, dropout=0.4, bn_momentum=0.01, scales=SCALES):
         super().__init__()
-        self.branch1 = nn.Sequential(
-            conv(1, 50, (3, 7)), nn.MaxPool2d((2, 4)),
-            conv(50, 100, (3, 5)), nn.MaxPool2d((2, 4)),
-            conv(100, 70, (3, 3)), nn.MaxPool2d((2, 2)))
+        if not scales or len(set(scales)) != len(scales) or not set(scales) <= set(SCALES):
+            raise ValueError(f"scales must be a non-empty subset of {SCALES} without repeats, "
+                             f"got {tuple(scales)}")
+        self.scales = tuple(sorted(scales))
+        # built in this order whatever the subset: each layer draws its initial weights from
+        # torch's generator in turn, and the default network must draw exactly the paper's
+        if 1 in self.scales:
+            self.branch1 = nn.Sequential(
+                conv(1, 50, (3, 7)), nn.MaxPool2d((2, 4)),
+                conv(50, 100, (3, 5)), nn.MaxPool2d((2, 4)),
+                conv(100, 70, (3, 3)), nn.MaxPool2d((2, 2)))
         self.subsample = nn.AvgPool2d((2, 4))  # branch 2's input; applied twice for branch 3
-        self.branch2 = nn.Sequential(
-            conv(1, 100, (3, 5)), nn.MaxPool2d((2, 4)),
-            conv(100, 70, (3, 3)), nn.MaxPool2d((2, 2)))
-        self.branch3 = nn.Sequential(conv(1, 70, (3, 3)), nn.MaxPool2d((2, 2)))
+        if 2 in self.scales:
+            self.branch2 = nn.Sequential(
+                conv(1, 100, (3, 5)), nn.MaxPool2d((2, 4)),
+                conv(100, 70, (3, 3)), nn.MaxPool2d((2, 2)))
+        if 3 in self.scales:
+            self.branch3 = nn.Sequential(conv(1, 70, (3, 3)), nn.MaxPool2d((2, 2)))
         self.merge = nn.Sequential(
-            conv(210, 70, (3, 3)), conv(70, 70, (3, 3)), nn.MaxPool2d((2, 2)), nn.Flatten())
+            conv(70 * len(self.scales), 70, (3, 3)), conv(70, 70, (3, 3)), nn.MaxPool2d((2, 2)), nn.Flatten())
         self.head = nn.Sequential(
             nn.BatchNorm1d(5040, eps=1e-3, momentum=bn_momentum),
             nn.Dropout(dropout),
@@ -387,9 +438,15 @@ class MSCNN(nn.Module):
                 module.reset_parameters()
 
     def features(self, x):
-        """(B, 1, 128, 628) -> the three branch outputs, each (B, 70, 16, 19)."""
-        half = self.subsample(x)
-        return self.branch1(x), self.branch2(half), self.branch3(self.subsample(half))
+        """(B, 1, 128, 628) -> the outputs of the network's branches in scale order, each
+        (B, 70, 16, 19): three for the paper's network."""
+        outputs = []
+        for scale in range(1, max(self.scales) + 1):
+            if scale > 1:
+                x = self.subsample(x)  # scale 2 sees the input pooled once, scale 3 twice
+            if scale in self.scales:
+                outputs.append(getattr(self, f"branch{scale}")(x))
+        return tuple(outputs)
 
     def embed(self, x):
         """(B, 1, 128, 628) normalised log-mel -> (B, 500) embedding: the activations of the

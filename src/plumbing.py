@@ -11,7 +11,7 @@ keeps a long run correct when a disk fills, a process is killed or a file is dam
     resolve_device, resolve_speed_choices    the device and its speed flags, decided once
     setup_distributed, rank, log, ...        torchrun
     save_epoch, resume, load_model, ...      the run folder: best_model.pt, last.pt,
-                                             metrics.csv, results.json
+                                             metrics.csv, results.json, test_scores.npz
 """
 import argparse
 import collections
@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import time
+import zipfile
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -606,7 +607,8 @@ def start_run(args, resume_keys, model, optimizer, scheduler, device):
     if args.run is None or not (run_dir / "last.pt").is_file():
         raise SystemExit(f"error: --resume needs --run NAME of a run with a last.pt ({run_dir / 'last.pt'} not found)")
     state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
-    saved = dict({"split_seed": state["args"]["seed"]}, **state["args"])  # older runs drew --split random from --seed
+    # older runs drew --split random from --seed, and had all three scales
+    saved = dict({"split_seed": state["args"]["seed"], "scales": list(common.SCALES)}, **state["args"])
     changed = [k for k in resume_keys if saved[k] != json_args(args)[k]]
     if changed:
         raise SystemExit(f"error: cannot resume {run_dir} with different {', '.join('--' + k.replace('_', '-') for k in changed)}")
@@ -689,13 +691,20 @@ def load_model(checkpoint_path, device="cpu"):
                          f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}; the run "
                          "that wrote it diverged: use a checkpoint of an earlier epoch, or "
                          "train again with a lower --lr")
-    model = common.MSCNN(n_tags=len(checkpoint["tag_names"]))
+    args = checkpoint["args"] if isinstance(checkpoint["args"], dict) else {}
+    scales = args.get("scales", common.SCALES)  # the branches the run trained (older runs: all three)
+    try:
+        model = common.MSCNN(n_tags=len(checkpoint["tag_names"]), scales=tuple(scales))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{checkpoint_path}: its args hold scales {scales!r}, not a subset of 1 2 3 "
+                         f"({error})") from None
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:  # keys or shapes of another network
         reason = " ".join(str(error).split())  # PyTorch lists the problems on several lines
         raise ValueError(f"{checkpoint_path}: its weights do not fit the MSCNN of "
-                         f"{len(checkpoint['tag_names'])} tags ({reason})") from None
+                         f"{len(checkpoint['tag_names'])} tags and scales {' '.join(map(str, model.scales))} "
+                         f"({reason})") from None
     return on_device(model, device).eval(), checkpoint
 
 
@@ -723,8 +732,53 @@ def write_results(run_dir, best, tag_names, args, split, overlap):
                                        for name, auc in zip(tag_names, best["test_roc_auc_per_tag"])}
     results["best_model"] = str(run_dir / "best_model.pt")
     results.update(split=args.split, split_seed=args.split_seed if args.split == "random" else None,
-                   seed=args.seed, epochs=args.epochs, n_tags=len(tag_names), merge=not args.no_merge,
+                   scales=list(args.scales), seed=args.seed, epochs=args.epochs, n_tags=len(tag_names),
+                   merge=not args.no_merge,
                    **{f"n_{part}": len(rows) for part, rows in zip(("train", "val", "test"), split)},
                    split_overlap=overlap)
     write_json(run_dir / "results.json", results, indent=2)
     return results
+
+
+TEST_SCORES = "test_scores.npz"  # the best epoch's test scores, beside results.json
+
+
+def save_test_scores(run_dir, scores, labels, rows, tag_names, epoch):
+    """RUN/test_scores.npz (main process only): the best epoch's test scores, so that
+    report.py can say how sure the test ROC-AUC is and compare runs clip by clip.
+    scores: float32 (clips, T) sigmoid outputs; labels: uint8 (clips, T); rows: int64
+    (clips,) annotation rows; tag_names: T str; epoch: 1-based. Written when the best
+    epoch improves, before that epoch's checkpoints: a run killed in between redoes the
+    epoch on --resume and writes both again (read_test_scores checks the epoch)."""
+    if not is_main():
+        return
+    with atomic_write(run_dir / TEST_SCORES, "wb") as f:
+        np.savez(f, scores=np.asarray(scores, dtype=np.float32), labels=np.asarray(labels, dtype=np.uint8),
+                 rows=np.asarray(rows, dtype=np.int64), tag_names=np.array(tag_names, dtype=str),
+                 epoch=np.int64(epoch))
+
+
+def read_test_scores(run_dir, epoch=None):
+    """-> dict of save_test_scores' arrays (scores, labels, rows, tag_names, epoch), or None
+    when the run has no test_scores.npz (made by an older trainer.py). Raises ValueError
+    naming the file when it is damaged, its shapes disagree, or it holds another epoch than
+    `epoch` (results.json's best epoch)."""
+    path = Path(run_dir) / TEST_SCORES
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            saved = {key: f[key] for key in ("scores", "labels", "rows", "tag_names", "epoch")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # cut short, or not ours
+        raise ValueError(f"{path} is damaged or not trainer.py's ({type(error).__name__}: {error})") from None
+    n_clips, n_tags = saved["scores"].shape if saved["scores"].ndim == 2 else (-1, -1)
+    if (saved["labels"].shape != (n_clips, n_tags) or saved["rows"].shape != (n_clips,)
+            or saved["tag_names"].shape != (n_tags,) or not np.isfinite(saved["scores"]).all()):
+        raise ValueError(f"{path}: scores {saved['scores'].shape}, labels {saved['labels'].shape}, rows "
+                         f"{saved['rows'].shape} and tag_names {saved['tag_names'].shape} do not fit together")
+    saved["epoch"] = int(saved["epoch"])
+    if epoch is not None and saved["epoch"] != epoch:
+        raise ValueError(f"{path} holds the test scores of epoch {saved['epoch']}, not of the best epoch "
+                         f"{epoch} (a run stopped between the two files whose resumed epoch scored otherwise)")
+    saved["tag_names"] = [str(name) for name in saved["tag_names"]]
+    return saved

@@ -8,8 +8,14 @@ Reads RUN/results.json (and RUN/metrics.csv for the curves) of each run folder w
 trainer.py; prints a Markdown report and writes it to OUT/report.md, and, when matplotlib
 is installed, OUT/curves.png (validation and test ROC-AUC and training loss per epoch, one
 line per run). OUT defaults to the folder given when it is one parent folder, else to the
-run folders' common parent. Per split, the mean and the sample standard deviation (ddof=1)
-over its runs; a split with one run has no standard deviation ("n/a").
+run folders' common parent. Per split (and --scales), the mean and the sample standard
+deviation (ddof=1) over its runs; a split with one run has no standard deviation ("n/a").
+
+From RUN/test_scores.npz (the best epoch's test scores) it adds each run's test ROC-AUC and
+PR-AUC with a 95% bootstrap interval over the test clips and, for runs of two --scales
+scored on the same clips and paired by seed, the paired difference with its interval and
+p-value, overall and per tag (src/uncertainty.py; OUT/per_tag_gain.png with matplotlib).
+What the intervals mean and do not: docs/results.md.
 """
 import argparse
 import csv
@@ -22,6 +28,7 @@ import numpy as np
 
 import common
 import plumbing
+import uncertainty
 
 # Published figures the runs are compared with.
 # Dabral et al. 2018 on the paper split: best validation ROC-AUC 0.904, test 0.900
@@ -33,7 +40,11 @@ WON_2020 = [("FCN", 0.9005, 0.4295), ("Musicnn", 0.9106, 0.4493), ("Sample-level
             ("Sample-level + SE", 0.9103, 0.4520), ("CRNN", 0.8722, 0.3625),
             ("Self-attention", 0.9077, 0.4445), ("Harmonic CNN", 0.9127, 0.4611),
             ("Short-chunk CNN", 0.9126, 0.4590), ("Short-chunk CNN + Res", 0.9129, 0.4614)]
-SPLIT_ORDER = ("paper", "clean", "random")
+# The folder split (MTAT's folders 0-b / c / d-f, all usable clips; common.folder_split), as
+# the MARBLE benchmark reports it: ROC-AUC of probes on frozen self-supervised features.
+MARBLE_FOLDER = [("MERT-330M", 0.913), ("MusicFM", 0.913), ("MuQ", 0.914)]
+MARBLE_PR_AUC = 0.40  # "about 0.40" for all three
+SPLIT_ORDER = ("paper", "clean", "folder", "random")
 NEEDED = ("split", "seed", "epochs", "epoch", "val_roc_auc", "val_pr_auc", "test_roc_auc", "test_pr_auc")
 
 
@@ -94,6 +105,17 @@ def mean_std(values):
     return float(values.mean()), (float(values.std(ddof=1)) if len(values) > 1 else None)
 
 
+def scales_of(run):
+    """The run's --scales as a tuple (runs from before --scales had all three)."""
+    return tuple(run.get("scales") or common.SCALES)
+
+
+def config_name(run):
+    """The split, and the scales when they are not the paper's three: 'clean, scales 1'."""
+    scales = scales_of(run)
+    return run["split"] if scales == common.SCALES else f"{run['split']}, scales {scales_text(scales)}"
+
+
 def format_mean_std(values):
     mean, std = mean_std(values)
     return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f} ± n/a"
@@ -124,6 +146,9 @@ def reference(split):
         rocs, prs = [m[1] for m in WON_2020], [m[2] for m in WON_2020]
         return (f"Won et al. 2020, {len(WON_2020)} models: ROC-AUC {min(rocs):.4f}–{max(rocs):.4f}, "
                 f"PR-AUC {min(prs):.4f}–{max(prs):.4f} (table below)")
+    if split == "folder":
+        models = ", ".join(f"{name} {roc:.3f}" for name, roc in MARBLE_FOLDER)
+        return f"MARBLE, frozen features probed: {models} ROC-AUC, PR-AUC about {MARBLE_PR_AUC:.2f}"
     return "none (not a published split)"
 
 
@@ -131,39 +156,84 @@ def split_key(split):
     return (SPLIT_ORDER.index(split) if split in SPLIT_ORDER else len(SPLIT_ORDER), split)
 
 
+def run_key(run):
+    """The order of runs in the tables: by split, seed, the paper's scales first, name."""
+    return split_key(run["split"]), run["seed"], scales_of(run) != common.SCALES, run["name"]
+
+
+def published_references():
+    """Markdown: each published figure with the split it was measured on."""
+    rocs, prs = [m[1] for m in WON_2020], [m[2] for m in WON_2020]
+    marble = ", ".join(f"{name} {roc:.3f}" for name, roc in MARBLE_FOLDER)
+    return ["", "## Published references, by split", "",
+            "- **paper split** (the original's draw of clips, 18,000 / 2,000 / 5,863; clips of one song "
+            f"on both sides): Dabral et al. 2018, this network: test ROC-AUC {PAPER_2018['test_roc_auc']:.3f} "
+            f"(validation {PAPER_2018['val_roc_auc']:.3f}); no PR-AUC published.",
+            "- **clean split** (Lee et al. 2017's lists, 15,244 / 1,529 / 4,332, the 50 most frequent tags "
+            f"unmerged): Won et al. 2020, {len(WON_2020)} networks trained end to end: ROC-AUC "
+            f"{min(rocs):.4f}–{max(rocs):.4f}, PR-AUC {min(prs):.4f}–{max(prs):.4f}.",
+            "- **folder split** (MTAT's folders 0-b / c / d-f with every usable clip, 18,706 / 1,825 / "
+            "5,329, the same tags): the MARBLE benchmark, probes on frozen self-supervised features: "
+            f"{marble} ROC-AUC, PR-AUC about {MARBLE_PR_AUC:.2f}.",
+            "", "A figure compares only with runs on its own split: the three differ in their clips."]
+
+
 def format_report(runs):
-    """Markdown: the runs, then per split the mean ± std beside the published reference,
-    then (with clean-split runs) where their mean stands in Won et al.'s table."""
-    runs = sorted(runs, key=lambda r: (split_key(r["split"]), r["seed"], r["name"]))
+    """Markdown: the runs, then per split (and --scales) the mean ± std beside the published
+    reference, the references by split, then (with clean- or folder-split runs) where their
+    mean stands in Won et al.'s or MARBLE's table."""
+    runs = sorted(runs, key=run_key)
     lines = ["# Results", "",
              "## Runs", "",
              "| run | split | seed | epochs | best epoch | val ROC-AUC | val PR-AUC | test ROC-AUC | "
              "test PR-AUC | test clips sharing a song with training |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['name']} | {r['split']} | {r['seed']} | {r['epochs']} | {r['epoch']} | "
+        lines.append(f"| {r['name']} | {config_name(r)} | {r['seed']} | {r['epochs']} | {r['epoch']} | "
                      f"{r['val_roc_auc']:.4f} | {r['val_pr_auc']:.4f} | {r['test_roc_auc']:.4f} | "
                      f"{r['test_pr_auc']:.4f} | {song_overlap(r)} |")
     lines += ["", "## Per split: mean ± sample standard deviation (ddof=1) over its runs", "",
               "| split | runs | val ROC-AUC | test ROC-AUC | test PR-AUC | published reference |",
               "|---|---|---|---|---|---|"]
-    splits = sorted({r["split"] for r in runs}, key=split_key)
-    for split in splits:
-        group = [r for r in runs if r["split"] == split]
+    configs = sorted({(r["split"], scales_of(r)) for r in runs},
+                     key=lambda c: (split_key(c[0]), c[1] != common.SCALES, c[1]))
+    for split, scales in configs:
+        group = [r for r in runs if r["split"] == split and scales_of(r) == scales]
         epochs = sorted({r["epochs"] for r in group})
         n_runs = f"{len(group)}" + (f" (epochs differ: {', '.join(map(str, epochs))})" if len(epochs) > 1 else "")
-        lines.append(f"| {split} | {n_runs} | {format_mean_std([r['val_roc_auc'] for r in group])} | "
+        lines.append(f"| {config_name(group[0])} | {n_runs} | "
+                     f"{format_mean_std([r['val_roc_auc'] for r in group])} | "
                      f"{format_mean_std([r['test_roc_auc'] for r in group])} | "
                      f"{format_mean_std([r['test_pr_auc'] for r in group])} | {reference(split)} |")
+    lines += published_references()
     clean = [r for r in runs if r["split"] == "clean"]
     if clean:
-        roc, _ = mean_std([r["test_roc_auc"] for r in clean])
-        pr, _ = mean_std([r["test_pr_auc"] for r in clean])
-        table = WON_2020 + [(f"**this project: multi-scale CNN, mean of {len(clean)} run(s)**", roc, pr)]
+        table = WON_2020 + project_rows(clean)
         lines += ["", "## The clean split against the field (Won et al. 2020), by test ROC-AUC", "",
                   "| model | ROC-AUC | PR-AUC |", "|---|---|---|"]
         lines += [f"| {name} | {a:.4f} | {b:.4f} |" for name, a, b in sorted(table, key=lambda m: -m[1])]
+    folder = [r for r in runs if r["split"] == "folder"]
+    if folder:  # MARBLE publishes ROC-AUC per model and PR-AUC only roughly
+        table = [(name, roc, None) for name, roc in MARBLE_FOLDER] + project_rows(folder)
+        lines += ["", "## The folder split against the field (MARBLE: probes on frozen self-supervised "
+                  "features), by test ROC-AUC", "", "| model | ROC-AUC | PR-AUC |", "|---|---|---|"]
+        lines += [f"| {name} | {a:.4f} | {b:.4f} |" if b is not None
+                  else f"| {name} | {a:.3f} | about {MARBLE_PR_AUC:.2f} |"
+                  for name, a, b in sorted(table, key=lambda m: -m[1])]
     return "\n".join(lines) + "\n"
+
+
+def project_rows(runs):
+    """This project's rows for a table of the field, one per --scales: (name, mean test
+    ROC-AUC, mean test PR-AUC)."""
+    rows = []
+    for scales in sorted({scales_of(r) for r in runs}, key=lambda s: (s != common.SCALES, s)):
+        group = [r for r in runs if scales_of(r) == scales]
+        what = "multi-scale CNN" if scales == common.SCALES else f"--scales {scales_text(scales)}"
+        rows.append((f"**this project: {what}, mean of {len(group)} run(s)**",
+                     mean_std([r["test_roc_auc"] for r in group])[0],
+                     mean_std([r["test_pr_auc"] for r in group])[0]))
+    return rows
 
 
 def plot_curves(runs, path):
@@ -200,16 +270,217 @@ def plot_curves(runs, path):
 
 
 # -----------------------------------------------------------------------------
+# how sure: bootstrap intervals over the test clips and paired comparisons (uncertainty.py)
+def load_scores(runs):
+    """Set run['scores'] to the run's test_scores.npz (plumbing.read_test_scores), or None
+    with a note on stderr when it has none (an older trainer.py) or a damaged one."""
+    for run in runs:
+        try:
+            run["scores"] = plumbing.read_test_scores(run["run_dir"], run["epoch"])
+        except ValueError as error:
+            run["scores"] = None
+            print(f"note: {error}; no interval for {run['name']}", file=sys.stderr)
+            continue
+        if run["scores"] is None:
+            print(f"note: {run['run_dir']} has no {plumbing.TEST_SCORES} (made by an older trainer.py): "
+                  "no interval for it", file=sys.stderr)
+
+
+def same_clip_groups(runs):
+    """Runs with test scores, grouped by what they were scored on: one split, the same test
+    rows, labels and tags (so --split random runs of other --split-seed never pair)."""
+    groups = {}
+    for run in runs:
+        saved = run.get("scores")
+        if saved is not None:
+            key = (run["split"], saved["rows"].tobytes(), saved["labels"].tobytes(),
+                   tuple(saved["tag_names"]))
+            groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
+def paired_comparisons(group):
+    """The comparisons within a group of runs on the same clips: each other --scales against
+    the one with the most branches (the paper's three where present), its runs paired by
+    seed. -> list of (scales_a, scales_b, [(run index a, run index b, seed), ...])."""
+    by_scales = {}
+    for index, run in enumerate(group):
+        by_scales.setdefault(scales_of(run), {}).setdefault(run["seed"], []).append(index)
+    order = sorted(by_scales, key=lambda scales: (-len(scales), scales))
+    comparisons = []
+    for other in order[1:]:
+        pairs = []
+        for seed in sorted(set(by_scales[order[0]]) & set(by_scales[other])):
+            a, b = by_scales[order[0]][seed], by_scales[other][seed]
+            if len(a) > 1 or len(b) > 1:
+                names = ", ".join(group[i]["name"] for i in a + b)
+                print(f"note: several runs of seed {seed} ({names}) on the same clips: seed {seed} left out "
+                      "of the paired comparison", file=sys.stderr)
+                continue
+            pairs.append((a[0], b[0], seed))
+        if pairs:
+            comparisons.append((order[0], other, pairs))
+    return comparisons
+
+
+def scales_text(scales):
+    return " ".join(map(str, scales))
+
+
+def interval(low, high, signed=False):
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "n/a"
+    form = "+.4f" if signed else ".4f"
+    return f"[{low:{form}}, {high:{form}}]"
+
+
+def verdict(split, scales_a, scales_b, roc, n_pairs):
+    """One sentence on a comparison; for three scales against branch 1 alone, the paper's claim."""
+    point, low, high, p = roc
+    claim = scales_a == common.SCALES and scales_b == (1,)
+    what = (f"three scales ({scales_text(scales_a)}) against one ({scales_text(scales_b)})" if claim
+            else f"scales {scales_text(scales_a)} against {scales_text(scales_b)}")
+    if not (np.isfinite(low) and np.isfinite(high)):
+        end = "no interval: some resample of these few test clips could score no tag"
+    elif low > 0:
+        end = "the paper's claim holds here: three scales beat one" if claim else "the first is better"
+    elif high < 0:
+        end = "the paper's claim fails here: one scale beats three" if claim else "the second is better"
+    else:
+        end = ("the paper's claim is not shown here: the interval includes 0" if claim
+               else "no difference shown: the interval includes 0")
+    return (f"On the {split} split, {what}: test ROC-AUC difference {point:+.4f} (95% interval "
+            f"{interval(low, high, True)} over the test clips, paired bootstrap p = {p:.4f}, "
+            f"{n_pairs} seed pair{'s' * (n_pairs != 1)}): {end}.")
+
+
+def uncertainty_report(runs, n_resamples):
+    """Markdown: each run's test ROC-AUC and PR-AUC with its 95% bootstrap interval over the
+    test clips; per group of runs on the same clips, the paired comparisons (verdict,
+    overall and per tag). -> (text, the comparisons: uncertainty.bootstrap_runs' dicts plus
+    split, scales_a, scales_b, pairs [(run a, run b, seed)], tag_names, labels)."""
+    figures, compared = {}, []
+    for group in same_clip_groups(runs):
+        saved = [run["scores"] for run in group]
+        comparisons = paired_comparisons(group)
+        result = uncertainty.bootstrap_runs(saved[0]["labels"], [s["scores"] for s in saved],
+                                            [[(a, b) for a, b, _ in pairs] for _, _, pairs in comparisons],
+                                            n_resamples=n_resamples)
+        for run, figure in zip(group, result["runs"]):
+            figures[id(run)] = figure
+        for (scales_a, scales_b, pairs), entry in zip(comparisons, result["comparisons"]):
+            compared.append(dict(entry, split=group[0]["split"], scales_a=scales_a, scales_b=scales_b,
+                                 pairs=[(group[a], group[b], seed) for a, b, seed in pairs],
+                                 tag_names=saved[0]["tag_names"], labels=saved[0]["labels"]))
+    lines = ["", f"## How sure each test score is: {uncertainty.CONFIDENCE:.0%} bootstrap intervals over "
+             "the test clips", "",
+             "| run | split | seed | test clips | test ROC-AUC [95% interval] | test PR-AUC [95% interval] |",
+             "|---|---|---|---|---|---|"]
+    for run in sorted(runs, key=run_key):
+        figure = figures.get(id(run))
+        start = f"| {run['name']} | {config_name(run)} | {run['seed']} | "
+        if figure is None:
+            lines.append(start + f"| {run['test_roc_auc']:.4f} (no {plumbing.TEST_SCORES}) | "
+                         f"{run['test_pr_auc']:.4f} |")
+            continue
+        lines.append(start + f"{len(run['scores']['rows']):,} | "
+                     + " | ".join(f"{figure[m][0]:.4f} {interval(*figure[m][1:])}" for m in ("roc", "pr"))
+                     + " |")
+    lines += ["", f"Percentile intervals of {n_resamples:,} resamples of each run's test clips "
+              "(scipy.stats.bootstrap; a tag that a resample leaves without a positive or a negative clip "
+              "is left out of that resample's macro mean). They say how far this one trained model's score "
+              "could move on another test set drawn like this one, not how far another seed would move it "
+              "(the ± above); see docs/results.md."]
+    if compared:
+        lines += ["", "## Does multi-scale help? Paired comparisons on the same test clips"]
+    for c in compared:
+        lines += comparison_lines(c, n_resamples)
+    return "\n".join(lines) + "\n", compared
+
+
+def comparison_lines(c, n_resamples):
+    """Markdown of one paired comparison: the verdict, the overall table, the per-tag table."""
+    a, b = scales_text(c["scales_a"]), scales_text(c["scales_b"])
+    lines = ["", f"### {c['split']} split: scales {a} against {b}", "",
+             f"**{verdict(c['split'], c['scales_a'], c['scales_b'], c['roc'], len(c['pairs']))}**", "",
+             f"| test metric | scales {a} | scales {b} | difference | 95% interval | p | per seed pair |",
+             "|---|---|---|---|---|---|---|"]
+    for name, key, metric in (("ROC-AUC", "test_roc_auc", "roc"), ("PR-AUC", "test_pr_auc", "pr")):
+        point, low, high, p = c[metric]
+        mean_a = np.mean([run_a[key] for run_a, _, _ in c["pairs"]])
+        mean_b = np.mean([run_b[key] for _, run_b, _ in c["pairs"]])
+        seeds = ", ".join(f"{run_a[key] - run_b[key]:+.4f} ({seed})" for run_a, run_b, seed in c["pairs"])
+        lines.append(f"| {name} | {mean_a:.4f} | {mean_b:.4f} | {point:+.4f} | {interval(low, high, True)} | "
+                     f"{p:.4f} | {seeds} |")
+    signs = {np.sign(run_a["test_roc_auc"] - run_b["test_roc_auc"]) for run_a, run_b, _ in c["pairs"]}
+    lines += ["", "The difference is the mean over the seed pairs (same seed, same clips) of the first "
+              "scales' score minus the second's; its interval and p come from the same "
+              f"{n_resamples:,} resamples of the test clips, each scoring every run (paired): "
+              "p = 2 (1 + k) / (N + 1), k the resamples on the far side of 0."
+              + (" The seed pairs disagree in sign: the seeds move the difference more than its interval "
+                 "shows." if len(signs - {0.0}) > 1 else "")]
+    point, low, high, p = c["roc_per_tag"]
+    per_run = [np.mean([common.roc_auc(c["labels"], pair[side]["scores"]["scores"], per_tag=True)
+                        for pair in c["pairs"]], axis=0) for side in (0, 1)]
+    n_tags, gain, loss = len(point), int(np.sum(low > 0)), int(np.sum(high < 0))
+    lines += ["", f"Per tag, test ROC-AUC (mean over the seed pairs), largest gain first: {gain} of {n_tags} "
+              f"tags gain with an interval above 0, {loss} lose with one below 0 (were no tag really "
+              f"different, about {0.05 * n_tags:.1f} of the {n_tags} would still reach p < 0.05 by chance).",
+              "", f"| tag | scales {a} | scales {b} | difference | 95% interval | p |",
+              "|---|---|---|---|---|---|"]
+    for tag in sorted(range(n_tags), key=lambda t: -np.nan_to_num(point[t], nan=-np.inf)):
+        lines.append(f"| {c['tag_names'][tag]} | {per_run[0][tag]:.4f} | {per_run[1][tag]:.4f} | "
+                     f"{point[tag]:+.4f} | {interval(low[tag], high[tag], True)} | "
+                     + (f"{p[tag]:.4f} |" if np.isfinite(p[tag]) else "n/a (a resample cannot score it) |"))
+    return lines
+
+
+def plot_per_tag_gain(compared, path):
+    """per_tag_gain.png: per comparison, each tag's test ROC-AUC difference with its 95%
+    interval, largest gain first (green: interval above 0, red: below, grey: includes 0).
+    Returns False when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    n_tags = max(len(c["tag_names"]) for c in compared)
+    fig, axes = plt.subplots(1, len(compared), figsize=(6 * len(compared), 1.2 + 0.2 * n_tags), squeeze=False)
+    for ax, c in zip(axes[0], compared):
+        point, low, high, _ = c["roc_per_tag"]
+        order = sorted(range(len(point)), key=lambda t: np.nan_to_num(point[t], nan=-np.inf))
+        point, low, high = point[order], low[order], high[order]
+        y = np.arange(len(order))
+        ax.barh(y, point, color=np.where(low > 0, "tab:green", np.where(high < 0, "tab:red", "tab:grey")))
+        known = np.isfinite(low)  # a tag some resample cannot score has no interval
+        ax.errorbar(point[known], y[known], xerr=[point[known] - low[known], high[known] - point[known]],
+                    fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(y, [c["tag_names"][t] for t in order], fontsize=7)
+        ax.set_xlabel(f"test ROC-AUC, scales {scales_text(c['scales_a'])} minus {scales_text(c['scales_b'])}")
+        ax.set_title(f"{c['split']} split, {len(c['pairs'])} seed pair(s), 95% intervals over test clips",
+                     fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    with plumbing.atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return True
+
+
+# -----------------------------------------------------------------------------
 # the splits themselves
 def split_table(csv_path):
-    """Markdown table of the paper and clean splits on MTAT's annotations: clips per part
-    and, for validation and test, how many share a song, album, artist with training
+    """Markdown table of the paper, clean and folder splits on MTAT's annotations: clips per
+    part and, for validation and test, how many share a song, album, artist with training
     (common.split_overlap). The numbers of docs/results.md."""
     clip_ids, _, _, mp3_paths = common.read_annotations(csv_path)
     lines = ["| split | part | clips | sharing a song with training | an album | an artist |",
              "|---|---|---|---|---|---|"]
     for split, (train, val, test) in (("paper", common.paper_split(len(clip_ids))),
-                                      ("clean", common.clean_split(clip_ids))):
+                                      ("clean", common.clean_split(clip_ids)),
+                                      ("folder", common.folder_split(mp3_paths))):
         lines.append(f"| {split} | train | {len(train):,} | | | |")
         for part, rows in (("val", val), ("test", test)):
             o = common.split_overlap(mp3_paths, train, rows)
@@ -225,10 +496,15 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=None,
                    help="where report.md and curves.png go (default: the parent folder given, "
                         "else the run folders' common parent)")
+    p.add_argument("--resamples", type=int, default=uncertainty.N_RESAMPLES, metavar="N",
+                   help="resamples of the test clips for the bootstrap intervals and paired comparisons "
+                        f"(default: {uncertainty.N_RESAMPLES}; 0 leaves those sections out)")
     p.add_argument("--splits", type=Path, metavar="CSV", default=None,
-                   help="instead, print the split table (sizes and leakage audit of the paper and "
-                        "clean splits) of this annotations_final.csv")
+                   help="instead, print the split table (sizes and leakage audit of the paper, clean "
+                        "and folder splits) of this annotations_final.csv")
     args = p.parse_args(argv)
+    if args.resamples < 0:
+        p.error("--resamples must be 0 (no intervals) or more")
     if args.splits is not None:
         try:
             text = split_table(args.splits)
@@ -245,11 +521,20 @@ def main(argv=None):
         single_parent = len(args.runs) == 1 and not (args.runs[0] / "results.json").is_file()
         out = args.runs[0] if single_parent else Path(os.path.commonpath([d.resolve().parent for d in run_dirs]))
     out.mkdir(parents=True, exist_ok=True)
-    text = format_report(runs)
+    text, written = format_report(runs), []
+    if args.resamples > 0:
+        load_scores(runs)
+        extra, compared = uncertainty_report(runs, args.resamples)
+        if compared and plot_per_tag_gain(compared, out / "per_tag_gain.png"):
+            extra += "\n![per-tag gain: test ROC-AUC difference per tag](per_tag_gain.png)\n"
+            written.append(out / "per_tag_gain.png")
+        elif compared:
+            print("note: matplotlib is not installed: no per_tag_gain.png", file=sys.stderr)
+        text += extra
     with plumbing.atomic_write(out / "report.md") as f:
         f.write(text)
     print(text, end="")
-    written = [out / "report.md"]
+    written.insert(0, out / "report.md")
     if plot_curves(runs, out / "curves.png"):
         written.append(out / "curves.png")
     else:

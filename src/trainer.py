@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=4 src/trainer.py --run-name four_gpus   # global batch 4 x 32
 
 Reads DATA/annotations_final.csv and DATA/spectrograms.npy (+ .json); writes
-OUT/RUN/best_model.pt, last.pt, metrics.csv and results.json (see experiments/README.md).
+OUT/RUN/best_model.pt, last.pt, metrics.csv, results.json and test_scores.npz (see experiments/README.md).
 The recipe reads top to bottom below; the machinery it calls (devices, torchrun, the run
 folder's files, resuming) is in plumbing.py.
 """
@@ -35,10 +35,11 @@ DROPOUT = 0.4              # drop probability before the 500-unit dense layer
 BN_MOMENTUM = 0.01         # batch norm: running = 0.99 running + 0.01 batch
 N_TAGS = 50                # the most frequent tags, after merging synonyms
 SPLIT = "paper"            # the original's 18,000 / 2,000 / 5,863 draw (common.paper_split)
+SCALES = common.SCALES     # the three branches: the paper's claim is that they beat one
 SEED = 1337
 # what must not change between an interrupted run and its --resume
 RESUME_KEYS = ("split", "train_size", "val_size", "split_seed", "seed", "n_tags", "no_merge", "batch_size",
-               "lr", "milestones", "dropout", "bn_momentum")
+               "lr", "milestones", "dropout", "bn_momentum", "scales")
 
 
 def parse_args(argv=None):
@@ -58,22 +59,32 @@ def parse_args(argv=None):
                         help="batch norm's running-statistics update, PyTorch's convention: running = "
                              f"(1 - m) running + m batch (default: {BN_MOMENTUM}, the paper's; a run of only "
                              "a few hundred steps wants ~0.1 so that the statistics used for scoring catch up)")
+    recipe.add_argument("--scales", type=int, nargs="+", choices=SCALES, default=list(SCALES),
+                        metavar="S",
+                        help="the network's branches, any of 1 (full resolution), 2 (average-pooled 2x4) and "
+                             "3 (4x16): '--scales 1' is the single-scale baseline that tests the paper's claim "
+                             f"(default: {' '.join(map(str, SCALES))}, the paper's network)")
     recipe.add_argument("--n-tags", type=int, default=N_TAGS,
-                        help=f"keep the N most frequent tags (default: {N_TAGS}; --split clean needs 50)")
+                        help=f"keep the N most frequent tags (default: {N_TAGS}; --split clean and folder "
+                             "need 50)")
     recipe.add_argument("--no-merge", action="store_true",
-                        help="do not merge synonym tags before choosing the top N (implied by --split clean)")
+                        help="do not merge synonym tags before choosing the top N (implied by --split clean and "
+                             "folder)")
     recipe.add_argument("--seed", type=int, default=SEED,
                         help="seed of the weights, dropout and batch order; never of the split, so runs with "
                              f"different seeds are scored on the same clips (default: {SEED})")
     data = p.add_argument_group("data and split")
     data.add_argument("--data-dir", type=Path, default=Path("data"),
                       help="folder with annotations_final.csv and spectrograms.npy/.json (default: data)")
-    data.add_argument("--split", choices=["paper", "clean", "random"], default=SPLIT,
+    data.add_argument("--split", choices=["paper", "clean", "folder", "random"], default=SPLIT,
                       help="'paper': the original's exact split of the 25,863 MTAT clips (18,000 / 2,000 / "
                            "5,863, always its RandomState(1337) draw; clips of one song fall on both sides); "
                            "'clean': the field's song-disjoint benchmark split (15,244 / 1,529 / 4,332 listed "
                            "clips, src/splits/; the 50 most frequent tags without synonym merging, as Lee et "
-                           "al. 2017 and Won et al. 2020; needs all 25,863 spectrogram rows); 'random': a split "
+                           "al. 2017 and Won et al. 2020; needs all 25,863 spectrogram rows); 'folder': MTAT's "
+                           "folders 0-b / c / d-f with every usable clip (18,706 / 1,825 / 5,329: the three broken "
+                           "clips left out; the split of the self-supervised benchmarks such as MARBLE; the 50 most "
+                           "frequent tags without merging); 'random': a split "
                            "of any data set by --train-size/--val-size/--split-seed (default: paper)")
     data.add_argument("--train-size", type=int, default=18000,
                       help="training clips for --split random (default: 18000)")
@@ -93,9 +104,12 @@ def parse_args(argv=None):
     for flag in ("epochs", "batch_size", "eval_batch_size", "n_tags"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.split == "clean":  # the benchmark's tags: the 50 most frequent, not merged
+    if len(set(args.scales)) != len(args.scales):
+        p.error(f"--scales {' '.join(map(str, args.scales))} repeats a branch; give each of 1 2 3 at most once")
+    args.scales = sorted(args.scales)
+    if args.split in ("clean", "folder"):  # the benchmarks' tags: the 50 most frequent, not merged
         if args.n_tags != 50:
-            p.error("--split clean is scored on the 50 most frequent tags; leave --n-tags at 50")
+            p.error(f"--split {args.split} is scored on the 50 most frequent tags; leave --n-tags at 50")
         args.no_merge = True
     return args
 
@@ -119,12 +133,23 @@ def load_data(args):
     return labels[:n], tag_names, clip_ids[:n], mp3_paths[:n], spectrograms
 
 
-def make_split(args, n_clips, clip_ids=None):
+def make_split(args, n_clips, clip_ids=None, mp3_paths=None):
     """-> train_idx, val_idx, test_idx (sorted annotation rows), by --split.
 
-    n_clips: spectrogram rows; clip_ids: the annotations' clip ids (needed by 'clean').
-    The paper and clean splits are fixed; 'random' is drawn from --split-seed, never --seed.
+    n_clips: spectrogram rows; clip_ids: the annotations' clip ids (needed by 'clean');
+    mp3_paths: their paths (needed by 'folder', a rule on MTAT's folders that any data set
+    in MTAT's layout can follow; the synthetic sets do). The paper and clean splits are
+    fixed; 'random' is drawn from --split-seed, never --seed.
     """
+    if args.split == "folder":
+        if n_clips != common.N_CLIPS:
+            log(f"note: --split folder of {n_clips:,} clips, not of all {common.N_CLIPS:,} MTAT clips: "
+                "not the benchmarks' split")
+        try:
+            return common.folder_split(mp3_paths)
+        except ValueError as error:
+            raise SystemExit(f"error: {args.data_dir / 'annotations_final.csv'}: {error}; "
+                             "use --split random") from None
     if args.split in ("paper", "clean"):
         if n_clips != common.N_CLIPS:
             raise SystemExit(f"error: --split {args.split} needs all {common.N_CLIPS} MTAT clips, the data has "
@@ -288,7 +313,8 @@ def predict_rows(model, source, rows, norm, batch_size, device, use_bf16):
 
 
 def evaluate(model, source, labels, val_idx, test_idx, norm, args, device):
-    """-> dict of validation and test ROC-AUC and PR-AUC (macro), and per-tag test ROC-AUC."""
+    """-> (dict of validation and test ROC-AUC and PR-AUC (macro), and per-tag test ROC-AUC;
+    the test scores, float32 (len(test_idx), T))."""
     metrics = {}
     for name, rows in (("val", val_idx), ("test", test_idx)):
         scores = predict_rows(model, source, rows, norm, args.eval_batch_size, device, args.precision == "bf16")
@@ -299,7 +325,7 @@ def evaluate(model, source, labels, val_idx, test_idx, norm, args, device):
             metrics[f"{name}_{metric}"] = common.macro_mean(per_tag)
             if name == "test" and metric == "roc_auc":
                 metrics["test_roc_auc_per_tag"] = per_tag.tolist()
-    return metrics
+    return metrics, scores
 
 
 # -----------------------------------------------------------------------------
@@ -311,7 +337,7 @@ def main(argv=None):
     # data: labels, spectrograms, the split and its audit, per-band statistics of training
     labels, tag_names, clip_ids, mp3_paths, spectrograms = load_data(args)
     log(plumbing.resolve_speed_choices(args, device, spectrograms.nbytes))  # --precision, --resident, ...
-    train_idx, val_idx, test_idx = make_split(args, len(spectrograms), clip_ids)
+    train_idx, val_idx, test_idx = make_split(args, len(spectrograms), clip_ids, mp3_paths)
     overlap = audit_split(args, mp3_paths, train_idx, val_idx, test_idx)
     check_split(args, labels, tag_names, train_idx, val_idx, test_idx)
     source = plumbing.to_device_source(spectrograms, device, args.resident)
@@ -319,12 +345,14 @@ def main(argv=None):
     labels_on_device = torch.from_numpy(labels).float().to(device)
 
     # the model, Adam and its step schedule (the loss is train_step's)
-    model = plumbing.on_device(common.MSCNN(len(tag_names), args.dropout, args.bn_momentum), device)
+    model = common.MSCNN(len(tag_names), args.dropout, args.bn_momentum, args.scales)  # --scales 1: the baseline
+    model = plumbing.on_device(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=args.fused_adam)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=0.1)
     run_dir, history, best, start_epoch = plumbing.start_run(args, RESUME_KEYS, model, optimizer, scheduler, device)
     model, plain_model = plumbing.parallel(model, device, args, start_epoch)  # torchrun, --compile
-    log(f"{len(tag_names)} tags, {sum(p.numel() for p in plain_model.parameters()):,} parameters, "
+    log(f"{len(tag_names)} tags, scales {' '.join(map(str, args.scales))}, "
+        f"{sum(p.numel() for p in plain_model.parameters()):,} parameters, "
         f"device {device}" + (f" x {world_size()} processes" if world_size() > 1 else ""))
 
     for epoch in range(start_epoch, args.epochs + 1):
@@ -336,7 +364,7 @@ def main(argv=None):
                                     args.precision == "bf16", desc=f"epoch {epoch}/{args.epochs}")
             train_seconds = time.time() - started
             plumbing.check_finite(plain_model)
-            metrics = evaluate(model, source, labels, val_idx, test_idx, norm, args, device)
+            metrics, test_scores = evaluate(model, source, labels, val_idx, test_idx, norm, args, device)
         except FloatingPointError as error:
             raise SystemExit(plumbing.divergence_message(error, epoch, run_dir, history, best)) from None
         scheduler.step()
@@ -346,6 +374,7 @@ def main(argv=None):
         improved = best is None or metrics["val_roc_auc"] > best["val_roc_auc"]  # keep the best validation epoch
         if improved:
             best = dict(metrics, epoch=epoch)
+            plumbing.save_test_scores(run_dir, test_scores, labels[test_idx], test_idx, tag_names, epoch)
         log(f"epoch {epoch:3d}  lr {lr:.0e}  loss {mean_loss:.4f}  val ROC-AUC {metrics['val_roc_auc']:.4f}  "
             f"test ROC-AUC {metrics['test_roc_auc']:.4f}  {len(train_idx) / train_seconds:.0f} clips/s"
             + ("  *" if improved else ""))

@@ -127,7 +127,7 @@ def test_torchrun_two_processes_matches_one(small_data_dir, small_run, tmp_path)
     assert "x 2 processes" in result.stdout + result.stderr
     assert result.stdout.count("best validation ROC-AUC") == 1  # only rank 0 reports
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
-        "best_model.pt", "last.pt", "metrics.csv", "results.json"]
+        "best_model.pt", "last.pt", "metrics.csv", "results.json", "test_scores.npz"]
     assert list(tmp_path.iterdir()) == [tmp_path / "ddp"]
     ddp, single = read_rows(tmp_path / "ddp" / "metrics.csv"), read_rows(small_run[0] / "metrics.csv")
     assert len(ddp) == len(single) == 2

@@ -316,7 +316,7 @@ def test_full_disk_while_saving_a_checkpoint_is_one_line(small_data_dir, tmp_pat
     line = one_line_error(run.stderr)
     assert line.startswith(f"error: cannot write {tmp_path / 'disk' / 'r' / 'last.pt'}: ")
     assert "the previous last.pt, if any, is unchanged" in line
-    assert left == ["best_model.pt"]  # no last.pt.tmp
+    assert left == ["best_model.pt", "test_scores.npz"]  # no last.pt.tmp
     assert checkpoint["epoch"] == 1
 
 

@@ -69,3 +69,26 @@ def test_report_errors_are_one_line(tmp_path):
     (tmp_path / "run" / "results.json").write_text('{"epoch": 3}')
     with pytest.raises(SystemExit, match="lacks split, seed, epochs"):
         report.main([str(tmp_path / "run")])
+
+
+def test_report_names_each_reference_with_its_split_and_keeps_scales_apart(tmp_path):
+    runs = [dict(name=f"folder-{tag}seed{seed}", split="folder", seed=seed, epochs=40, epoch=30, val_roc_auc=0.9,
+                 val_pr_auc=0.4, test_roc_auc=roc, test_pr_auc=0.41, history=[], run_dir=tmp_path, **extra)
+            for seed in (1, 2) for tag, roc, extra in (("", 0.912 + seed / 1000, {}),
+                                                       ("scales1-", 0.905, dict(scales=[1])))]
+    text = report.format_report(runs)
+    # runs made before --scales count as the paper's three; --scales 1 is its own group
+    assert ("| folder | 2 | 0.9000 ± 0.0000 | 0.9135 ± 0.0007 | 0.4100 ± 0.0000 | MARBLE, frozen features "
+            "probed: MERT-330M 0.913, MusicFM 0.913, MuQ 0.914 ROC-AUC, PR-AUC about 0.40 |") in text
+    assert "| folder, scales 1 | 2 | 0.9000 ± 0.0000 | 0.9050 ± 0.0000 |" in text
+    assert "| folder-scales1-seed1 | folder, scales 1 | 1 |" in text
+    references = text.split("## Published references, by split")[1]
+    assert "**paper split**" in references and "Dabral et al. 2018" in references
+    assert "**clean split**" in references and "Won et al. 2020" in references
+    assert "**folder split**" in references and "18,706 / 1,825 / 5,329" in references and "MARBLE" in references
+    field = text.split("## The folder split against the field")[1]
+    rows = [line for line in field.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["| MuQ | 0.914 | about 0.40 |",
+                        "| **this project: multi-scale CNN, mean of 2 run(s)** | 0.9135 | 0.4100 |",
+                        "| MERT-330M | 0.913 | about 0.40 |", "| MusicFM | 0.913 | about 0.40 |",
+                        "| **this project: --scales 1, mean of 2 run(s)** | 0.9050 | 0.4100 |"]

@@ -22,11 +22,21 @@ def reproduce(tmp_path):
 def test_reproduce_runs_skips_finished_and_resumes_interrupted(tmp_path):
     out = reproduce(tmp_path)
     study = tmp_path / "study"
-    assert sorted(p.name for p in study.iterdir()) == ["curves.png", "random-seed1", "random-seed2", "report.md"]
+    assert sorted(p.name for p in study.iterdir()) == [
+        "curves.png", "per_tag_gain.png", "random-scales1-seed1", "random-scales1-seed2", "random-seed1",
+        "random-seed2", "report.md"]
     results = {seed: json.loads((study / f"random-seed{seed}" / "results.json").read_text()) for seed in (1, 2)}
     assert [results[s]["seed"] for s in (1, 2)] == [1, 2] and results[1]["split"] == "random"
     assert results[1]["n_train"] == 12 and results[1]["epochs"] == 1
-    assert "| random-seed1 | random | 1 | 1 | 1 |" in (study / "report.md").read_text()
+    report = (study / "report.md").read_text()
+    assert "| random-seed1 | random | 1 | 1 | 1 |" in report
+    # the ablation: --scales 1 with the same seeds, scored on the same clips, compared pair by pair
+    single = json.loads((study / "random-scales1-seed1" / "results.json").read_text())
+    assert single["scales"] == [1] and results[1]["scales"] == [1, 2, 3] and single["seed"] == 1
+    assert "| random-scales1-seed1 | random, scales 1 | 1 | 1 | 1 |" in report
+    assert "## How sure each test score is" in report and "### random split: scales 1 2 3 against 1" in report
+    assert "On the random split, three scales (1 2 3) against one (1): test ROC-AUC difference" in report
+    assert "2 seed pairs" in report and out.count("finished, skipped") == 0
     assert "study finished" in out
 
     # seed 1 finished; seed 2 killed after its last checkpoint, before results.json

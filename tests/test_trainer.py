@@ -33,7 +33,8 @@ def read_csv(path):
 @pytest.mark.slow
 def test_training_learns_and_writes_outputs(run):
     run_dir, results = run
-    assert sorted(p.name for p in run_dir.iterdir()) == ["best_model.pt", "last.pt", "metrics.csv", "results.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best_model.pt", "last.pt", "metrics.csv", "results.json",
+                                                        "test_scores.npz"]
     assert results["val_roc_auc"] >= 0.95 and results["test_roc_auc"] >= 0.95
     assert json.loads((run_dir / "results.json").read_text()) == results
     assert sorted(results["test_roc_auc_per_tag"]) == ["t0", "t1", "t2", "t3"]
