@@ -421,6 +421,8 @@ def main(argv=None):
                                  "(default for --synthetic: data/demo)")
             import synthetic  # only this branch needs it
             synthetic.write_synthetic_mtat(Path(args.data_dir), args.synthetic, args.seed)
+            print(f"wrote a synthetic set (not MTAT) of {args.synthetic} clips in {args.data_dir}: "
+                  f"{ANNOTATIONS} and mp3/; next: python src/gen_spectrograms.py --data-dir {args.data_dir}")
             return
         get_mtat(args.data_dir, [args.base_url] if args.base_url else None,
                  args.from_dir, args.keep_archives)

@@ -444,10 +444,13 @@ def test_cli_help_and_acceptance_real_annotations_with_wrong_parts(
 
 
 @pytest.mark.slow
-def test_synthetic_writes_an_mtat_shaped_set(tmp_path):
+def test_synthetic_writes_an_mtat_shaped_set_and_says_what_next(tmp_path, capsys):
     synthetic = pytest.importorskip("synthetic")  # src/synthetic.py, another issue's module
     assert synthetic.write_synthetic_mtat  # the function --synthetic calls
     assert run(tmp_path, "--synthetic", "2", "--seed", "0") == ""
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"wrote a synthetic set (not MTAT) of 2 clips in {tmp_path}: annotations_final.csv and mp3/; "
+        f"next: python src/gen_spectrograms.py --data-dir {tmp_path}")
     mp3_paths = common.read_annotations(tmp_path / "annotations_final.csv")[3]
     assert len(mp3_paths) == 2
     assert all((tmp_path / "mp3" / p).is_file() for p in mp3_paths)
