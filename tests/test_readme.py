@@ -1,6 +1,10 @@
 """The README's commands are the ones CI runs, its links lead somewhere, and every --help reads right."""
+import configparser
 import importlib
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -38,3 +42,29 @@ def test_each_help_states_a_default_once_and_never_none(script, capsys):
         block = " ".join(block.split())
         assert "(default: None)" not in block and "(default: False)" not in block, block
         assert block.count("(default") <= 1, block
+
+
+def test_what_the_readme_commands_write_stays_out_of_git_status(tmp_path):
+    """In a repository with this .gitignore: the README's virtual environment (a real one),
+    the demo's data and run, caches. `git status` shows none of them."""
+    (tmp_path / ".gitignore").write_bytes((ROOT / ".gitignore").read_bytes())
+    env = dict(os.environ, GIT_CONFIG_GLOBAL=os.devnull, GIT_CONFIG_NOSYSTEM="1")  # no user excludes
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", ".venv"], cwd=tmp_path, check=True)
+    for written in ("data/demo/annotations_final.csv", "data/demo/mp3/0/synthetic-000001.mp3",
+                    "data/demo/spectrograms.npy", "experiments/demo-20260101-000000/best_model.pt",
+                    "src/__pycache__/common.cpython-311.pyc", ".pytest_cache/README.md"):
+        (tmp_path / written).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / written).write_bytes(b"x")
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=tmp_path,
+                            capture_output=True, text=True, check=True, env=env).stdout
+    assert status == "?? .gitignore\n"
+
+
+def test_setup_cfg_configures_tools_and_promises_no_package():
+    """The scripts run from the clone (python src/x.py); `pip install .` is not offered."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    assert set(config.sections()) == {"tool:pytest", "flake8"}
+    assert not (ROOT / "setup.py").exists() and not (ROOT / "pyproject.toml").exists()
+    assert "`pip install .`" in README
