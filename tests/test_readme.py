@@ -1,10 +1,13 @@
-"""The README's commands are the ones CI runs, its links lead somewhere, and every --help reads right."""
+"""The README's commands are the ones CI runs, its links lead somewhere, every --help reads right,
+and what the commands and the suite write stays out of git status and the temporary folder."""
 import configparser
 import importlib
 import os
 import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +71,18 @@ def test_setup_cfg_configures_tools_and_promises_no_package():
     assert set(config.sections()) == {"tool:pytest", "flake8"}
     assert not (ROOT / "setup.py").exists() and not (ROOT / "pyproject.toml").exists()
     assert "`pip install .`" in README
+
+
+def test_the_suite_s_temporary_files_go_with_pytest_s_folders(tmp_path_factory, tmp_path):
+    """What the scripts write to the system's temporary folder lands in pytest's basetemp
+    (conftest.py), and a passing run removes its folders (setup.cfg): nothing is left."""
+    assert os.environ["TMPDIR"] == tempfile.gettempdir()
+    assert Path(tempfile.gettempdir()).parent == tmp_path_factory.getbasetemp()
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    inner = "tests/test_readme.py::test_what_the_readme_commands_write_stays_out_of_git_status"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", inner], cwd=ROOT,
+                          env=dict(os.environ, TMPDIR=str(system_tmp)), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-2000:]
+    assert [p for p in system_tmp.rglob("*") if not p.is_dir()] == []
