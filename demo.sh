@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline, end to end, in about 4 minutes on a 2-core CPU: a synthetic
+# The whole pipeline, end to end, in minutes on a CPU (times: docs/get_data.md): a synthetic
 # MTAT-shaped data set -> log-mel spectrograms -> the multi-scale CNN, through the same
 # three scripts as the real run. Settings differ from the paper's only in size and
 # schedule (256 clips, random split, 6 epochs, batch 8, batch-norm momentum 0.1).

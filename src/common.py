@@ -7,6 +7,8 @@ for Music Auto-Tagging", Springer 2018. Every constant below is the original sys
 around it (files, pools, devices, checkpoints) is in plumbing.py.
 """
 import csv
+import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -134,17 +136,23 @@ SYNONYMS = [
 
 
 def read_annotations(csv_path):
-    """Read MTAT's annotations_final.csv (quoted, tab-separated, CRLF line ends).
+    """Read MTAT's annotations_final.csv (quoted, tab-separated, CRLF line ends), or a gzip of it.
 
     Returns:
         clip_ids: int64 ndarray (N,).
         tags: uint8 ndarray (N, T) of 0/1, T = 188 for the real file.
         tag_names: list of T str, in the file's column order.
         mp3_paths: list of N str, relative to the mp3 folder (e.g. 'f/artist-...mp3').
-    Raises ValueError naming the file when the header is not MTAT's.
+    Raises ValueError naming the file when it is neither text nor gzip, or the header is not MTAT's.
     """
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter="\t"))
+    with open(csv_path, "rb") as f:  # gzip by its magic bytes, whatever the name
+        opener = gzip.open if f.read(2) == b"\x1f\x8b" else open
+    try:
+        with opener(csv_path, "rt", newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f, delimiter="\t"))
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise ValueError(f"{csv_path}: neither UTF-8 text nor an intact gzip ({error}), so not MTAT's "
+                         "annotations; give MTAT's annotations_final.csv or a gzip of it") from None
     if not rows or rows[0][0] != "clip_id" or rows[0][-1] != "mp3_path":
         raise ValueError(f"{csv_path}: not an MTAT annotations file (expected a header "
                          "'clip_id', tag names..., 'mp3_path', tab-separated)")

@@ -3,7 +3,7 @@
     python src/gen_spectrograms.py             # all clips of data/, 8 workers (at most the cores)
     python src/gen_spectrograms.py --limit 1000 --workers 2
 
-Reads DATA/annotations_final.csv and the audio at DATA/mp3/<mp3_path>; writes
+Reads DATA/annotations_final.csv (or .csv.gz) and the audio at DATA/mp3/<mp3_path>; writes
 DATA/spectrograms.npy, shape (N, 128, 628), row i = annotation row i, and
 DATA/spectrograms.json (feature parameters, dtype, library versions, N, and the clips
 that could not be decoded: their rows are zeros, as in the original).
@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=Path("data"),
-                   help="folder with annotations_final.csv and mp3/; the outputs go here too "
+                   help="folder with annotations_final.csv (or .csv.gz) and mp3/; the outputs go here too "
                         "(default: data)")
     p.add_argument("--workers", type=int, default=None,
                    help=f"worker processes, one clip at a time each (default: {DEFAULT_WORKERS}, the "
@@ -446,7 +446,7 @@ def stop_after_deaths(files, settings, done, failed, rows, error):
 def main(argv=None):
     """Run stage 2. Returns dict(n_clips, n_computed, n_failed, seconds, clips_per_s)."""
     args = parse_args(argv)
-    csv_path, audio_dir = args.data_dir / "annotations_final.csv", args.data_dir / "mp3"
+    csv_path, audio_dir = plumbing.annotations_path(args.data_dir), args.data_dir / "mp3"
     for path, what in ((csv_path, "the MTAT annotations"), (audio_dir, "the audio folder")):
         if not path.exists():
             raise SystemExit(f"error: {path} ({what}) not found; download MTAT first: "

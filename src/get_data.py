@@ -18,10 +18,12 @@ import io
 import json
 import re
 import shutil
+import socket
 import sys
 import time
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 from tqdm import tqdm
@@ -37,6 +39,7 @@ MD5 = {ARCHIVE: "f12add0eb4cd6c2a3ab7e4afaf7b7467",  # of the three parts concat
 VERIFIED = ARCHIVE + ".verified"  # marker: these parts passed the MD5 check (JSON)
 
 RETRIES = 5  # tries per host in a row without progress, for connection errors and timeouts
+# (a host name that does not resolve is not retried: offline, or no such host, it stays so)
 BACKOFF_S = 2.0  # wait before retry k is BACKOFF_S * 2**k seconds, at most 60
 TIMEOUT_S = 60  # seconds to connect, and of silence while reading
 CHUNK_BYTES = 1 << 20  # read/write unit: bounds memory whatever the file size
@@ -56,13 +59,24 @@ def short_reason(error):
     return found.group(0).strip() if found else str(error)[:200]
 
 
+def name_not_resolved(error):
+    """The socket.gaierror behind a requests exception (the host name did not resolve), or None.
+
+    requests wraps urllib3's error, which wraps the socket's: walk the cause chain.
+    """
+    while error is not None and not isinstance(error, socket.gaierror):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def fetch(url, part):
     """Stream `url` into the file `part`, resuming from its current size.
 
     Appends from byte K with 'Range: bytes=K-'; if the server answers 200 instead of 206
     (Range ignored) the file is rewritten from zero. Retries connection errors, timeouts,
     truncated bodies and 5xx with back-off; the count restarts whenever bytes were gained.
-    Raises DownloadError on a 4xx status or after RETRIES tries without progress.
+    Raises DownloadError on a 4xx status, a host name that does not resolve, or after RETRIES
+    tries without progress.
     """
     failures = 0
     while True:
@@ -104,6 +118,10 @@ def fetch(url, part):
                 return
         except (requests.ConnectionError, requests.Timeout,
                 requests.exceptions.ChunkedEncodingError) as e:
+            unresolved = name_not_resolved(e)
+            if unresolved is not None:
+                raise DownloadError(f"{url}: the host name {urlsplit(url).hostname} "
+                                    f"does not resolve ({unresolved})") from None
             size = part.stat().st_size if part.exists() else 0
             if total is not None and size > total:  # longer than the file: useless
                 part.unlink()
@@ -122,8 +140,10 @@ def download(name, hosts, part):
     """
     failures = []
     for host in hosts:
+        url = host.rstrip("/") + "/" + name
+        print(f"trying {url}", flush=True)
         try:
-            return fetch(host.rstrip("/") + "/" + name, part)
+            return fetch(url, part)
         except DownloadError as e:
             failures.append(str(e))
     raise SystemExit(f"error: could not download {name}: {'; '.join(failures)}. Check the "
@@ -401,6 +421,8 @@ def main(argv=None):
                                  "(default for --synthetic: data/demo)")
             import synthetic  # only this branch needs it
             synthetic.write_synthetic_mtat(Path(args.data_dir), args.synthetic, args.seed)
+            print(f"wrote a synthetic set (not MTAT) of {args.synthetic} clips in {args.data_dir}: "
+                  f"{ANNOTATIONS} and mp3/; next: python src/gen_spectrograms.py --data-dir {args.data_dir}")
             return
         get_mtat(args.data_dir, [args.base_url] if args.base_url else None,
                  args.from_dir, args.keep_archives)

@@ -150,6 +150,14 @@ def check_npy(path, shape, dtype):
                          f"({'cut short' if size < expected else 'extra bytes at the end'})")
 
 
+def annotations_path(data_dir):
+    """DATA/annotations_final.csv, or DATA/annotations_final.csv.gz where only that exists
+    (common.read_annotations reads either); the .csv's path when neither does."""
+    path = Path(data_dir) / "annotations_final.csv"
+    gzipped = path.with_name(path.name + ".gz")
+    return gzipped if not path.exists() and gzipped.exists() else path
+
+
 def open_spectrograms(data_dir):
     """Open DATA/spectrograms.npy memory-mapped after checking it against its .json (the
     feature parameters of common, the number of rows and the dtype, the file's size).

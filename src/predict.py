@@ -614,8 +614,7 @@ def positive_int(text):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Tag audio files and folders with a trained multi-scale CNN "
-                    "(Dabral et al. 2018). See docs/predict.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "(Dabral et al. 2018). See docs/predict.md.")
     parser.add_argument("audio", nargs="+", help="audio files and folders (searched recursively "
                         f"for {' '.join(AUDIO_EXTENSIONS)}); any sample rate, mono or stereo, "
                         "any length")
@@ -623,11 +622,12 @@ def parse_args(argv=None):
                         "or its run folder (default: that of the most recently modified run in "
                         "--experiments)")
     parser.add_argument("--experiments", default="experiments",
-                        help="folder of runs searched when --checkpoint is not given")
-    parser.add_argument("--top", type=positive_int, default=5, help="tags printed per file")
+                        help="folder of runs searched when --checkpoint is not given (default: experiments)")
+    parser.add_argument("--top", type=positive_int, default=5, help="tags printed per file (default: 5)")
     parser.add_argument("--hop-frames", type=positive_int, default=common.N_FRAMES // 2,
                         help="frames between window starts (46.4 ms each); the last window "
-                        "is aligned to the end of the audio")
+                        f"is aligned to the end of the audio (default: {common.N_FRAMES // 2}, half a "
+                        "window)")
     parser.add_argument("--json", default=None, help="also write all results to this JSON file: "
                         '{path: {"tags": [[name, prob], ...all tags, most probable first], '
                         '"windows": K, "duration_s": s}} or {path: {"error": message}}')
@@ -647,8 +647,10 @@ def parse_args(argv=None):
                         "<stem>_<audio stem>.png beside it")
     parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, MAX_WORKERS),
                         help="decoder processes (decode, resample, log-mel) while this process "
-                        "scores; 0 decodes in this process")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+                        "scores; 0 decodes in this process (default: one per CPU core, at most "
+                        f"{MAX_WORKERS})")
+    parser.add_argument("--device", default="auto",
+                        help="auto | cpu | cuda (default: auto, cuda where available)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="windows scored per forward pass (windows of several files share "
                         f"one); default {CUDA_BATCH} on a GPU, {CPU_BATCH} on a CPU, where larger "

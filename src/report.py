@@ -3,6 +3,7 @@
     python src/report.py experiments/study                 # every run folder in it
     python src/report.py experiments/a experiments/b --out experiments
     python src/report.py --splits data/annotations_final.csv   # split sizes and leakage
+    python src/report.py --splits tests/fixtures/annotations_final.csv.gz   # the same, shipped copy
 
 Reads RUN/results.json (and RUN/metrics.csv for the curves) of each run folder written by
 trainer.py; prints a Markdown report and writes it to OUT/report.md, and, when matplotlib
@@ -501,7 +502,7 @@ def main(argv=None):
                         f"(default: {uncertainty.N_RESAMPLES}; 0 leaves those sections out)")
     p.add_argument("--splits", type=Path, metavar="CSV", default=None,
                    help="instead, print the split table (sizes and leakage audit of the paper, clean "
-                        "and folder splits) of this annotations_final.csv")
+                        "and folder splits) of this annotations_final.csv (or a gzip of it)")
     args = p.parse_args(argv)
     if args.resamples < 0:
         p.error("--resamples must be 0 (no intervals) or more")

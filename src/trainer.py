@@ -4,7 +4,7 @@
     python src/trainer.py --split random --train-size 300 --val-size 50 --epochs 5
     torchrun --nproc_per_node=4 src/trainer.py --run-name four_gpus   # global batch 4 x 32
 
-Reads DATA/annotations_final.csv and DATA/spectrograms.npy (+ .json); writes
+Reads DATA/annotations_final.csv (or .csv.gz) and DATA/spectrograms.npy (+ .json); writes
 OUT/RUN/best_model.pt, last.pt, metrics.csv, results.json and test_scores.npz (see experiments/README.md).
 The recipe reads top to bottom below; the machinery it calls (devices, torchrun, the run
 folder's files, resuming) is in plumbing.py.
@@ -75,7 +75,8 @@ def parse_args(argv=None):
                              f"different seeds are scored on the same clips (default: {SEED})")
     data = p.add_argument_group("data and split")
     data.add_argument("--data-dir", type=Path, default=Path("data"),
-                      help="folder with annotations_final.csv and spectrograms.npy/.json (default: data)")
+                      help="folder with annotations_final.csv (or .csv.gz) and spectrograms.npy/.json "
+                           "(default: data)")
     data.add_argument("--split", choices=["paper", "clean", "folder", "random"], default=SPLIT,
                       help="'paper': the original's exact split of the 25,863 MTAT clips (18,000 / 2,000 / "
                            "5,863, always its RandomState(1337) draw; clips of one song fall on both sides); "
@@ -121,10 +122,14 @@ def load_data(args):
     N_FRAMES; memory-mapped) of the data folder: the annotations' tags with synonyms merged
     (unless --no-merge), the --n-tags most frequent kept; spectrograms made with --limit
     cover the first N rows of the annotations."""
-    csv_path = args.data_dir / "annotations_final.csv"
+    csv_path = plumbing.annotations_path(args.data_dir)
     if not csv_path.is_file():
         raise SystemExit(f"error: {csv_path} not found; run: python src/get_data.py --data-dir {args.data_dir}")
-    clip_ids, labels, tag_names, mp3_paths = common.load_tags(csv_path, args.n_tags, merge=not args.no_merge)
+    try:
+        clip_ids, labels, tag_names, mp3_paths = common.load_tags(csv_path, args.n_tags, merge=not args.no_merge)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}; to get MTAT's: python src/get_data.py --data-dir {args.data_dir}") \
+            from None
     spectrograms = plumbing.open_spectrograms(args.data_dir)
     if len(spectrograms) > len(labels):
         raise SystemExit(f"error: {args.data_dir / 'spectrograms.npy'} has {len(spectrograms)} rows but "

@@ -2,6 +2,7 @@
 import gzip
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,18 @@ SRC = ROOT / "src"
 MTAT_CLIP_NAME = "joram-moments_of_clarity-08-solipsism-59-88.mp3"
 MTAT_CLIP_PATH = "e/" + MTAT_CLIP_NAME  # its mp3_path in the annotations (clip_id 37386)
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # committed: a clone tests alone
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_folder_in_basetemp(tmp_path_factory):
+    """The system's temporary folder, for this session and the scripts it starts, is a folder
+    in pytest's basetemp: what they leave there (torch.compile's cache, torchrun's logs,
+    TemporaryDirectory) goes when pytest removes its folders, not into /tmp for good."""
+    folder = tmp_path_factory.mktemp("tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(folder))
+        patch.setattr(tempfile, "tempdir", str(folder))
+        yield folder
 
 
 def _fixture_dir():

@@ -1,6 +1,7 @@
 """gen_spectrograms.py: log-mel of the real clip against librosa, and the script on a small
 MTAT-layout folder (real, resampled, truncated and stereo clips between an empty, a corrupt
 and a missing one): rows in place, failures listed, Ctrl-C, resume and --overwrite."""
+import gzip
 import json
 import os
 import shutil
@@ -248,6 +249,19 @@ def test_ctrl_c_or_sigterm_stops_workers_and_keeps_progress(tmp_path, annotation
     assert not list(data_dir.glob("*.tmp"))
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0 and "resuming" in rerun.stderr, rerun.stderr
+
+
+def test_reads_gzipped_annotations_where_the_csv_is_absent(tmp_path, annotations_csv, audio_variants):
+    data_dir = make_folder(tmp_path, annotations_csv, audio_variants)
+    csv_path = data_dir / "annotations_final.csv"
+    with open(csv_path, "rb") as src, gzip.open(data_dir / "annotations_final.csv.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    csv_path.unlink()
+    done = gen_spectrograms.main(["--data-dir", str(data_dir), "--limit", "2", "--workers", "1",
+                                  "--dtype", "float32"])
+    assert done["n_clips"] == 2 and done["n_failed"] == 1  # the real clip, then the empty file
+    np.testing.assert_allclose(np.load(data_dir / "spectrograms.npy")[0],
+                               common.log_mel(data_dir / "mp3" / REAL_CLIP_PATH), rtol=0, atol=1e-4)
 
 
 def test_missing_annotations_is_one_clear_error(tmp_path):

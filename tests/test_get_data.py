@@ -359,6 +359,40 @@ def test_falls_back_to_the_second_host(server, small, tmp_path, monkeypatch):
     assert_complete(tmp_path, small)
 
 
+UNRESOLVABLE = "http://mtat.invalid/"  # .invalid never resolves (RFC 2606)
+
+
+def test_a_host_name_that_does_not_resolve_is_tried_once_then_the_next_host(
+        server, small, tmp_path, monkeypatch, capsys):
+    serve(server, small)
+    monkeypatch.setattr(get_data, "RETRIES", 5)  # the real retries and back-off (60 s a host)
+    monkeypatch.setattr(get_data, "BACKOFF_S", 2.0)
+    monkeypatch.setattr(get_data, "HOSTS", [UNRESOLVABLE, server.url])
+    start = time.perf_counter()
+    assert run(tmp_path) == ""
+    assert time.perf_counter() - start < 20
+    assert_complete(tmp_path, small)
+    tried = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trying ")]
+    assert tried[:2] == [f"trying {UNRESOLVABLE}annotations_final.csv",
+                         f"trying {server.url}annotations_final.csv"]
+    assert len(tried) == 2 * (1 + len(get_data.PARTS))  # each file: the dead name, then the server
+
+
+def test_cli_offline_says_which_host_it_tries_and_fails_fast_in_one_line(tmp_path):
+    """By subprocess, as a user without a network: the real retries and back-off."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, str(ROOT / "src" / "get_data.py"), "--base-url", UNRESOLVABLE,
+                           "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - start
+    assert done.returncode == 1 and seconds < 20, (done.returncode, seconds)  # was 5 tries, 60 s
+    assert done.stdout == f"trying {UNRESOLVABLE}annotations_final.csv\n"
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"error: could not download annotations_final.csv: {UNRESOLVABLE}"
+                                  "annotations_final.csv: the host name mtat.invalid does not resolve")
+    assert "Check the network" in done.stderr
+    assert not (tmp_path / "annotations_final.csv").exists()
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_disk_full_is_one_clear_line(server, small, tmp_path):
     serve(server, small)
@@ -410,10 +444,13 @@ def test_cli_help_and_acceptance_real_annotations_with_wrong_parts(
 
 
 @pytest.mark.slow
-def test_synthetic_writes_an_mtat_shaped_set(tmp_path):
+def test_synthetic_writes_an_mtat_shaped_set_and_says_what_next(tmp_path, capsys):
     synthetic = pytest.importorskip("synthetic")  # src/synthetic.py, another issue's module
     assert synthetic.write_synthetic_mtat  # the function --synthetic calls
     assert run(tmp_path, "--synthetic", "2", "--seed", "0") == ""
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"wrote a synthetic set (not MTAT) of 2 clips in {tmp_path}: annotations_final.csv and mp3/; "
+        f"next: python src/gen_spectrograms.py --data-dir {tmp_path}")
     mp3_paths = common.read_annotations(tmp_path / "annotations_final.csv")[3]
     assert len(mp3_paths) == 2
     assert all((tmp_path / "mp3" / p).is_file() for p in mp3_paths)

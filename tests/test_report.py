@@ -59,7 +59,9 @@ def test_report_references_and_one_run(tmp_path):
     assert text.index("| paper |") < text.index("| clean |")
 
 
-def test_report_errors_are_one_line(tmp_path):
+def test_report_errors_are_one_line(tmp_path, mtat_clip):
+    with pytest.raises(SystemExit, match=f"^error: {mtat_clip}: neither UTF-8 text nor an intact gzip"):
+        report.main(["--splits", str(mtat_clip)])
     with pytest.raises(SystemExit, match="no runs found in"):
         report.main([str(tmp_path)])
     (tmp_path / "run").mkdir()

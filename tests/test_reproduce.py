@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -11,7 +12,8 @@ from conftest import ROOT
 def reproduce(tmp_path):
     env = dict(os.environ, SYNTHETIC="24", SPLITS="random", SEEDS="1 2", WORKERS="2",
                DATA=str(tmp_path / "data"), OUT=str(tmp_path / "study"),
-               TRAIN_ARGS="--train-size 12 --val-size 6 --epochs 1 --batch-size 4 --device cpu")
+               TRAIN_ARGS="--train-size 12 --val-size 6 --epochs 1 --batch-size 4 --device cpu",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))  # its `python`
     result = subprocess.run(["bash", str(ROOT / "reproduce.sh")], env=env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

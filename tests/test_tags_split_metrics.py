@@ -33,6 +33,21 @@ def test_read_annotations_rejects_other_files(tmp_path):
         common.read_annotations(bad)
 
 
+def test_read_annotations_reads_the_gzip_as_shipped_and_names_a_damaged_one(annotations, mtat_dir, tmp_path):
+    shipped = mtat_dir / "annotations_final.csv.gz"
+    for got, expected in zip(common.read_annotations(shipped), annotations):
+        np.testing.assert_array_equal(got, expected)
+    damaged = tmp_path / "annotations_final.csv.gz"
+    damaged.write_bytes(shipped.read_bytes()[:5000])  # cut short
+    with pytest.raises(ValueError, match=f"^{damaged}: neither UTF-8 text nor an intact gzip .*"
+                                         "give MTAT's annotations_final.csv or a gzip of it$"):
+        common.read_annotations(damaged)
+    binary = tmp_path / "spectrograms.npy"
+    binary.write_bytes(b"\x93NUMPY\x01\x00v\x00")
+    with pytest.raises(ValueError, match=f"^{binary}: neither UTF-8 text"):
+        common.read_annotations(binary)
+
+
 def test_merged_columns_are_or_of_members(annotations):
     _, tags, tag_names, _ = annotations
     merged, merged_names = common.merge_synonyms(tags, tag_names)

@@ -1,5 +1,6 @@
 """trainer.py end to end on small learnable spectrogram sets (CPU)."""
 import csv
+import gzip
 import json
 import subprocess
 import sys
@@ -126,3 +127,30 @@ def test_help_by_subprocess():
     assert result.returncode == 0
     for flag in ("--data-dir", "--out", "--run", "--epochs", "--milestones", "--split", "--resume", "--device"):
         assert flag in result.stdout
+
+
+def test_missing_annotations_is_the_first_and_only_line(tmp_path):
+    """By subprocess, default --device: nothing (no device line) comes before the error."""
+    result = subprocess.run([sys.executable, str(SRC / "trainer.py"), "--data-dir", str(tmp_path / "nowhere")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"error: {tmp_path / 'nowhere' / 'annotations_final.csv'} not found; "
+                             f"run: python src/get_data.py --data-dir {tmp_path / 'nowhere'}\n")
+
+
+def test_reads_gzipped_annotations_and_names_a_damaged_file(data_dir, tmp_path):
+    for name in ("spectrograms.npy", "spectrograms.json"):
+        (tmp_path / name).symlink_to(data_dir / name)
+    with gzip.open(tmp_path / "annotations_final.csv.gz", "wb") as f:
+        f.write((data_dir / "annotations_final.csv").read_bytes())
+    args = trainer.parse_args(["--data-dir", str(tmp_path), *SMALL])
+    labels, tag_names = trainer.load_data(args)[:2]
+    expected = common.load_tags(data_dir / "annotations_final.csv", 4, merge=False)
+    np.testing.assert_array_equal(labels, expected[1])
+    assert tag_names == expected[2]
+    (tmp_path / "annotations_final.csv").write_bytes(b"\x1f\x8b\x08")  # the .csv comes first; a damaged gzip
+    with pytest.raises(SystemExit) as stop:
+        trainer.load_data(args)
+    assert str(stop.value).startswith(f"error: {tmp_path / 'annotations_final.csv'}: neither UTF-8 text nor "
+                                      "an intact gzip")
+    assert str(stop.value).endswith(f"to get MTAT's: python src/get_data.py --data-dir {tmp_path}")
