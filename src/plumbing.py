@@ -163,7 +163,7 @@ def check_file(path, flag):
     process can write in (made if missing; check_folder). Returns Path(path)."""
     path = Path(path)
     if path.is_dir():
-        raise SystemExit(f"error: {flag} {path} is a folder; name a file in it, e.g. {path / 'out'}")
+        raise SystemExit(f"error: {flag} {path} is a folder; name a file (in it, or anywhere else)")
     check_folder(path.parent, flag)
     return path
 
@@ -314,9 +314,9 @@ def open_spectrograms(data_dir, mp3_paths=None):
             raise SystemExit(f"error: {npy} has {len(spectrograms)} rows but {csv_path} only {len(mp3_paths)}; "
                              f"{again}")
         if meta.get("mp3_paths_md5") != paths_md5(mp3_paths[:meta["n_clips"]]):
-            raise SystemExit(f"error: {npy} no longer matches {csv_path}: its {meta['n_clips']} rows were "
-                             "made from other annotation rows (the annotations were reordered or replaced "
-                             f"since, or its .json does not say); {again}")
+            why = (f"its {meta['n_clips']} rows were made from other annotation rows (reordered or replaced "
+                   "since)" if "mp3_paths_md5" in meta else f"{meta_path.name} does not say which rows it holds")
+            raise SystemExit(f"error: {npy} no longer matches {csv_path}: {why}; {again}")
         bad = non_finite_rows(spectrograms)
         if len(bad):
             raise SystemExit(f"error: {npy} holds NaN or inf in {len(bad)} row(s) (the first: row {bad[0]}, "
@@ -1031,7 +1031,8 @@ def load_error_reason(error):
         return "weights-only loading refused it: " + re.split(r"(?<=\.)\s", reason)[0].rstrip(".")
     if isinstance(error, EOFError) or not text.strip():
         return "the file ends early: truncated?"
-    return f"{type(error).__name__}: {text.strip().splitlines()[0]}"
+    first = re.split(r"(?<=\.)\s", text.strip().splitlines()[0])[0].rstrip(".")  # a sentence, not its advice
+    return f"{type(error).__name__}: {first}"
 
 
 METRICS_COLUMNS = ("val_roc_auc", "test_roc_auc", "val_pr_auc", "test_pr_auc")  # of metrics.csv, after epoch, lr, train_loss

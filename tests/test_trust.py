@@ -384,6 +384,36 @@ def test_signal_during_a_checkpoint_save(small_data_dir, tmp_path, signum):
             torch.load(run_dir / name, weights_only=True)
 
 
+def test_ctrl_c_inside_torch_save_is_an_interrupt_and_leaves_no_temporary_file(tmp_path):
+    """Ctrl-C (or SIGTERM, SIGHUP) while torch.save writes: torch turns the KeyboardInterrupt
+    raised in its write into a RuntimeError, which the scripts did not take for an interrupt
+    (a traceback). Here the interrupt comes at the file's third write, as a signal may."""
+    try:
+        from plumbing import atomic_write
+    except ImportError:
+        from common import atomic_write
+
+    class InterruptedAtThirdWrite:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 3:
+                raise KeyboardInterrupt
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    (tmp_path / "last.pt").write_bytes(b"the previous epoch's")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(tmp_path / "last.pt", "wb") as f:
+            torch.save({"weights": torch.zeros(100_000)}, InterruptedAtThirdWrite(f))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    assert (tmp_path / "last.pt").read_bytes() == b"the previous epoch's"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_predict_saves_what_it_tagged_and_ends_its_workers(checkpoints, tmp_path, signum):
     folder = tmp_path / "music"
@@ -446,7 +476,7 @@ def test_predict_saves_every_output_as_it_goes(checkpoints, songs, tmp_path, mon
 def test_predict_output_places_are_checked_before_tagging(checkpoints, songs, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     for flag, path, expected in (
-            ("--csv", tmp_path, f"error: --csv {tmp_path} is a folder; name a file in it"),
+            ("--csv", tmp_path, f"error: --csv {tmp_path} is a folder; name a file (in it, or anywhere else)"),
             ("--json", tmp_path / "a_file" / "t.json",
              f"error: --json {tmp_path / 'a_file'}: {tmp_path / 'a_file'} is a file, not a folder"),
             ("--embeddings", tmp_path / "a_file" / "deeper" / "e.npz", "is a file, not a folder")):
