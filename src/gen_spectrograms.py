@@ -492,7 +492,7 @@ def main(argv=None):
     todo = [(row, str(audio_dir / mp3_paths[row])) for row in np.flatnonzero(~done)]
     run_pool(args, todo, files, settings, done, failed, clip_ids, mp3_paths)
     seconds = time.perf_counter() - t0
-    finish(files, settings, done, failed, plumbing.file_md5(csv_path))
+    finish(files, settings, done, failed, plumbing.file_digest(csv_path))
     clips_per_s = len(todo) / seconds
     print(f"wrote {files['npy']}: {n_clips} clips x {common.N_MELS} x {common.N_FRAMES} "
           f"{args.dtype}, {len(failed)} failed (listed in {files['json'].name}); computed "

@@ -8,12 +8,13 @@ keeps a long run correct when a disk fills, a process is killed or a file is dam
     check_folder, check_file                 an output place checked before any work
     hold_lock, releasing_locks               one writer per output (an OS lock, never stale)
     check_npy, open_spectrograms             a .npy checked against its header and .json
-    file_md5, dataset_of, provenance, ...    what a derived file was made from, and its check
-    handle_signals, Interrupted, exit_code   SIGTERM and SIGHUP end a script as Ctrl-C does
+    file_digest, dataset_of, provenance, ...    what a derived file was made from, and its check
+    handle_signals, run_script, exit_code    SIGTERM and SIGHUP end a script as Ctrl-C does
+    float_in                                 a numeric flag checked when it is parsed
     pool_results, usable_cores               worker processes with one policy for deaths
     resolve_device, resolve_speed_choices    the device and its speed flags, decided once
     setup_distributed, rank, log, ...        torchrun
-    save_epoch, resume, load_model, ...      the run folder: best_model.pt, last.pt,
+    claim_run, start_run, save_epoch, ...    the run folder: best_model.pt, last.pt,
                                              metrics.csv, results.json
 """
 import argparse
@@ -49,7 +50,7 @@ from tqdm import tqdm
 import common
 
 # -----------------------------------------------------------------------------
-# Files: atomic writes and disk errors
+# Files: atomic writes, disk errors, output places checked before work, one writer each
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 
 
@@ -346,8 +347,9 @@ DATA_IDENTITY = ("annotations_md5", "n_clips", "dtype", "mp3_paths_md5")  # what
 SPLIT_IDENTITY = ("name", "n_train", "n_val", "n_test", "rows_md5")
 
 
-def file_md5(path, algorithm="md5"):
-    """Hex digest of a file's bytes, streamed (of its content when the name ends in .gz)."""
+def file_digest(path, algorithm="md5"):
+    """Hex digest (hashlib's `algorithm`) of a file's bytes, streamed (of its content when
+    the name ends in .gz). predict.py records a checkpoint's SHA-256 in every output row."""
     digest = hashlib.new(algorithm)
     with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -384,7 +386,7 @@ def provenance(args, split):
     mp3_paths_md5), 'split': its name, split_seed, sizes and the MD5 of its row indices}.
     split: (train_idx, val_idx, test_idx). Plain types: checkpoints load with weights_only."""
     csv_path = args.data_dir / "annotations_final.csv"
-    md5 = file_md5(csv_path)
+    md5 = file_digest(csv_path)
     meta = read_json(args.data_dir / "spectrograms.json")  # checked by open_spectrograms
     rows = hashlib.md5(b"|".join(np.asarray(part, np.int64).tobytes() for part in split)).hexdigest()
     return dict(
@@ -412,6 +414,21 @@ def check_same_provenance(saved, current, run_dir):
             raise SystemExit(f"error: cannot resume {run_dir}: it was trained on {where}, this command "
                              f"gives it {what} ({found}); pass the --data-dir it was trained on, or start "
                              "a new --run")
+
+
+def check_made_by(path, written_by, checkpoint_sha256, fix):
+    """Refuse (one line) to add to the output at path (--resume) when its rows were made by
+    another checkpoint than the one of checkpoint_sha256 (one file would mix two models), or
+    by an unknown one (None: an older predict.py). written_by: the rows' SHA-256s."""
+    written_by = set(written_by)
+    if None in written_by:
+        raise SystemExit(f"error: --resume: {path} does not record the checkpoint that wrote it (an older "
+                         f"predict.py?), so it may not be this one's; {fix}")
+    if written_by - {checkpoint_sha256}:
+        other = sorted(written_by - {checkpoint_sha256})[0]
+        raise SystemExit(f"error: --resume: {path} holds results of another checkpoint (SHA-256 {other[:16]}..., "
+                         f"this one's is {checkpoint_sha256[:16]}...): one file would mix two models; resume "
+                         f"with the checkpoint that wrote it, or {fix}")
 
 
 def describe_training(checkpoint):
@@ -460,24 +477,6 @@ def handle_signals():
         signal.signal(signum, interrupt)
 
 
-def float_in(low, high, low_closed=False, high_closed=False):
-    """An argparse type: a float in the interval from low to high, each end open unless
-    closed; NaN is refused (it is in no interval). A value outside is a usage error at
-    parse time, before any work."""
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        above = value >= low if low_closed else value > low
-        below = value <= high if high_closed else value < high
-        if not (above and below):
-            interval = f"{'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
-            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
-        return value
-    return parse
-
-
 def exit_code(interrupt):
     """The exit status of a process ended by this KeyboardInterrupt: 128 + the signal's
     number, as a shell reports it (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
@@ -495,6 +494,26 @@ def run_script(main, interrupted):
     except KeyboardInterrupt as interrupt:
         print(f"\n{interrupted}", file=sys.stderr)
         raise SystemExit(exit_code(interrupt)) from None
+
+
+# -----------------------------------------------------------------------------
+# Command-line values
+def float_in(low, high, low_closed=False, high_closed=False):
+    """An argparse type: a float in the interval from low to high, each end open unless
+    closed; NaN is refused (it is in no interval). A value outside is a usage error at
+    parse time, before any work."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        above = value >= low if low_closed else value > low
+        below = value <= high if high_closed else value < high
+        if not (above and below):
+            interval = f"{'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+    return parse
 
 
 # -----------------------------------------------------------------------------

@@ -22,8 +22,6 @@ import argparse
 import contextlib
 import csv
 import errno
-import hashlib
-import io
 import json
 import os
 import sys
@@ -363,9 +361,8 @@ def checkpoint_file(path):
 def about_checkpoint(path):
     """-> (SHA-256 of the checkpoint file, recorded in every output row; the line saying
     what it was trained on; a warning line or None: plumbing.describe_training)."""
-    data = Path(path).read_bytes()
-    checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    return (hashlib.sha256(data).hexdigest(),) + plumbing.describe_training(checkpoint)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return (plumbing.file_digest(path, "sha256"),) + plumbing.describe_training(checkpoint)
 
 
 def load_checkpoint(path, device):
@@ -540,15 +537,8 @@ def read_previous(args, tag_names, checkpoint_sha256):
                 zipfile.BadZipFile) as error:
             raise SystemExit(f"error: --resume: cannot read {path} ({type(error).__name__}: "
                              f"{error}); {fix}") from None
-        written_by = {entry.get("checkpoint_sha256") for entry in entries.values()}
-        if None in written_by:
-            raise SystemExit(f"error: --resume: {path} does not record the checkpoint that wrote "
-                             f"it (an older predict.py?), so it may not be this one's; {fix}")
-        if written_by - {checkpoint_sha256}:
-            other = sorted(written_by - {checkpoint_sha256})[0]
-            raise SystemExit(f"error: --resume: {path} holds results of another checkpoint (SHA-256 "
-                             f"{other[:16]}..., this one's is {checkpoint_sha256[:16]}...): one file "
-                             f"would mix two models; resume with the checkpoint that wrote it, or {fix}")
+        plumbing.check_made_by(path, [entry.get("checkpoint_sha256") for entry in entries.values()],
+                               checkpoint_sha256, fix)
         for audio, entry in entries.items():
             previous.setdefault(audio, {}).update(entry)
         tagged = {audio for audio, entry in entries.items() if "error" not in entry}
@@ -608,11 +598,11 @@ def read_embeddings(path, tag_names, per_window):
                              "model?)")
         if per_window and "window_embeddings" not in saved:
             return {}  # written without --per-window: every file is redone
-        written_by = saved["checkpoint_sha256"] if "checkpoint_sha256" in saved else [None] * len(saved["paths"])
+        written_by = ([str(sha) for sha in saved["checkpoint_sha256"]] if "checkpoint_sha256" in saved
+                      else [None] * len(saved["paths"]))  # an older predict.py's
         entries = {str(audio): dict(embedding=saved["embeddings"][i],
                                     duration_s=float(saved["duration_s"][i]),
-                                    windows=int(saved["windows"][i]),
-                                    checkpoint_sha256=None if written_by[i] is None else str(written_by[i]))
+                                    windows=int(saved["windows"][i]), checkpoint_sha256=written_by[i])
                    for i, audio in enumerate(saved["paths"])}
         if per_window:
             for i, audio in enumerate(saved["paths"]):
@@ -850,4 +840,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":  # SIGTERM and SIGHUP stop it as Ctrl-C does: what is tagged is saved
-    plumbing.run_script(main, "interrupted before any file was tagged; nothing lost")
+    plumbing.run_script(main, "interrupted: each output holds its last complete save, if any; rerun with "
+                              "--resume to go on")

@@ -148,12 +148,12 @@ def test_dataset_is_mtat_synthetic_or_other(annotations_csv, tmp_path):
     import plumbing
     import synthetic
 
-    assert plumbing.dataset_of(annotations_csv, plumbing.file_md5(annotations_csv)) == "MTAT"
+    assert plumbing.dataset_of(annotations_csv, plumbing.file_digest(annotations_csv)) == "MTAT"
     synthetic.write_synthetic_mtat(tmp_path, 2, seed=0, progress=False)
     csv_path = tmp_path / "annotations_final.csv"
-    assert plumbing.dataset_of(csv_path, plumbing.file_md5(csv_path)) == "synthetic"
+    assert plumbing.dataset_of(csv_path, plumbing.file_digest(csv_path)) == "synthetic"
     csv_path.write_bytes(csv_path.read_bytes().replace(b'"1"\t"', b'"0"\t"', 1))  # one label changed
-    assert plumbing.dataset_of(csv_path, plumbing.file_md5(csv_path)) == "other"
+    assert plumbing.dataset_of(csv_path, plumbing.file_digest(csv_path)) == "other"
 
 
 def test_resume_on_other_data_is_refused(small_run, tmp_path):
@@ -266,7 +266,7 @@ def test_describe_training_of_mtat_and_synthetic_models(small_run, annotations_c
 
     checkpoint = torch.load(small_run[0] / "best_model.pt", weights_only=True)
     mtat = json.loads(json.dumps(checkpoint["provenance"]))
-    mtat["data"].update(dataset=plumbing.dataset_of(annotations_csv, plumbing.file_md5(annotations_csv)))
+    mtat["data"].update(dataset=plumbing.dataset_of(annotations_csv, plumbing.file_digest(annotations_csv)))
     line, warning = plumbing.describe_training(dict(checkpoint, provenance=mtat))
     assert line.startswith("model: trained on MTAT (") and warning is None
     mtat["data"]["dataset"] = "synthetic"
