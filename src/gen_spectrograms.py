@@ -18,7 +18,9 @@ row is done (the .json is written last), and a finished file is left alone unles
 Faults: the output's disk space is reserved before the first clip (a full disk is refused
 up front, with the size needed and free). A worker process that dies (the out-of-memory
 killer, kill -9) is noticed: the clips it may have held are computed again one at a time
-in a fresh pool, and a clip that kills its worker again is listed as failed.
+in a fresh pool, and a clip that kills its worker again is listed as failed. One run at a
+time writes a data folder's spectrograms (DATA/spectrograms.lock, an OS lock); a row that
+holds NaN or inf never counts as done.
 """
 import argparse
 import contextlib

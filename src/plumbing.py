@@ -192,8 +192,13 @@ def hold_lock(lock_path, what, flag, remove_empty_folder=False):
                              f"({error.strerror or error}); {flag}") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: EWOULDBLOCK
-            f.seek(0)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # ENOLCK, ENOTSUP
+                f.close()
+                print(f"note: {lock_path}: this file system cannot lock ({error.strerror}): make sure no "
+                      f"other process writes {what} meanwhile", file=sys.stderr)
+                return
+            f.seek(0)  # held by another process: its pid and command are in the file
             holder = f.read().strip() or "another process"
             f.close()
             raise SystemExit(f"error: {what} is being written by {holder} (lock {lock_path}); wait for "

@@ -616,17 +616,19 @@ def test_report_names_damaged_run_files_and_an_out_that_is_a_file(small_run, tmp
                                "name a folder (it is created if missing)")
 
 
-@pytest.mark.parametrize("cut", ["mid-row", "blank line"])
+@pytest.mark.parametrize("cut", ["mid-row", "after the path", "blank line"])
 def test_predict_resume_after_a_damaged_csv(checkpoints, songs, tmp_path, capsys, cut):
     csv_path = tmp_path / "tags.csv"
     args = songs[:3] + ["--checkpoint", str(checkpoints[0]), "--csv", str(csv_path), "--workers", "0"]
     predict.main(args)
     whole = csv_path.read_text()
-    csv_path.write_text(whole[:-40] if cut == "mid-row" else whole + "\r\n")
+    damaged = dict(zip(["mid-row", "after the path", "blank line"], [
+        whole[:-40], whole[:whole.index(songs[2]) + len(songs[2]) + 1], whole + "\r\n"]))[cut]
+    csv_path.write_text(damaged)
     capsys.readouterr()
-    predict.main(args + ["--resume"])  # it was a traceback, and the new results lost
+    predict.main(args + ["--resume"])  # it was a traceback, or a refusal: the new results lost
     err = capsys.readouterr().err
-    if cut == "mid-row":
+    if cut != "blank line":
         assert f"note: --resume: {csv_path}: line 4 not whole (cut short?): tagged again" in err
         assert "resuming: 2 file(s) already tagged in the outputs, 1 to tag" in err
     else:
