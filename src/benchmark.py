@@ -700,5 +700,5 @@ def main(argv=None):
     return {name: BENCHMARKS[name](args) for name in names}
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # SIGTERM and SIGHUP as Ctrl-C: its temporary folders are removed
+    plumbing.run_script(main, "interrupted: no figure of the unfinished benchmark was kept")

@@ -143,7 +143,8 @@ def read_annotations(csv_path):
         tags: uint8 ndarray (N, T) of 0/1, T = 188 for the real file.
         tag_names: list of T str, in the file's column order.
         mp3_paths: list of N str, relative to the mp3 folder (e.g. 'f/artist-...mp3').
-    Raises ValueError naming the file when it is neither text nor gzip, or the header is not MTAT's.
+    Raises ValueError naming the file (and the line) when it is neither text nor gzip, or not
+    in MTAT's form (check_annotations).
     """
     with open(csv_path, "rb") as f:  # gzip by its magic bytes, whatever the name
         opener = gzip.open if f.read(2) == b"\x1f\x8b" else open
@@ -153,15 +154,39 @@ def read_annotations(csv_path):
     except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error) as error:
         raise ValueError(f"{csv_path}: neither UTF-8 text nor an intact gzip ({error}), so not MTAT's "
                          "annotations; give MTAT's annotations_final.csv or a gzip of it") from None
-    if not rows or rows[0][0] != "clip_id" or rows[0][-1] != "mp3_path":
-        raise ValueError(f"{csv_path}: not an MTAT annotations file (expected a header "
-                         "'clip_id', tag names..., 'mp3_path', tab-separated)")
-    header, body = rows[0], [r for r in rows[1:] if r]
-    if any(len(r) != len(header) for r in body):
-        raise ValueError(f"{csv_path}: rows of unequal length; the file is truncated or corrupt")
+    header, body = check_annotations(csv_path, rows)
     clip_ids = np.array([r[0] for r in body], dtype=np.int64)
     tags = np.array([r[1:-1] for r in body], dtype=np.uint8).reshape(len(body), len(header) - 2)
     return clip_ids, tags, header[1:-1], [r[-1] for r in body]
+
+
+def check_annotations(csv_path, rows):
+    """The header and the clip rows (blank lines left out) of an annotations file read as
+    rows of fields, after checking that it is MTAT's form: a header 'clip_id', tag
+    names..., 'mp3_path' (no byte-order mark), at least one clip row, every row as long as
+    the header, integer clip ids, tags 0 or 1. ValueError naming the file and the line."""
+    if not rows:
+        raise ValueError(f"{csv_path}: empty file")
+    if rows[0] and rows[0][0].startswith("\ufeff"):
+        raise ValueError(f"{csv_path}: starts with a byte-order mark (saved by a spreadsheet?); "
+                         "save it as UTF-8 without one")
+    if len(rows[0]) < 2 or rows[0][0] != "clip_id" or rows[0][-1] != "mp3_path":
+        raise ValueError(f"{csv_path}: not an MTAT annotations file (expected a header "
+                         "'clip_id', tag names..., 'mp3_path', tab-separated)")
+    header, numbered = rows[0], [(line, r) for line, r in enumerate(rows[1:], 2) if r]
+    if not numbered:
+        raise ValueError(f"{csv_path}: a header but no clip rows")
+    binary = {"0", "1"}
+    for line, r in numbered:
+        if len(r) != len(header):
+            raise ValueError(f"{csv_path}: line {line} has {len(r)} fields, the header {len(header)}; "
+                             "the file is truncated or corrupt")
+        if not r[0].strip().lstrip("-").isdigit():
+            raise ValueError(f"{csv_path}: line {line}: clip_id {r[0]!r} is not an integer")
+        if not binary.issuperset(r[1:-1]):
+            i = next(i for i, value in enumerate(r[1:-1], 1) if value not in binary)
+            raise ValueError(f"{csv_path}: line {line}: tag {header[i]!r} is {r[i]!r}, not 0 or 1")
+    return header, [r for _, r in numbered]
 
 
 def merge_synonyms(tags, tag_names, synonyms=SYNONYMS):

@@ -18,12 +18,13 @@ row is done (the .json is written last), and a finished file is left alone unles
 Faults: the output's disk space is reserved before the first clip (a full disk is refused
 up front, with the size needed and free). A worker process that dies (the out-of-memory
 killer, kill -9) is noticed: the clips it may have held are computed again one at a time
-in a fresh pool, and a clip that kills its worker again is listed as failed.
+in a fresh pool, and a clip that kills its worker again is listed as failed. One run at a
+time writes a data folder's spectrograms (DATA/spectrograms.lock, an OS lock); a row that
+holds NaN or inf never counts as done.
 """
 import argparse
 import contextlib
 import errno
-import hashlib
 import math
 import os
 import shutil
@@ -92,10 +93,15 @@ def init_worker(partial_path):
 
 
 def extract(task):
-    """(row, audio path) -> (row, None), or (row, 'error text') after writing zeros."""
+    """(row, audio path) -> (row, None), or (row, 'error text') after writing zeros (a
+    clip that cannot be decoded, or whose row would hold NaN or inf)."""
     row, path = task
     try:
-        out_rows[row] = common.log_mel(path)
+        with warnings.catch_warnings():  # numpy's overflow warnings: the row is reported as failed
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out_rows[row] = common.log_mel(path)
+        if not np.isfinite(out_rows[row]).all():  # audio so loud that its power overflows
+            raise ValueError("its log-mel holds NaN or inf (the audio's power overflows float32)")
         return row, None
     except Exception as error:  # any decoder error: the row stays zeros, the run goes on
         out_rows[row] = 0
@@ -142,15 +148,10 @@ def read_json(path, keys, fix):
     return obj
 
 
-def paths_md5(mp3_paths):
-    """MD5 of the clips' paths, in order: which rows a file holds."""
-    return hashlib.md5("\n".join(mp3_paths).encode()).hexdigest()
-
-
 def settings_of(n_clips, dtype, mp3_paths):
     """What a spectrogram file was made with; equal settings = the same rows and values."""
     return dict(common.feature_params(), dtype=dtype, n_clips=n_clips,
-                mp3_paths_md5=paths_md5(mp3_paths[:n_clips]))
+                mp3_paths_md5=plumbing.paths_md5(mp3_paths[:n_clips]))
 
 
 def can_carry_over(old, new, mp3_paths):
@@ -158,7 +159,7 @@ def can_carry_over(old, new, mp3_paths):
     same features and dtype, and its clips are the first of the new ones."""
     differ = [k for k in list(common.feature_params()) + ["dtype"] if old.get(k) != new[k]]
     return (not differ and old.get("n_clips", 0) <= new["n_clips"]
-            and old.get("mp3_paths_md5") == paths_md5(mp3_paths[:old["n_clips"]]))
+            and old.get("mp3_paths_md5") == plumbing.paths_md5(mp3_paths[:old["n_clips"]]))
 
 
 def describe(settings):
@@ -332,31 +333,45 @@ def prepare(args, settings, mp3_paths, files):
                              "another --data-dir")
         else:
             n_intact, damage = intact_rows(files["npy"], finished)
+            # a value that is not finite is damage too (failed clips' rows are zeros)
+            bad = plumbing.non_finite_rows(leading_rows(files["npy"], n_intact)) if n_intact else []
             if damage is not None:
                 say(f"{damage}; its first {n_intact} rows are whole: computing the other "
                     f"{finished['n_clips'] - n_intact} again")
-            elif {k: finished.get(k) for k in settings} == settings:
-                print(f"{files['npy']} is already complete ({describe(finished)}, "
-                      f"{len(finished['failed'])} failed); nothing to do "
-                      "(--overwrite computes it again)")
-                return None
-            else:
+            if len(bad):
+                say(f"{files['npy']} holds NaN or inf in {len(bad)} row(s) (the first: row {bad[0]}): "
+                    "computing them again")
+            if damage is None and not len(bad):
+                if {k: finished.get(k) for k in settings} == settings:
+                    print(f"{files['npy']} is already complete ({describe(finished)}, "
+                          f"{len(finished['failed'])} failed); nothing to do "
+                          "(--overwrite computes it again)")
+                    return None
                 say(f"extending {files['npy']} ({describe(finished)}) to {describe(settings)}")
             create_partial(files["partial"], settings,
                            leading_rows(files["npy"], n_intact) if n_intact else None)
             done[:n_intact] = True
+            done[bad] = False
             failed = [f for f in finished["failed"] if f["row"] < n_intact]
     save_progress(files, settings, done, failed)
     return done, failed
 
 
-def finish(files, settings, failed):
-    """Turn the partial file into the finished pair; the .json last, so it means complete.
+def finish(files, settings, done, failed, annotations_md5):
+    """Turn the partial file into the finished pair; the .json last, so it means complete
+    (and records annotations_md5, the MD5 of the annotations file it was made from). A row
+    that holds NaN or inf is not complete: it is marked to do again and the run stops.
     When the .json cannot be written (a full disk) the partial file is put back: the rerun
     that follows finds every row done."""
     import librosa
     import soundfile
 
+    bad = plumbing.non_finite_rows(np.load(files["partial"], mmap_mode="r"))
+    if len(bad):  # every row was checked as it was computed: damaged on disk since?
+        done[bad] = False
+        save_progress(files, settings, done, failed)
+        raise SystemExit(f"error: {files['partial']} holds NaN or inf in {len(bad)} row(s) (the first: "
+                         f"row {bad[0]}), so it is not complete; rerun the same command to compute them again")
     files["json"].unlink(missing_ok=True)
     os.replace(files["partial"], files["npy"])
     versions = dict(librosa=librosa.__version__, numpy=np.__version__,
@@ -364,7 +379,8 @@ def finish(files, settings, failed):
     shape = [settings["n_clips"], common.N_MELS, common.N_FRAMES]
     try:
         plumbing.write_json(files["json"], dict(settings, shape=shape, versions=versions,
-                                       failed=sorted(failed, key=lambda f: f["row"])))
+                                                annotations_md5=annotations_md5,
+                                                failed=sorted(failed, key=lambda f: f["row"])))
     except BaseException:
         os.replace(files["npy"], files["partial"])
         raise
@@ -443,6 +459,7 @@ def stop_after_deaths(files, settings, done, failed, rows, error):
 
 
 # -----------------------------------------------------------------------------
+@plumbing.releasing_locks
 def main(argv=None):
     """Run stage 2. Returns dict(n_clips, n_computed, n_failed, seconds, clips_per_s)."""
     args = parse_args(argv)
@@ -460,6 +477,8 @@ def main(argv=None):
     files = {name: args.data_dir / f"spectrograms{suffix}" for name, suffix in (
         ("npy", ".npy"), ("json", ".json"), ("partial", ".partial.npy"),
         ("progress", ".progress.json"))}
+    plumbing.check_folder(args.data_dir, "--data-dir")  # the outputs go there: writable, before any clip
+    plumbing.hold_lock(args.data_dir / "spectrograms.lock", files["npy"], "use another --data-dir")
 
     try:  # Ctrl-C here loses nothing: files are only ever renamed into place
         start = prepare(args, settings, mp3_paths, files)
@@ -475,7 +494,7 @@ def main(argv=None):
     todo = [(row, str(audio_dir / mp3_paths[row])) for row in np.flatnonzero(~done)]
     run_pool(args, todo, files, settings, done, failed, clip_ids, mp3_paths)
     seconds = time.perf_counter() - t0
-    finish(files, settings, failed)
+    finish(files, settings, done, failed, plumbing.file_digest(csv_path))
     clips_per_s = len(todo) / seconds
     print(f"wrote {files['npy']}: {n_clips} clips x {common.N_MELS} x {common.N_FRAMES} "
           f"{args.dtype}, {len(failed)} failed (listed in {files['json'].name}); computed "
@@ -485,6 +504,5 @@ def main(argv=None):
                 clips_per_s=clips_per_s)
 
 
-if __name__ == "__main__":
-    plumbing.handle_signals()  # SIGTERM and SIGHUP stop it as Ctrl-C does
-    main()
+if __name__ == "__main__":  # SIGTERM and SIGHUP stop it as Ctrl-C does
+    plumbing.run_script(main, "interrupted: the rows computed are kept; rerun the same command to resume")

@@ -432,10 +432,13 @@ def main(argv=None):
                              "(MTAT needs about 6 GB while extracting, 3 GB after) and rerun; "
                              "finished files are kept and downloads resume") from None
         raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        import plumbing  # here only: it imports torch, which downloading does not need
         print("interrupted: rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(plumbing.exit_code(interrupt))
 
 
 if __name__ == "__main__":
+    import plumbing
+    plumbing.handle_signals()  # SIGTERM and SIGHUP stop it as Ctrl-C does: downloads resume
     main()

@@ -5,20 +5,29 @@ Nothing here is the paper's (that is common.py and trainer.py); everything here 
 keeps a long run correct when a disk fills, a process is killed or a file is damaged.
 
     atomic_write, write_json, read_json      files appear whole or not at all
+    check_folder, check_file                 an output place checked before any work
+    hold_lock, releasing_locks               one writer per output (an OS lock, never stale)
     check_npy, open_spectrograms             a .npy checked against its header and .json
-    handle_signals, Interrupted, exit_code   SIGTERM and SIGHUP end a script as Ctrl-C does
+    file_digest, dataset_of, provenance, ...    what a derived file was made from, and its check
+    handle_signals, run_script, exit_code    SIGTERM and SIGHUP end a script as Ctrl-C does
+    float_in                                 a numeric flag checked when it is parsed
     pool_results, usable_cores               worker processes with one policy for deaths
     resolve_device, resolve_speed_choices    the device and its speed flags, decided once
     setup_distributed, rank, log, ...        torchrun
-    save_epoch, resume, load_model, ...      the run folder: best_model.pt, last.pt,
+    claim_run, start_run, save_epoch, ...    the run folder: best_model.pt, last.pt,
                                              metrics.csv, results.json, test_scores.npz
 """
 import argparse
+import atexit
 import collections
 import contextlib
 import csv
 import ctypes
 import errno
+import fcntl
+import functools
+import gzip
+import hashlib
 import json
 import math
 import multiprocessing
@@ -27,6 +36,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import zipfile
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -41,7 +51,7 @@ from tqdm import tqdm
 import common
 
 # -----------------------------------------------------------------------------
-# Files: atomic writes and disk errors
+# Files: atomic writes, disk errors, output places checked before work, one writer each
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 
 
@@ -93,11 +103,24 @@ def atomic_write(path, mode="w", **open_kwargs):
     except BaseException as error:
         with contextlib.suppress(OSError):  # the clean-up must not hide the first error
             tmp.unlink(missing_ok=True)
+        interrupt = interrupt_in(error)
+        if interrupt is not None and interrupt is not error:  # torch.save wraps Ctrl-C in a RuntimeError
+            raise interrupt from None
         cause = disk_error_in(error)
         if cause is not None:
             raise SystemExit(f"error: {disk_error_text(path, cause)}; the previous "
                              f"{path.name}, if any, is unchanged") from None
         raise
+
+
+def interrupt_in(error):
+    """The KeyboardInterrupt (Ctrl-C, or Interrupted: SIGTERM, SIGHUP) in error's chain of
+    causes, or None: torch.save turns one raised while it writes into a RuntimeError."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def write_json(path, obj, indent=1):
@@ -115,6 +138,115 @@ def read_json(path):
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not valid JSON of this project (not an object)")
     return obj
+
+
+def check_folder(path, flag):
+    """Check an output folder before any work: it exists or is made now (with its parents),
+    and this process can create files in it. SystemExit with one line naming it and the fix
+    otherwise (a file in its place, a read-only folder or file system, no permission).
+    flag: the command-line flag that named it, for the message. Returns Path(path)."""
+    path = Path(path)
+    existing = next((p for p in [path, *path.parents] if p.exists()), path)
+    if existing.exists() and not existing.is_dir():
+        raise SystemExit(f"error: {flag} {path}: {existing} is a file, not a folder; name a folder "
+                         "(it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # what a write needs: the permission bits do not
+            pass                                # say it on a read-only file system, or for root
+    except OSError as error:
+        raise SystemExit(f"error: {flag} {path}: cannot write there ({error.strerror or error}); "
+                         f"choose a folder you can write in") from None
+    return path
+
+
+def check_file(path, flag):
+    """Check an output file's place before any work: not a folder, and its folder one this
+    process can write in (made if missing; check_folder). Returns Path(path)."""
+    path = Path(path)
+    if path.is_dir():
+        raise SystemExit(f"error: {flag} {path} is a folder; name a file (in it, or anywhere else)")
+    check_folder(path.parent, flag)
+    return path
+
+
+held_locks = {}  # lock file path -> the open file holding this process's lock on it
+
+
+def hold_lock(lock_path, what, flag, remove_empty_folder=False):
+    """Make this process the only writer of `what` (a run folder, a data folder's
+    spectrograms, an output file) until it ends or the lock is released (release_lock,
+    releasing_locks): an exclusive flock on lock_path, which names the holder (pid and
+    command) for the message another process gets. The operating system drops the lock when
+    the process ends, even by kill -9, so a lock file left behind is never stale: the next
+    process simply takes it. Taking a lock this process holds already does nothing.
+    remove_empty_folder: on release, also remove the lock's folder if nothing else is in it.
+    Raises SystemExit with one line naming the holder and the fix (flag: what to change)."""
+    lock_path = Path(lock_path)
+    if lock_path in held_locks:
+        return
+    while True:
+        try:
+            f = open(lock_path, "a+")
+        except OSError as error:
+            raise SystemExit(f"error: cannot lock {what}: cannot write {lock_path} "
+                             f"({error.strerror or error}); {flag}") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # ENOLCK, ENOTSUP
+                f.close()
+                print(f"note: {lock_path}: this file system cannot lock ({error.strerror}): make sure no "
+                      f"other process writes {what} meanwhile", file=sys.stderr)
+                return
+            f.seek(0)  # held by another process: its pid and command are in the file
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise SystemExit(f"error: {what} is being written by {holder} (lock {lock_path}); wait for "
+                             f"it to finish or stop it, or {flag}") from None
+        with contextlib.suppress(OSError):  # its previous holder may have removed it meanwhile
+            if os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        f.close()
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} ({' '.join([Path(sys.argv[0]).name] + sys.argv[1:])[:300]})\n")
+    f.flush()
+    if not held_locks:
+        atexit.register(release_locks)
+    held_locks[lock_path] = f, remove_empty_folder
+
+
+def release_lock(lock_path):
+    """Release a lock of hold_lock and remove its file (removed first: a process that opened
+    it meanwhile sees that it is gone and opens the new one)."""
+    f, remove_empty_folder = held_locks.pop(Path(lock_path), (None, False))
+    if f is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        f.close()
+        if remove_empty_folder:
+            with contextlib.suppress(OSError):  # not empty: it holds what the process wrote
+                Path(lock_path).parent.rmdir()
+
+
+def release_locks():
+    for lock_path in list(held_locks):
+        release_lock(lock_path)
+
+
+def releasing_locks(main):
+    """Decorate a script's main: the locks it takes are released when it returns or raises
+    (so that a caller in the same process, a test or a notebook, finds them free)."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        before = set(held_locks)
+        try:
+            return main(*args, **kwargs)
+        finally:
+            for lock_path in [p for p in held_locks if p not in before]:
+                release_lock(lock_path)
+    return wrapper
 
 
 def npy_header(path):
@@ -158,9 +290,12 @@ def annotations_path(data_dir):
     return gzipped if not path.exists() and gzipped.exists() else path
 
 
-def open_spectrograms(data_dir):
+def open_spectrograms(data_dir, mp3_paths=None):
     """Open DATA/spectrograms.npy memory-mapped after checking it against its .json (the
-    feature parameters of common, the number of rows and the dtype, the file's size).
+    feature parameters of common, the number of rows and the dtype, the file's size). With
+    mp3_paths (the annotations' paths, in order) also check that its rows are those
+    annotation rows' (the annotations may have been reordered or replaced since) and that
+    every value is finite (a damaged file, not a diverging run).
 
     Returns ndarray (N, N_MELS, N_FRAMES): a read-only memmap, float16 or float32.
     Raises SystemExit with one line naming the file and the fix.
@@ -187,7 +322,151 @@ def open_spectrograms(data_dir):
         raise SystemExit(f"error: {error} ({meta_path.name} says {meta['n_clips']} clips, {meta['dtype']}); "
                          f"run python src/gen_spectrograms.py --data-dir {data_dir}: it recomputes "
                          "the damaged rows (or says to pass --overwrite)") from None
-    return np.load(npy, mmap_mode="r")
+    spectrograms = np.load(npy, mmap_mode="r")
+    if mp3_paths is not None:
+        csv_path = annotations_path(data_dir)
+        if len(spectrograms) > len(mp3_paths):
+            raise SystemExit(f"error: {npy} has {len(spectrograms)} rows but {csv_path} only {len(mp3_paths)}; "
+                             f"{again}")
+        if meta.get("mp3_paths_md5") != paths_md5(mp3_paths[:meta["n_clips"]]):
+            why = (f"its {meta['n_clips']} rows were made from other annotation rows (reordered or replaced "
+                   "since)" if "mp3_paths_md5" in meta else f"{meta_path.name} does not say which rows it holds")
+            raise SystemExit(f"error: {npy} no longer matches {csv_path}: {why}; {again}")
+        bad = non_finite_rows(spectrograms)
+        if len(bad):
+            raise SystemExit(f"error: {npy} holds NaN or inf in {len(bad)} row(s) (the first: row {bad[0]}, "
+                             f"{mp3_paths[bad[0]]}): the file is damaged; run python src/gen_spectrograms.py "
+                             f"--data-dir {data_dir}: it computes those rows again")
+    return spectrograms
+
+
+def non_finite_rows(rows, chunk_rows=256):
+    """Indices (int ndarray) of the rows of an array (N, ...) holding NaN or inf, read in
+    chunks (a memmap stays out of memory)."""
+    bad = [np.zeros(0, np.int64)]
+    for start in range(0, len(rows), chunk_rows):
+        chunk = np.asarray(rows[start:start + chunk_rows])
+        bad.append(start + np.flatnonzero(~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)))
+    return np.concatenate(bad)
+
+
+# -----------------------------------------------------------------------------
+# Provenance: what a derived file was made from, recorded by its writer, checked by its
+# readers. spectrograms.json: the annotation rows (mp3_paths_md5) and file (annotations_md5);
+# best_model.pt, last.pt and results.json: `provenance` (the data, the split); predict.py's
+# outputs: the checkpoint's SHA-256 in every row.
+MTAT_ANNOTATIONS_MD5 = "f04fa01752a8cc64f6e1ca142a0fef1d"  # MTAT's annotations_final.csv, as get_data.py checks
+SYNTHETIC_MARKER = "synthetic.json"  # written beside the annotations by get_data.py --synthetic
+DATA_IDENTITY = ("annotations_md5", "n_clips", "dtype", "mp3_paths_md5")  # what --resume compares
+SPLIT_IDENTITY = ("name", "n_train", "n_val", "n_test", "rows_md5")
+
+
+def file_digest(path, algorithm="md5"):
+    """Hex digest (hashlib's `algorithm`) of a file's bytes, streamed (of its content when
+    the name ends in .gz). predict.py records a checkpoint's SHA-256 in every output row."""
+    digest = hashlib.new(algorithm)
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def paths_md5(mp3_paths):
+    """MD5 of the clips' paths, in order: which annotation rows a spectrogram file holds."""
+    return hashlib.md5("\n".join(mp3_paths).encode()).hexdigest()
+
+
+def mark_synthetic(data_dir, annotations_bytes, **facts):
+    """Record that the annotations about to be written to data_dir are a synthetic set
+    (their MD5, so that a file replaced later is not taken for it), with `facts`."""
+    write_json(Path(data_dir) / SYNTHETIC_MARKER,
+               dict(facts, annotations_md5=hashlib.md5(annotations_bytes).hexdigest()))
+
+
+def dataset_of(csv_path, annotations_md5):
+    """'MTAT' (its published annotations), 'synthetic' (get_data.py --synthetic's, by the
+    marker beside them) or 'other'."""
+    if annotations_md5 == MTAT_ANNOTATIONS_MD5:
+        return "MTAT"
+    with contextlib.suppress(OSError, ValueError):
+        if read_json(Path(csv_path).parent / SYNTHETIC_MARKER).get("annotations_md5") == annotations_md5:
+            return "synthetic"
+    return "other"
+
+
+def provenance(args, split):
+    """What a run trains on: {'data': the annotations (path, MD5, dataset) and the
+    spectrograms (path, and their identity from spectrograms.json: n_clips, dtype,
+    mp3_paths_md5), 'split': its name, split_seed, sizes and the MD5 of its row indices}.
+    split: (train_idx, val_idx, test_idx). Plain types: checkpoints load with weights_only."""
+    csv_path = annotations_path(args.data_dir)
+    md5 = file_digest(csv_path)
+    meta = read_json(args.data_dir / "spectrograms.json")  # checked by open_spectrograms
+    rows = hashlib.md5(b"|".join(np.asarray(part, np.int64).tobytes() for part in split)).hexdigest()
+    return dict(
+        data=dict(annotations=str(csv_path), annotations_md5=md5, dataset=dataset_of(csv_path, md5),
+                  spectrograms=str(args.data_dir / "spectrograms.npy"),
+                  **{key: meta.get(key) for key in DATA_IDENTITY[1:]}),
+        split=dict(name=args.split, split_seed=args.split_seed if args.split == "random" else None,
+                   **{f"n_{part}": len(rows_) for part, rows_ in zip(("train", "val", "test"), split)},
+                   rows_md5=rows))
+
+
+def check_same_provenance(saved, current, run_dir):
+    """--resume: refuse (one line) a run whose last.pt was trained on other data or another
+    split than this command's; a last.pt of an older trainer.py records none (a note)."""
+    if saved is None:
+        log(f"note: {run_dir / 'last.pt'} does not record its data (written by an older trainer.py): "
+            "make sure --data-dir is the one it was trained on")
+        return
+    for part, keys, what in (("data", DATA_IDENTITY, "other data"), ("split", SPLIT_IDENTITY, "another split")):
+        differ = [key for key in keys if saved[part].get(key) != current[part].get(key)]
+        if differ:
+            found = ", ".join(f"{key} {saved[part].get(key)} there, {current[part].get(key)} here" for key in differ)
+            where = (f"{saved['data']['annotations']} and {saved['data']['spectrograms']}" if part == "data"
+                     else f"split {saved['split']['name']}")
+            raise SystemExit(f"error: cannot resume {run_dir}: it was trained on {where}, this command "
+                             f"gives it {what} ({found}); pass the --data-dir it was trained on, or start "
+                             "a new --run")
+
+
+def check_made_by(path, written_by, checkpoint_sha256, fix):
+    """Refuse (one line) to add to the output at path (--resume) when its rows were made by
+    another checkpoint than the one of checkpoint_sha256 (one file would mix two models), or
+    by an unknown one (None: an older predict.py). written_by: the rows' SHA-256s."""
+    written_by = set(written_by)
+    if None in written_by:
+        raise SystemExit(f"error: --resume: {path} does not record the checkpoint that wrote it (an older "
+                         f"predict.py?), so it may not be this one's; {fix}")
+    if written_by - {checkpoint_sha256}:
+        other = sorted(written_by - {checkpoint_sha256})[0]
+        raise SystemExit(f"error: --resume: {path} holds results of another checkpoint (SHA-256 {other[:16]}..., "
+                         f"this one's is {checkpoint_sha256[:16]}...): one file would mix two models; resume "
+                         f"with the checkpoint that wrote it, or {fix}")
+
+
+def describe_training(checkpoint):
+    """What a best_model.pt was trained on, for predict.py: (one line: the data set, the
+    split and its sizes, the best epoch's validation and test ROC-AUC; a warning line, or
+    None, when the data set is not MTAT). A checkpoint without provenance (older) says
+    'unknown'."""
+    metrics, prov = checkpoint.get("metrics") or {}, checkpoint.get("provenance")
+    scores = ", ".join(f"{name} ROC-AUC {metrics[key]:.4f}" for name, key in (
+        ("validation", "val_roc_auc"), ("test", "test_roc_auc")) if isinstance(metrics.get(key), float))
+    if prov is None:
+        split = (checkpoint.get("args") or {}).get("split", "unknown")
+        return (f"model: trained on unknown data (the checkpoint records none: an older trainer.py), "
+                f"split {split}, epoch {checkpoint.get('epoch')}" + (f": {scores}" if scores else "")), None
+    data, split = prov["data"], prov["split"]
+    sizes = " / ".join(f"{split[f'n_{part}']:,}" for part in ("train", "val", "test"))
+    name = {"MTAT": "MTAT", "synthetic": "a synthetic set"}.get(data["dataset"], "other data")
+    line = (f"model: trained on {name} ({data['annotations']}), split {split['name']} ({sizes} "
+            f"clips), epoch {checkpoint.get('epoch')}" + (f": {scores}" if scores else ""))
+    if data["dataset"] == "MTAT":
+        return line, None
+    kind = ("a synthetic demo set (get_data.py --synthetic), not MTAT: its tags say little about real music"
+            if data["dataset"] == "synthetic" else "other data than MTAT: its tags are those data's")
+    return line, f"warning: this model was trained on {kind}"
 
 
 # -----------------------------------------------------------------------------
@@ -216,6 +495,39 @@ def exit_code(interrupt):
     """The exit status of a process ended by this KeyboardInterrupt: 128 + the signal's
     number, as a shell reports it (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
     return 128 + getattr(interrupt, "signum", signal.SIGINT)
+
+
+def run_script(main, interrupted):
+    """A script's entry point: SIGTERM and SIGHUP handled as Ctrl-C (handle_signals), then
+    main(); an interrupt that main does not end with its own line (it came before, or
+    after, the work that main saves) ends with the line `interrupted` on stderr and exit
+    128 + the signal's number. Temporary files are gone by then (atomic_write)."""
+    handle_signals()
+    try:
+        main()
+    except KeyboardInterrupt as interrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        raise SystemExit(exit_code(interrupt)) from None
+
+
+# -----------------------------------------------------------------------------
+# Command-line values
+def float_in(low, high, low_closed=False, high_closed=False):
+    """An argparse type: a float in the interval from low to high, each end open unless
+    closed; NaN is refused (it is in no interval). A value outside is a usage error at
+    parse time, before any work."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        above = value >= low if low_closed else value > low
+        below = value <= high if high_closed else value < high
+        if not (above and below):
+            interval = f"{'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+    return parse
 
 
 # -----------------------------------------------------------------------------
@@ -596,38 +908,71 @@ def json_args(args):
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
-def start_run(args, resume_keys, model, optimizer, scheduler, device):
-    """The run folder OUT/RUN, new or (--resume) continued from its last.pt.
+RUN_LOCK = ".lock"  # in the run folder while a trainer.py writes it (hold_lock)
 
-    A new run refuses a folder that already holds one. --resume refuses a run whose
-    resume_keys (the arguments that define it) differ from this one's, then restores the
-    weights, Adam's state, the schedule and the random-number generators, so the resumed
-    run is bit-identical to an uninterrupted one.
-    Returns (run_dir, history, best, start_epoch).
-    """
+
+def claim_run(args):
+    """The run folder OUT/RUN, claimed before any work (main process only; the others get
+    its path): --out checked (check_folder), the folder made and locked for this process
+    (hold_lock: two trainer.py on one run folder would overwrite each other's checkpoints),
+    and refused when a new run would overwrite one (a last.pt there) or --resume finds none.
+    A folder made here and left empty (an error before the first epoch) is removed again."""
     run_dir = args.out / (args.run or time.strftime("%Y%m%d-%H%M%S"))
-    if not args.resume:
-        if is_main():
-            if (run_dir / "last.pt").exists():
-                raise SystemExit(f"error: {run_dir} already holds a run; pass --resume to continue it or another --run")
-            run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir, [], None, 1
-    if args.run is None or not (run_dir / "last.pt").is_file():
+    if not is_main():
+        return run_dir
+    if args.resume and (args.run is None or not (run_dir / "last.pt").is_file()):
         raise SystemExit(f"error: --resume needs --run NAME of a run with a last.pt ({run_dir / 'last.pt'} not found)")
-    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    check_folder(args.out, "--out")
+    made = not run_dir.exists()
+    check_folder(run_dir, "--out")
+    hold_lock(run_dir / RUN_LOCK, f"the run folder {run_dir}", "choose another --run", remove_empty_folder=made)
+    if not args.resume and (run_dir / "last.pt").exists():
+        raise SystemExit(f"error: {run_dir} already holds a run; pass --resume to continue it or another --run")
+    return run_dir
+
+
+def start_run(args, run_dir, prov, resume_keys, model, optimizer, scheduler, device):
+    """Start a new run, or (--resume) continue the one in run_dir from its last.pt.
+
+    --resume refuses a last.pt that is damaged or not one, a run whose resume_keys (the
+    arguments that define it) differ from this one's, and one trained on other data or
+    another split (prov, provenance()); then restores the weights, Adam's state, the
+    schedule and the random-number generators, so the resumed run is bit-identical to an
+    uninterrupted one.
+    Returns (history, best, start_epoch).
+    """
+    if not args.resume:
+        return [], None, 1
+    path = run_dir / "last.pt"
+    fix = "it cannot be resumed: restore it from a copy, or start a new --run"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and unsafe-global errors alike
+        raise SystemExit(f"error: {path}: not a last.pt of trainer.py ({load_error_reason(error)}); {fix}") from None
+    missing = [k for k in LAST_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        best_model = isinstance(state, dict) and "state_dict" in state
+        raise SystemExit(f"error: {path}: not a last.pt of trainer.py{' but a best_model.pt' * best_model} "
+                         f"(missing {', '.join(missing)}); {fix}")
     # older runs drew --split random from --seed, and had all three scales
-    saved = dict({"split_seed": state["args"]["seed"], "scales": list(common.SCALES)}, **state["args"])
-    changed = [k for k in resume_keys if saved[k] != json_args(args)[k]]
+    saved = dict({"split_seed": state["args"].get("seed"), "scales": list(common.SCALES)}, **state["args"])
+    changed = [k for k in resume_keys if saved.get(k) != json_args(args)[k]]
     if changed:
         raise SystemExit(f"error: cannot resume {run_dir} with different {', '.join('--' + k.replace('_', '-') for k in changed)}")
-    model.load_state_dict(state["model"])
-    load_optimizer_state(optimizer, state["optimizer"], args.fused_adam)
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if device.type == "cuda" and state.get("cuda_rng") is not None:  # dropout masks on CUDA
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    check_same_provenance(state.get("provenance"), prov, run_dir)
+    try:
+        model.load_state_dict(state["model"])
+        load_optimizer_state(optimizer, state["optimizer"], args.fused_adam)
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:  # dropout masks on CUDA
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:  # a state of another network or damaged
+        reason = " ".join(str(error).split())[:300]
+        raise SystemExit(f"error: {path}: its state does not fit this run ({type(error).__name__}: {reason}); "
+                         f"{fix}") from None
     log(f"resuming {run_dir} after epoch {state['epoch']}")
-    return run_dir, state["history"], state["best"], state["epoch"] + 1
+    return state["history"], state["best"], state["epoch"] + 1
 
 
 def load_optimizer_state(optimizer, saved, fused):
@@ -638,36 +983,39 @@ def load_optimizer_state(optimizer, saved, fused):
     optimizer.load_state_dict(saved)
 
 
-def save_epoch(run_dir, model, optimizer, scheduler, history, best, improved, tag_names, norm, args, device):
+def save_epoch(run_dir, model, optimizer, scheduler, history, best, improved, tag_names, norm, args, device,
+               prov):
     """Save a finished epoch (main process only): best_model.pt when it improved, last.pt,
     metrics.csv; each through atomic_write, so a full disk is one line and a kill at any
-    moment leaves the previous epoch's files whole."""
+    moment leaves the previous epoch's files whole. prov: provenance(), in both .pt files."""
     if not is_main():
         return
     state_dict = {k: v.cpu() for k, v in model.state_dict().items()}
     if improved:
         save_best_model(run_dir / "best_model.pt", state_dict, tag_names, norm, json_args(args),
-                        best["epoch"], best)
+                        best["epoch"], best, prov)
     with atomic_write(run_dir / "last.pt", "wb") as f:
         torch.save(dict(model=state_dict, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         torch_rng=torch.get_rng_state(),
                         cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                        history=history, best=best, epoch=history[-1]["epoch"], args=json_args(args)), f)
+                        history=history, best=best, epoch=history[-1]["epoch"], args=json_args(args),
+                        provenance=prov), f)
     with atomic_write(run_dir / "metrics.csv", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
 
 
-def save_best_model(path, state_dict, tag_names, norm, args, epoch, metrics):
+def save_best_model(path, state_dict, tag_names, norm, args, epoch, metrics, prov=None):
     """best_model.pt: state_dict; tag_names (list of str); norm_mean, norm_std (float32
     tensors (N_MELS,), per-band statistics of the training clips' log-mel); feature_params
     (dict, common.feature_params()); args (the run's arguments, plain types); epoch (int,
-    1-based); metrics (dict of that epoch's scores). load_model reads it."""
+    1-based); metrics (dict of that epoch's scores); provenance (provenance(): what it was
+    trained on; None: not known). load_model reads it, describe_training tells it."""
     with atomic_write(path, "wb") as f:
         torch.save(dict(state_dict=state_dict, tag_names=list(tag_names), norm_mean=norm[0].cpu(),
                         norm_std=norm[1].cpu(), feature_params=common.feature_params(), args=args,
-                        epoch=epoch, metrics=metrics), f)
+                        epoch=epoch, metrics=metrics, provenance=prov), f)
 
 
 def load_model(checkpoint_path, device="cpu"):
@@ -725,16 +1073,17 @@ def load_error_reason(error):
         return "weights-only loading refused it: " + re.split(r"(?<=\.)\s", reason)[0].rstrip(".")
     if isinstance(error, EOFError) or not text.strip():
         return "the file ends early: truncated?"
-    return f"{type(error).__name__}: {text.strip().splitlines()[0]}"
+    first = re.split(r"(?<=\.)\s", text.strip().splitlines()[0])[0].rstrip(".")  # a sentence, not its advice
+    return f"{type(error).__name__}: {first}"
 
 
 METRICS_COLUMNS = ("val_roc_auc", "test_roc_auc", "val_pr_auc", "test_pr_auc")  # of metrics.csv, after epoch, lr, train_loss
 
 
-def write_results(run_dir, best, tag_names, args, split, overlap):
+def write_results(run_dir, best, tag_names, args, split, overlap, prov):
     """results.json: the best epoch's scores (per-tag test ROC-AUC null where the test set
-    cannot score a tag, as NaN is not JSON) and what report.py groups and compares runs by.
-    Returns the dict written."""
+    cannot score a tag, as NaN is not JSON), what report.py groups and compares runs by, and
+    the provenance (prov). Returns the dict written."""
     results = {k: best[k] for k in ("epoch", "val_roc_auc", "val_pr_auc", "test_roc_auc", "test_pr_auc")}
     results["test_roc_auc_per_tag"] = {name: None if math.isnan(auc) else auc
                                        for name, auc in zip(tag_names, best["test_roc_auc_per_tag"])}
@@ -743,7 +1092,7 @@ def write_results(run_dir, best, tag_names, args, split, overlap):
                    scales=list(args.scales), seed=args.seed, epochs=args.epochs, n_tags=len(tag_names),
                    merge=not args.no_merge,
                    **{f"n_{part}": len(rows) for part, rows in zip(("train", "val", "test"), split)},
-                   split_overlap=overlap)
+                   split_overlap=overlap, provenance=prov)
     write_json(run_dir / "results.json", results, indent=2)
     return results
 

@@ -21,11 +21,13 @@ See docs/predict.md.
 import argparse
 import contextlib
 import csv
+import errno
 import json
 import os
 import sys
 import time
 import warnings
+import zipfile
 from collections import deque
 from pathlib import Path
 
@@ -337,19 +339,36 @@ def newest_checkpoint(experiments_dir):
     return max(runs, key=lambda run: run.stat().st_mtime) / "best_model.pt"
 
 
-def load_checkpoint(path, device):
-    """-> model (eval, on device), tag_names, norm_mean, norm_std (tensors on device).
+CHECKPOINT_FIX = "pass the best_model.pt of a run trained with src/trainer.py"
 
-    A run folder (one holding best_model.pt) stands for its best_model.pt."""
-    fix = "pass the best_model.pt of a run trained with src/trainer.py"
+
+def checkpoint_file(path):
+    """The checkpoint file --checkpoint names: a run folder (one holding best_model.pt)
+    stands for its best_model.pt. SystemExit (one line) when there is none."""
     path = Path(path)
     if path.is_dir():
         if not (path / "best_model.pt").is_file():
             raise SystemExit(f"error: checkpoint {path} is a folder with no best_model.pt in it; "
-                             f"{fix} (or its run folder)")
-        path = path / "best_model.pt"
-    elif not path.exists():
-        raise SystemExit(f"error: checkpoint {path} not found; {fix}")
+                             f"{CHECKPOINT_FIX} (or its run folder)")
+        return path / "best_model.pt"
+    if not path.exists():
+        raise SystemExit(f"error: checkpoint {path} not found; {CHECKPOINT_FIX}")
+    return path
+
+
+def about_checkpoint(path):
+    """-> (SHA-256 of the checkpoint file, recorded in every output row; the line saying
+    what it was trained on; a warning line or None: plumbing.describe_training)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return (plumbing.file_digest(path, "sha256"),) + plumbing.describe_training(checkpoint)
+
+
+def load_checkpoint(path, device):
+    """-> model (eval, on device), tag_names, norm_mean, norm_std (tensors on device).
+
+    A run folder (one holding best_model.pt) stands for its best_model.pt."""
+    fix = CHECKPOINT_FIX
+    path = checkpoint_file(path)
     try:
         model, checkpoint = plumbing.load_model(path, device)
     except ValueError as error:  # one whole line naming the file (plumbing.load_error_reason)
@@ -433,32 +452,38 @@ def write_json(path, results):
         f.write("{\n" + ",\n".join(lines) + "\n}\n")
 
 
-CSV_COLUMNS = ["path", "duration_s", "windows"]  # then one column per tag, then "error"
+CSV_COLUMNS = ["path", "duration_s", "windows"]  # then one column per tag, then CSV_LAST_COLUMNS
+CSV_LAST_COLUMNS = ["error", "checkpoint_sha256"]
 
 
 def write_csv(path, results, tag_names):
     """One row per file: path, duration_s, windows, each tag's probability (checkpoint
-    order), error (empty when tagged; only path and error are filled when not)."""
+    order), error (empty when tagged; only path and error are filled when not),
+    checkpoint_sha256 (of the checkpoint that made the row)."""
     with plumbing.atomic_write(path, newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS + tag_names + ["error"])
+        writer.writerow(CSV_COLUMNS + tag_names + CSV_LAST_COLUMNS)
         for audio, entry in results.items():
             if "error" in entry:
-                writer.writerow([audio, "", ""] + [""] * len(tag_names) + [entry["error"]])
+                writer.writerow([audio, "", ""] + [""] * len(tag_names)
+                                + [entry["error"], entry["checkpoint_sha256"]])
             else:
                 probs = dict(entry["tags"])
                 writer.writerow([audio, f"{entry['duration_s']:.3f}", entry["windows"]]
-                                + [f"{probs[name]:.6f}" for name in tag_names] + [""])
+                                + [f"{probs[name]:.6f}" for name in tag_names]
+                                + ["", entry["checkpoint_sha256"]])
 
 
 def write_embeddings(path, results, tag_names, per_window):
     """The tagged files' embeddings as .npz (np.load reads it; failed files are left out):
     paths (F,) str, tag_names (T,) str, embeddings (F, 500) float32 (mean over each file's
     windows), duration_s (F,), windows (F,); with per_window also window_embeddings (W, 500),
-    window_file (W,) (row in paths) and window_start_s (W,)."""
+    window_file (W,) (row in paths) and window_start_s (W,); checkpoint_sha256 (F,) str, of
+    the checkpoint that made each row."""
     tagged = [(audio, entry) for audio, entry in results.items() if "embedding" in entry]
     arrays = dict(
         paths=np.array([audio for audio, _ in tagged], dtype=str),
+        checkpoint_sha256=np.array([e["checkpoint_sha256"] for _, e in tagged], dtype=str),
         tag_names=np.array(tag_names, dtype=str),
         embeddings=np.array([e["embedding"] for _, e in tagged],
                             np.float32).reshape(-1, EMBEDDING_SIZE),
@@ -480,7 +505,7 @@ def write_embeddings(path, results, tag_names, per_window):
 def save_outputs(args, results, tag_names):
     """Write every output asked for, each atomically (a run killed at any moment leaves
     each output as its last complete save)."""
-    keep = ("tags", "windows", "duration_s", "error")
+    keep = ("tags", "windows", "duration_s", "error", "checkpoint_sha256")
     if args.json:
         write_json(args.json, {path: {k: v for k, v in entry.items() if k in keep}
                                for path, entry in results.items()})
@@ -490,10 +515,12 @@ def save_outputs(args, results, tag_names):
         write_embeddings(args.embeddings, results, tag_names, args.per_window)
 
 
-def read_previous(args, tag_names):
+def read_previous(args, tag_names, checkpoint_sha256):
     """What earlier runs wrote to this run's outputs (--resume): {path: entry}, the entries
     of JSON, else CSV, with the embeddings joined in; and the paths every output requested
-    already holds, tagged (not failed), which this run skips."""
+    already holds, tagged (not failed), which this run skips. An output that cannot be
+    read, or holds rows of another checkpoint than checkpoint_sha256 (one file would mix
+    two models) or of an unknown one, is refused in one line before any work."""
     outputs = [(name, getattr(args, name)) for name in ("json", "csv", "embeddings")
                if getattr(args, name)]
     previous, done = {}, None
@@ -501,12 +528,15 @@ def read_previous(args, tag_names):
         if not Path(path).is_file():  # an output without anything yet: every file is redone
             done = set()
             continue
+        fix = f"pass another --{name} file, or leave out --resume"
         try:
             entries = READERS[name](path, tag_names, args.per_window)
-        except (ValueError, KeyError, OSError, EOFError, csv.Error) as error:
+        except (ValueError, KeyError, TypeError, OSError, EOFError, csv.Error,
+                zipfile.BadZipFile) as error:
             raise SystemExit(f"error: --resume: cannot read {path} ({type(error).__name__}: "
-                             f"{error}); pass another --{name} file, or leave out "
-                             "--resume") from None
+                             f"{error}); {fix}") from None
+        plumbing.check_made_by(path, [entry.get("checkpoint_sha256") for entry in entries.values()],
+                               checkpoint_sha256, fix)
         for audio, entry in entries.items():
             previous.setdefault(audio, {}).update(entry)
         tagged = {audio for audio, entry in entries.items() if "error" not in entry}
@@ -516,27 +546,46 @@ def read_previous(args, tag_names):
 
 def read_json(path, tag_names, per_window):
     entries = json.loads(Path(path).read_text())
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+        raise ValueError("not predict.py's JSON ({path: {...}, ...})")
     for entry in entries.values():
         if "tags" in entry and sorted(name for name, _ in entry["tags"]) != sorted(tag_names):
             raise ValueError("its tags are not this checkpoint's (written with another model?)")
+        if "tags" not in entry and "error" not in entry:
+            raise ValueError("an entry has neither tags nor error")
     return entries
 
 
 def read_csv(path, tag_names, per_window):
+    """The rows of a CSV of write_csv; a row that is not whole (a file cut short) is left
+    out with a note, so that its file is tagged again."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    if not rows or rows[0] != CSV_COLUMNS + tag_names + ["error"]:
-        raise ValueError("its columns are not path, duration_s, windows, this checkpoint's "
-                         "tags, error (written with another model?)")
-    entries = {}
-    for row in rows[1:]:
-        if row[-1]:
-            entries[row[0]] = {"error": row[-1]}
+    if not rows or rows[0] != CSV_COLUMNS + tag_names + CSV_LAST_COLUMNS:
+        older = bool(rows) and rows[0] == CSV_COLUMNS + tag_names + ["error"]
+        raise ValueError("it has no checkpoint_sha256 column (written by an older predict.py)" if older else
+                         "its columns are not path, duration_s, windows, this checkpoint's tags, "
+                         "error, checkpoint_sha256 (written with another model?)")
+    entries, cut = {}, []
+    for line, row in enumerate(rows[1:], 2):
+        if not row:  # a blank line
             continue
-        probs = [float(v) for v in row[3:-1]]
-        order = np.argsort(-np.array(probs), kind="stable")
-        entries[row[0]] = dict(tags=[[tag_names[i], probs[i]] for i in order],
-                               duration_s=float(row[1]), windows=int(row[2]))
+        try:
+            if len(row) != len(rows[0]) or len(row[-1]) != 64:  # a SHA-256 in hex
+                raise ValueError
+            if row[-2]:
+                entries[row[0]] = {"error": row[-2], "checkpoint_sha256": row[-1]}
+                continue
+            probs = [float(v) for v in row[3:-2]]
+            order = np.argsort(-np.array(probs), kind="stable")
+            entries[row[0]] = dict(tags=[[tag_names[i], probs[i]] for i in order],
+                                   duration_s=float(row[1]), windows=int(row[2]),
+                                   checkpoint_sha256=row[-1])
+        except ValueError:
+            cut.append(line)
+    if cut:
+        print(f"note: --resume: {path}: line{'s' * (len(cut) > 1)} {', '.join(map(str, cut[:5]))}"
+              f"{' ...' if len(cut) > 5 else ''} not whole (cut short?): tagged again", file=sys.stderr)
     return entries
 
 
@@ -547,9 +596,11 @@ def read_embeddings(path, tag_names, per_window):
                              "model?)")
         if per_window and "window_embeddings" not in saved:
             return {}  # written without --per-window: every file is redone
+        written_by = ([str(sha) for sha in saved["checkpoint_sha256"]] if "checkpoint_sha256" in saved
+                      else [None] * len(saved["paths"]))  # an older predict.py's
         entries = {str(audio): dict(embedding=saved["embeddings"][i],
                                     duration_s=float(saved["duration_s"][i]),
-                                    windows=int(saved["windows"][i]))
+                                    windows=int(saved["windows"][i]), checkpoint_sha256=written_by[i])
                    for i, audio in enumerate(saved["paths"])}
         if per_window:
             for i, audio in enumerate(saved["paths"]):
@@ -566,24 +617,52 @@ READERS = dict(json=read_json, csv=read_csv, embeddings=read_embeddings)
 # Inputs
 def expand_inputs(arguments):
     """Audio paths from the command line, in order: a file stays itself; a folder becomes
-    the files under it (recursively) whose extension is in AUDIO_EXTENSIONS, in sorted
-    order, hidden files and folders (a leading '.') left out.
+    the files under it (recursively, through symbolic links too) whose extension is in
+    AUDIO_EXTENSIONS, in sorted order, hidden files and folders (a leading '.') left out.
 
-    Returns (paths, empty): list of str, and the folders holding no audio file.
+    Returns (paths, skipped): list of str; and {path: why it is not tagged} for what cannot
+    be searched or tagged, each said once: a folder holding no audio file, a symbolic link
+    that loops (to a folder holding it, or to itself: not followed) or leads nowhere, a
+    folder that cannot be read.
     """
-    paths, empty = [], []
+    paths, skipped = [], {}
     for argument in arguments:
         folder = Path(argument)
         if not folder.is_dir():
             paths.append(argument)
             continue
-        found = sorted(p for p in folder.rglob("*")
-                       if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-        paths += [str(p) for p in found]
+        found = []
+
+        def unreadable(error):
+            skipped[error.filename] = f"{error.filename}: cannot be read ({error.strerror}); not searched"
+
+        for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
+            real_root = os.path.realpath(root)
+            for name in sorted(dirs):
+                real = os.path.realpath(os.path.join(root, name))
+                if name.startswith("."):
+                    dirs.remove(name)
+                elif real_root == real or real_root.startswith(real.rstrip(os.sep) + os.sep):
+                    dirs.remove(name)
+                    skipped[os.path.join(root, name)] = (f"{os.path.join(root, name)}: a symbolic link loop "
+                                                         f"(to {real}, a folder holding it); not followed")
+            for name in files:
+                path = Path(root) / name
+                if name.startswith(".") or path.suffix.lower() not in AUDIO_EXTENSIONS:
+                    continue
+                if path.is_file():
+                    found.append(path)
+                elif path.is_symlink():  # os.walk lists a link it cannot follow as a file
+                    try:
+                        path.stat()
+                        continue  # a link to something other than a file
+                    except OSError as error:
+                        why = "a symbolic link loop" if error.errno == errno.ELOOP else "a broken symbolic link"
+                        skipped[str(path)] = f"{path}: {why} ({os.readlink(path)}); nothing to tag"
+        paths += [str(p) for p in sorted(found)]
         if not found:
-            empty.append(argument)
-    return paths, empty
+            skipped[argument] = f"{argument}: a folder with no audio file ({' '.join(AUDIO_EXTENSIONS)})"
+    return paths, skipped
 
 
 # -----------------------------------------------------------------------------
@@ -665,11 +744,24 @@ def parse_args(argv=None):
     return args
 
 
+def claim_outputs(args):
+    """Check every output place (--json, --csv, --embeddings, --taggram) before any work
+    (plumbing.check_file: not a folder, in a folder that exists or is made, writable), and
+    lock each output file for this process (plumbing.hold_lock: one writer per output)."""
+    for flag in ("json", "csv", "embeddings", "taggram"):
+        path = getattr(args, flag)
+        if path:
+            plumbing.check_file(path, f"--{flag}")
+            plumbing.hold_lock(f"{path}.lock", path, f"pass another --{flag}")
+
+
+@plumbing.releasing_locks
 def main(argv=None):
     """Tag the files; returns {path: tag_file's result or {"error": message}} (with --resume,
     the files skipped hold what the outputs held), and exits non-zero (after tagging the
-    rest) when any file could not be tagged."""
+    rest) when any file could not be tagged. Every entry records checkpoint_sha256."""
     args = parse_args(argv)
+    claim_outputs(args)  # a bad output place is said now, not after tagging
     if args.taggram:
         import_figure()  # fail before the slow part, not after it
     device = plumbing.resolve_device(args.device)
@@ -679,21 +771,24 @@ def main(argv=None):
         print(f"using {checkpoint_path} (newest run in {args.experiments}/; "
               "--checkpoint picks another)", file=sys.stderr)
     model, tag_names, norm_mean, norm_std = load_checkpoint(checkpoint_path, device)
+    sha256, trained_on, warning = about_checkpoint(checkpoint_file(checkpoint_path))
+    print(trained_on, file=sys.stderr)
+    if warning:
+        print(warning, file=sys.stderr)
     batch_size = args.batch_size or (CUDA_BATCH if device.type == "cuda" else CPU_BATCH)
 
-    paths, empty_folders = expand_inputs(args.audio)
+    paths, skipped = expand_inputs(args.audio)
     results, failed = {}, []
-    for folder in empty_folders:
-        message = f"{folder}: a folder with no audio file ({' '.join(AUDIO_EXTENSIONS)})"
-        results[folder] = {"error": message}
-        failed.append(folder)
+    for path, message in skipped.items():
+        results[path] = {"error": message, "checkpoint_sha256": sha256}
+        failed.append(path)
         print(f"error: {message}", file=sys.stderr)
     if args.resume:
-        previous, done = read_previous(args, tag_names)
+        previous, done = read_previous(args, tag_names, sha256)
         results = {**previous, **results}
-        skipped = len([path for path in paths if path in done])
+        skipped_done = len([path for path in paths if path in done])
         paths = [path for path in paths if path not in done]
-        print(f"resuming: {skipped} file(s) already tagged in the outputs, {len(paths)} to tag",
+        print(f"resuming: {skipped_done} file(s) already tagged in the outputs, {len(paths)} to tag",
               file=sys.stderr)
     png_paths = {}
     if args.taggram and paths:
@@ -708,18 +803,19 @@ def main(argv=None):
             bar.update()
             if isinstance(result, Exception):
                 failed.append(path)
-                results[path] = {"error": str(result)}
+                results[path] = {"error": str(result), "checkpoint_sha256": sha256}
                 tqdm.write(f"error: {result}", file=sys.stderr)
-                continue
-            tqdm.write(format_tags(path, result, args.top))
-            if path in png_paths:
-                save_taggram(png_paths[path], result["window_probs"], result["starts"],
-                             result["duration_s"], tag_names, Path(path).name)
-                tqdm.write(f"  taggram: {png_paths[path]}")
-            results[path] = result
-            if time.monotonic() - last_save > SAVE_EVERY_S:  # a killed run keeps this much
+            else:
+                results[path] = dict(result, checkpoint_sha256=sha256)  # before it is printed: then kept
+                tqdm.write(format_tags(path, result, args.top))
+                if path in png_paths:
+                    save_taggram(png_paths[path], result["window_probs"], result["starts"],
+                                 result["duration_s"], tag_names, Path(path).name)
+                    tqdm.write(f"  taggram: {png_paths[path]}")
+            if time.monotonic() - last_save >= SAVE_EVERY_S:  # a killed run keeps all but this much
                 save_outputs(args, results, tag_names)
                 last_save = time.monotonic()
+        save_outputs(args, results, tag_names)
     except (KeyboardInterrupt, plumbing.WorkersKeepDying) as stop:
         bar.close()
         save_outputs(args, results, tag_names)
@@ -733,17 +829,16 @@ def main(argv=None):
         bar.close()
         if hasattr(decoded, "close"):
             decoded.close()  # stops the decoder pool
-    save_outputs(args, results, tag_names)
     for output in (args.json, args.csv, args.embeddings):
         if output:
             print(f"wrote {output}", file=sys.stderr)
     if failed:
-        n_inputs = len(paths) + len(empty_folders)
+        n_inputs = len(paths) + len(skipped)
         raise SystemExit(f"error: {len(failed)} of {n_inputs} files could not be tagged "
                          f"({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''})")
     return results
 
 
-if __name__ == "__main__":
-    plumbing.handle_signals()  # SIGTERM and SIGHUP stop it as Ctrl-C does: what is tagged is saved
-    main()
+if __name__ == "__main__":  # SIGTERM and SIGHUP stop it as Ctrl-C does: what is tagged is saved
+    plumbing.run_script(main, "interrupted: each output holds its last complete save, if any; rerun with "
+                              "--resume to go on")

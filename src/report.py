@@ -47,6 +47,10 @@ MARBLE_FOLDER = [("MERT-330M", 0.913), ("MusicFM", 0.913), ("MuQ", 0.914)]
 MARBLE_PR_AUC = 0.40  # "about 0.40" for all three
 SPLIT_ORDER = ("paper", "clean", "folder", "random")
 NEEDED = ("split", "seed", "epochs", "epoch", "val_roc_auc", "val_pr_auc", "test_roc_auc", "test_pr_auc")
+NEEDED_TYPES = dict(split=str, seed=int, epochs=int, epoch=int, val_roc_auc=(int, float),
+                    val_pr_auc=(int, float), test_roc_auc=(int, float), test_pr_auc=(int, float))
+KIND_NAMES = {str: "a string", int: "an integer", (int, float): "a number"}
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_roc_auc", "test_roc_auc")  # what the curves draw
 
 
 # -----------------------------------------------------------------------------
@@ -91,10 +95,24 @@ def load_run(run_dir):
     if missing:
         raise SystemExit(f"error: {path} lacks {', '.join(missing)} (written by an older trainer.py?); "
                          "rerun that run with the current trainer.py")
-    history = []
-    if (run_dir / "metrics.csv").is_file():
-        with open(run_dir / "metrics.csv", newline="") as f:
-            history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    for key, kind in NEEDED_TYPES.items():
+        value = results[key]
+        if not isinstance(value, kind) or isinstance(value, bool) or value != value:  # NaN != NaN
+            raise SystemExit(f"error: {path}: {key} is {json.dumps(value)}, not {KIND_NAMES[kind]}; the file "
+                             "is damaged: restore it, or rerun that run with trainer.py")
+    history, metrics = [], run_dir / "metrics.csv"
+    if metrics.is_file():
+        with open(metrics, newline="") as f:
+            reader = csv.DictReader(f)
+            try:
+                for row in reader:
+                    if None in row or None in row.values() or not set(HISTORY_COLUMNS) <= set(row):
+                        raise ValueError("not the columns of its header" if None in row or None in row.values()
+                                         else f"no column {', '.join(sorted(set(HISTORY_COLUMNS) - set(row)))}")
+                    history.append({k: float(v) for k, v in row.items()})
+            except (ValueError, csv.Error) as error:
+                raise SystemExit(f"error: {metrics}: line {reader.line_num}: {error}; the file is damaged: "
+                                 "restore it, or delete it to report the run without its curves") from None
     return dict(results, name=run_dir.name, run_dir=run_dir, history=history)
 
 
@@ -521,7 +539,7 @@ def main(argv=None):
     if out is None:
         single_parent = len(args.runs) == 1 and not (args.runs[0] / "results.json").is_file()
         out = args.runs[0] if single_parent else Path(os.path.commonpath([d.resolve().parent for d in run_dirs]))
-    out.mkdir(parents=True, exist_ok=True)
+    plumbing.check_folder(out, "--out")  # a file there, or read-only: one line, before the report
     text, written = format_report(runs), []
     if args.resamples > 0:
         load_scores(runs)

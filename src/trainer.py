@@ -11,7 +11,6 @@ folder's files, resuming) is in plumbing.py.
 """
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -49,13 +48,14 @@ def parse_args(argv=None):
     recipe.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help="clips per step and per process; under torchrun the global batch is this x "
                              f"processes (default: {BATCH_SIZE})")
-    recipe.add_argument("--lr", type=float, default=LR, help=f"Adam learning rate (default: {LR})")
+    recipe.add_argument("--lr", type=plumbing.float_in(0, math.inf), default=LR,
+                        help=f"Adam learning rate (default: {LR})")
     recipe.add_argument("--milestones", type=int, nargs="*", default=MILESTONES,
                         help="epochs after which the learning rate is divided by 10 (default: "
                              f"{' '.join(map(str, MILESTONES))})")
-    recipe.add_argument("--dropout", type=float, default=DROPOUT,
+    recipe.add_argument("--dropout", type=plumbing.float_in(0, 1, low_closed=True), default=DROPOUT,
                         help=f"dropout probability before the dense layer (default: {DROPOUT})")
-    recipe.add_argument("--bn-momentum", type=float, default=BN_MOMENTUM,
+    recipe.add_argument("--bn-momentum", type=plumbing.float_in(0, 1, high_closed=True), default=BN_MOMENTUM,
                         help="batch norm's running-statistics update, PyTorch's convention: running = "
                              f"(1 - m) running + m batch (default: {BN_MOMENTUM}, the paper's; a run of only "
                              "a few hundred steps wants ~0.1 so that the statistics used for scoring catch up)")
@@ -121,19 +121,17 @@ def load_data(args):
     """-> labels uint8 (N, T), tag_names, clip_ids (N,), mp3_paths, spectrograms (N, N_MELS,
     N_FRAMES; memory-mapped) of the data folder: the annotations' tags with synonyms merged
     (unless --no-merge), the --n-tags most frequent kept; spectrograms made with --limit
-    cover the first N rows of the annotations."""
+    cover the first N rows of the annotations (they are refused when they no longer match
+    them, or hold NaN or inf)."""
     csv_path = plumbing.annotations_path(args.data_dir)
     if not csv_path.is_file():
         raise SystemExit(f"error: {csv_path} not found; run: python src/get_data.py --data-dir {args.data_dir}")
     try:
         clip_ids, labels, tag_names, mp3_paths = common.load_tags(csv_path, args.n_tags, merge=not args.no_merge)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}; to get MTAT's: python src/get_data.py --data-dir {args.data_dir}") \
-            from None
-    spectrograms = plumbing.open_spectrograms(args.data_dir)
-    if len(spectrograms) > len(labels):
-        raise SystemExit(f"error: {args.data_dir / 'spectrograms.npy'} has {len(spectrograms)} rows but "
-                         f"{csv_path} only {len(labels)}; regenerate the spectrograms with --overwrite")
+    except ValueError as error:  # it names the file and what is wrong in it
+        raise SystemExit(f"error: {error}; restore the file (python src/get_data.py --data-dir "
+                         f"{args.data_dir} for MTAT) or correct it") from None
+    spectrograms = plumbing.open_spectrograms(args.data_dir, mp3_paths)  # these annotations' rows, finite
     n = len(spectrograms)
     return labels[:n], tag_names, clip_ids[:n], mp3_paths[:n], spectrograms
 
@@ -334,9 +332,11 @@ def evaluate(model, source, labels, val_idx, test_idx, norm, args, device):
 
 
 # -----------------------------------------------------------------------------
+@plumbing.releasing_locks
 def main(argv=None):
     args = parse_args(argv)
     device = plumbing.setup_distributed(args.device)
+    run_dir = plumbing.claim_run(args)  # checked, made and locked before any work
     torch.manual_seed(args.seed)
 
     # data: labels, spectrograms, the split and its audit, per-band statistics of training
@@ -345,6 +345,7 @@ def main(argv=None):
     train_idx, val_idx, test_idx = make_split(args, len(spectrograms), clip_ids, mp3_paths)
     overlap = audit_split(args, mp3_paths, train_idx, val_idx, test_idx)
     check_split(args, labels, tag_names, train_idx, val_idx, test_idx)
+    provenance = plumbing.provenance(args, (train_idx, val_idx, test_idx))  # saved in every checkpoint
     source = plumbing.to_device_source(spectrograms, device, args.resident)
     norm = band_stats(source, train_idx, device)
     labels_on_device = torch.from_numpy(labels).float().to(device)
@@ -354,7 +355,8 @@ def main(argv=None):
     model = plumbing.on_device(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=args.fused_adam)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=0.1)
-    run_dir, history, best, start_epoch = plumbing.start_run(args, RESUME_KEYS, model, optimizer, scheduler, device)
+    history, best, start_epoch = plumbing.start_run(args, run_dir, provenance, RESUME_KEYS, model, optimizer,
+                                                    scheduler, device)
     model, plain_model = plumbing.parallel(model, device, args, start_epoch)  # torchrun, --compile
     log(f"{len(tag_names)} tags, scales {' '.join(map(str, args.scales))}, "
         f"{sum(p.numel() for p in plain_model.parameters()):,} parameters, "
@@ -384,22 +386,18 @@ def main(argv=None):
             f"test ROC-AUC {metrics['test_roc_auc']:.4f}  {len(train_idx) / train_seconds:.0f} clips/s"
             + ("  *" if improved else ""))
         plumbing.save_epoch(run_dir, plain_model, optimizer, scheduler, history, best, improved, tag_names, norm,
-                            args, device)
+                            args, device, provenance)
 
     results = None
     if is_main():
-        results = plumbing.write_results(run_dir, best, tag_names, args, (train_idx, val_idx, test_idx), overlap)
+        results = plumbing.write_results(run_dir, best, tag_names, args, (train_idx, val_idx, test_idx), overlap,
+                                         provenance)
         print(f"best model: {run_dir / 'best_model.pt'}\nbest validation ROC-AUC {best['val_roc_auc']:.4f} at "
               f"epoch {best['epoch']}; test ROC-AUC {best['test_roc_auc']:.4f}, PR-AUC {best['test_pr_auc']:.4f}", flush=True)
     plumbing.finish_distributed()
     return results  # None in the processes other than rank 0
 
 
-if __name__ == "__main__":
-    plumbing.handle_signals()
-    try:
-        main()
-    except KeyboardInterrupt as interrupt:  # every file is written atomically: the last finished epoch's are whole
-        print("\ninterrupted: the checkpoints of the last finished epoch are kept in the run folder; "
-              "continue with the same command plus --resume --run NAME", file=sys.stderr)
-        raise SystemExit(plumbing.exit_code(interrupt))
+if __name__ == "__main__":  # every file is written atomically: the last finished epoch's are whole
+    plumbing.run_script(main, "interrupted: the checkpoints of the last finished epoch are kept in the run folder; "
+                              "continue with the same command plus --resume --run NAME")

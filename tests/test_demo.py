@@ -16,7 +16,7 @@ def run_script(*argv, cwd):
 
 
 @pytest.mark.slow
-def test_synthetic_data_to_trained_model(tmp_path):
+def test_synthetic_data_to_trained_model(tmp_path, mtat_clip):
     run_script("get_data.py", "--synthetic", "112", "--seed", "1", "--data-dir", "data/demo", cwd=tmp_path)
     run_script("gen_spectrograms.py", "--data-dir", "data/demo", "--workers", "2", cwd=tmp_path)
     meta = json.loads((tmp_path / "data/demo/spectrograms.json").read_text())
@@ -33,3 +33,14 @@ def test_synthetic_data_to_trained_model(tmp_path):
     # the synonym merge ran on the way: merged names, not MTAT's spellings
     assert "drum" in results["test_roc_auc_per_tag"] and "drums" not in results["test_roc_auc_per_tag"]
     assert results["test_roc_auc"] >= 0.7, results  # clearly above chance after 4 short epochs
+    # it knows what it was trained on, and says so when it tags real music
+    assert results["provenance"]["data"]["dataset"] == "synthetic"
+    assert results["provenance"]["split"] | {"rows_md5": None} == dict(
+        name="random", split_seed=1337, n_train=64, n_val=24, n_test=24, rows_md5=None)
+    tagged = run_script("predict.py", str(mtat_clip), "--checkpoint", str(run_dir), cwd=tmp_path)
+    assert tagged.stderr.splitlines()[:2] == [
+        f"model: trained on a synthetic set (data/demo/annotations_final.csv), split random (64 / 24 / 24 "
+        f"clips), epoch {results['epoch']}: validation ROC-AUC {results['val_roc_auc']:.4f}, test ROC-AUC "
+        f"{results['test_roc_auc']:.4f}",
+        "warning: this model was trained on a synthetic demo set (get_data.py --synthetic), not MTAT: its "
+        "tags say little about real music"]

@@ -1,6 +1,7 @@
 """predict.py: windows, tagging real and synthetic audio, bad inputs, JSON, taggram, no skew;
 at library scale: blocks = whole file, folders, CSV, embeddings, the decoder pool, resume."""
 import csv
+import hashlib
 import json
 import math
 import os
@@ -188,7 +189,8 @@ def test_main_prints_tags_and_writes_json(checkpoint, mtat_clip, long_stereo, tm
     assert list(saved) == [str(mtat_clip), str(long_stereo)]
     for path, windows, block in ((mtat_clip, 1, out[:4]), (long_stereo, 5, out[4:8])):
         entry = saved[str(path)]
-        assert set(entry) == {"tags", "windows", "duration_s"}
+        assert set(entry) == {"tags", "windows", "duration_s", "checkpoint_sha256"}
+        assert entry["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
         assert entry["windows"] == windows and isinstance(entry["duration_s"], float)
         assert len(entry["tags"]) == 50
         assert all(isinstance(name, str) and 0 <= p <= 1 for name, p in entry["tags"])
@@ -216,6 +218,8 @@ def test_bad_audio_inputs_fail_alone(checkpoint, mtat_clip, tmp_path, capsys):
     assert "3 of 4 files could not be tagged" in str(exit_info.value.code)
     captured = capsys.readouterr()
     errors = captured.err.splitlines()
+    assert errors[0].startswith("model: trained on other data (") and errors[1].startswith("warning: ")
+    errors = errors[2:]
     reasons = {missing: "no such file", empty: "empty file", text: "cannot decode audio"}
     for path, reason in reasons.items():
         lines = [line for line in errors if str(path) in line]
@@ -225,7 +229,7 @@ def test_bad_audio_inputs_fail_alone(checkpoint, mtat_clip, tmp_path, capsys):
     saved = json.loads(json_path.read_text())
     assert set(saved) == set(paths)
     assert saved[str(mtat_clip)]["windows"] == 1
-    assert all(set(saved[p]) == {"error"} and p in saved[p]["error"]
+    assert all(set(saved[p]) == {"error", "checkpoint_sha256"} and p in saved[p]["error"]
                for p in (str(missing), str(empty), str(text)))
 
 
@@ -297,8 +301,8 @@ def test_script_by_subprocess(checkpoint, mtat_clip, tmp_path):
     lines = done.stdout.splitlines()
     assert lines[0].startswith(str(mtat_clip)) and len(lines) == 6
     assert all(0 <= float(line.split()[-1]) <= 1 for line in lines[1:])
-    assert done.stderr.splitlines() == [f"error: {missing}: no such file",
-                                        f"error: 1 of 2 files could not be tagged ({missing})"]
+    assert done.stderr.splitlines()[2:] == [f"error: {missing}: no such file",
+                                            f"error: 1 of 2 files could not be tagged ({missing})"]
 
 
 # -----------------------------------------------------------------------------
@@ -413,14 +417,16 @@ def test_folder_with_nested_and_bad_files(checkpoint, loaded, library, short_fla
     with open(out["csv"], newline="") as f:
         rows = list(csv.DictReader(f))
     tag_names = torch.load(checkpoint, weights_only=True)["tag_names"]
-    assert list(rows[0]) == ["path", "duration_s", "windows"] + tag_names + ["error"]
+    assert list(rows[0]) == ["path", "duration_s", "windows"] + tag_names + ["error", "checkpoint_sha256"]
+    sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert {row["checkpoint_sha256"] for row in rows} == {sha256}
     assert [row["path"] for row in rows] == order
     windows = {str(short_flac): 1, found[0]: 1, found[2]: 1, found[3]: 2, found[5]: 1}
     for row in rows:
         entry = saved_json[row["path"]]
         if row["path"] in bad:
             assert row["error"].startswith(row["path"] + ": " + bad[row["path"]][:20])
-            assert entry == {"error": row["error"]}
+            assert entry == {"error": row["error"], "checkpoint_sha256": sha256}
             assert all(row[k] == "" for k in ["duration_s", "windows"] + tag_names)
             continue
         assert row["error"] == ""
@@ -433,7 +439,9 @@ def test_folder_with_nested_and_bad_files(checkpoint, loaded, library, short_fla
     npz = np.load(out["npz"])
     good = [p for p in order if p not in bad]
     assert sorted(npz.files) == sorted(["paths", "tag_names", "embeddings", "duration_s", "windows",
-                                        "window_embeddings", "window_file", "window_start_s"])
+                                        "window_embeddings", "window_file", "window_start_s",
+                                        "checkpoint_sha256"])
+    assert set(npz["checkpoint_sha256"]) == {sha256}
     assert list(npz["paths"]) == good and list(npz["tag_names"]) == tag_names
     assert npz["embeddings"].shape == (5, 500) and npz["embeddings"].dtype == np.float32
     assert list(npz["windows"]) == [windows[p] for p in good]
@@ -472,9 +480,9 @@ def same_rows(csv_text, expected_text):
     """The same CSV rows; probabilities within 1e-5 (a batch holding other windows rounds
     the network's sums differently)."""
     rows, expected = (list(csv.reader(text.splitlines())) for text in (csv_text, expected_text))
-    assert [row[:3] + row[-1:] for row in rows] == [row[:3] + row[-1:] for row in expected]
-    np.testing.assert_allclose(np.array([row[3:-1] for row in rows[1:]], float),
-                               np.array([row[3:-1] for row in expected[1:]], float), atol=1e-5)
+    assert [row[:3] + row[-2:] for row in rows] == [row[:3] + row[-2:] for row in expected]
+    np.testing.assert_allclose(np.array([row[3:-2] for row in rows[1:]], float),
+                               np.array([row[3:-2] for row in expected[1:]], float), atol=1e-5)
 
 
 def test_resume_skips_what_the_outputs_hold(checkpoint, library, tmp_path, capsys):
@@ -487,8 +495,9 @@ def test_resume_skips_what_the_outputs_hold(checkpoint, library, tmp_path, capsy
     capsys.readouterr()
     # an interrupted run: the first two files saved, the third failed (retried on resume)
     lines = full_csv.splitlines(keepends=True)
-    n_tags = len(lines[0].split(",")) - 4
-    csv_path.write_text("".join(lines[:3]) + f"{good[2]},,," + "," * n_tags + "decoder died\r\n")
+    n_tags = len(lines[0].split(",")) - 5
+    sha256 = lines[1].rstrip().rsplit(",", 1)[1]
+    csv_path.write_text("".join(lines[:3]) + f"{good[2]},,," + "," * n_tags + f"decoder died,{sha256}\r\n")
     json_path = tmp_path / "tags.json"
     json_path.write_text('{"a.mp3": ')  # cut short: refused in one line
     with pytest.raises(SystemExit, match=f"error: --resume: cannot read {json_path} "):
@@ -513,8 +522,9 @@ def test_resume_skips_what_the_outputs_hold(checkpoint, library, tmp_path, capsy
 
 
 def test_interrupted_run_saves_what_it_tagged(checkpoint, library, tmp_path, monkeypatch, capsys):
-    """Ctrl-C at the third file: the CSV holds the first two, valid, and --resume tags the
-    rest, ending with the uninterrupted run's rows."""
+    """Ctrl-C while the third file is printed: the CSV holds the first three (a file is
+    kept as soon as it is tagged), valid, and --resume tags the rest, ending with the
+    uninterrupted run's rows."""
     _, found = library
     good = [found[i] for i in (0, 2, 3, 5)]
     csv_path = tmp_path / "tags.csv"
@@ -538,11 +548,11 @@ def test_interrupted_run_saves_what_it_tagged(checkpoint, library, tmp_path, mon
     assert capsys.readouterr().err.strip().endswith(
         "interrupted; the files tagged so far are saved; rerun with --resume to tag the rest")
     with open(csv_path, newline="") as f:
-        assert [row[0] for row in csv.reader(f)][1:] == good[:2]
+        assert [row[0] for row in csv.reader(f)][1:] == good[:3]
     monkeypatch.undo()
     capsys.readouterr()
     predict.main(args + ["--resume"])
-    assert "2 file(s) already tagged in the outputs, 2 to tag" in capsys.readouterr().err
+    assert "3 file(s) already tagged in the outputs, 1 to tag" in capsys.readouterr().err
     same_rows(csv_path.read_text(), full_csv)
 
 
@@ -617,4 +627,4 @@ def test_a_killed_decoder_does_not_hang_the_run(checkpoint, long_stereo, tmp_pat
     with open(csv_path, newline="") as f:
         rows = list(csv.reader(f))
     assert [row[0] for row in rows[1:]] == [str(folder / f"track{i}.wav") for i in range(8)]
-    assert all(row[1:] == rows[1][1:] for row in rows[1:]) and rows[1][-1] == ""
+    assert all(row[1:] == rows[1][1:] for row in rows[1:]) and rows[1][-2] == ""
