@@ -153,4 +153,5 @@ def test_reads_gzipped_annotations_and_names_a_damaged_file(data_dir, tmp_path):
         trainer.load_data(args)
     assert str(stop.value).startswith(f"error: {tmp_path / 'annotations_final.csv'}: neither UTF-8 text nor "
                                       "an intact gzip")
-    assert str(stop.value).endswith(f"to get MTAT's: python src/get_data.py --data-dir {tmp_path}")
+    assert str(stop.value).endswith(f"restore the file (python src/get_data.py --data-dir {tmp_path} for MTAT) "
+                                    "or correct it")
