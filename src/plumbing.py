@@ -8,7 +8,7 @@ keeps a long run correct when a disk fills, a process is killed or a file is dam
     check_folder, check_file                 an output place checked before any work
     hold_lock, releasing_locks               one writer per output (an OS lock, never stale)
     check_npy, open_spectrograms             a .npy checked against its header and .json
-    file_digest, dataset_of, provenance, ...    what a derived file was made from, and its check
+    file_digest, provenance, check_made_by   what a derived file was made from, and its check
     handle_signals, run_script, exit_code    SIGTERM and SIGHUP end a script as Ctrl-C does
     float_in                                 a numeric flag checked when it is parsed
     pool_results, usable_cores               worker processes with one policy for deaths
