@@ -9,12 +9,14 @@ paper's run takes.
     python src/benchmark.py --what train --device cpu --steps 3 --batch-size 8 --eval-clips 64
     python src/benchmark.py --what features --workers 1 2 --n-clips 200
     python src/benchmark.py --what features --cold-start # + first call with a cold numba cache
-    python src/benchmark.py --what predict               # tagging a folder; peak memory
+    python src/benchmark.py --what predict               # tagging a library; peak memory
 
 Each benchmark is a function returning plain numbers (seconds, clips/s), so a notebook or a
 test can call it; BENCHMARKS lists what --what can run. Stage timings are wall-clock
 medians of warm repeats; extraction rates are the best of --runs, each run printed with the
-CPU that other processes used meanwhile, since other load on the machine slows them.
+CPU that other processes used meanwhile, since other load on the machine slows them;
+predict.py's runs are whole commands, as a user runs them, each --workers setting taking its
+turn in each of --runs rounds, and the medians are kept.
 """
 import argparse
 import json
@@ -51,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                    help="worker counts to time gen_spectrograms.py with (default: 1 2)")
     p.add_argument("--runs", type=int, default=3,
-                   help="extraction runs per worker count; the best is kept (default: 3)")
+                   help="features: extraction runs per worker count, the best kept; predict: rounds of "
+                        "runs, the median kept (default: 3)")
     p.add_argument("--cold-start", action="store_true",
                    help="also time the first log-mel of a fresh process with an empty numba "
                         "cache (what a fresh install pays once)")
@@ -68,10 +71,12 @@ def parse_args(argv=None):
     p.add_argument("--eval-clips", type=int, default=7863,
                    help="train: clips scored in the evaluation pass (default: 7,863, validation + "
                         "test of the paper's split; use ~64 on a CPU)")
-    p.add_argument("--tracks", type=int, default=8,
-                   help="predict: 4-minute tracks in the folder tagged (default: 8)")
-    p.add_argument("--predict-workers", type=int, nargs="+", default=[1, 2],
-                   help="predict: --workers counts to time predict.py with (default: 1 2)")
+    p.add_argument("--folder", type=Path, default=None,
+                   help="predict: tag this folder of your own music (default: a library built from --clip, "
+                        + LIBRARY_TEXT + ")")
+    p.add_argument("--predict-workers", type=int, nargs="+", default=None,
+                   help="predict: --workers counts to time predict.py with, taking turns in each of --runs "
+                        "rounds (default: 1 and predict.py's default, one per core)")
     p.add_argument("--memory-minutes", type=int, nargs="*", default=[10, 30, 60],
                    help="predict: lengths of the files whose peak memory is measured "
                         "(default: 10 30 60; a 60-minute WAV takes 605 MiB of disk)")
@@ -93,7 +98,7 @@ def parse_args(argv=None):
         p.error("--epochs must be at least 2: the first epoch pays the start-up costs")
     if args.paper_clips < 20:
         p.error("--paper-clips must be at least 20")
-    for flag in ("tracks", "steps", "batch_size", "eval_clips", "repeats", "n_clips", "runs"):
+    for flag in ("steps", "batch_size", "eval_clips", "repeats", "n_clips", "runs"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     return args
@@ -435,11 +440,34 @@ def write_track(path, clip_path, minutes, sample_rate=44100, format=None):
             n_left -= len(stereo)
 
 
+# a music library in small: (files, minutes each) of 44.1 kHz stereo MP3
+LIBRARY = ((30, 0.5), (10, 4), (1, 1))
+LIBRARY_TEXT = " + ".join(f"{n} x {m * 60:g} s" for n, m in LIBRARY) + " of 44.1 kHz stereo MP3"
+
+
+def write_library(folder, clip_path, seed=0):
+    """LIBRARY's files under folder, track_00.mp3, track_01.mp3, ..., the lengths in a
+    shuffled order as in a real library; each length is written once from the clip
+    (write_track), then copied. Returns their paths, sorted."""
+    import random
+
+    minutes = [m for n_files, m in LIBRARY for _ in range(n_files)]
+    random.Random(seed).shuffle(minutes)
+    written = {}
+    for i, m in enumerate(minutes):
+        path = folder / f"track_{i:02d}.mp3"
+        if m in written:
+            shutil.copyfile(written[m], path)
+        else:
+            write_track(path, clip_path, m, format="MP3")
+            written[m] = path
+    return sorted(folder.glob("*.mp3"))
+
+
 def random_checkpoint(path, n_tags=50):
     """A checkpoint in trainer.py's format with untrained weights: the speed and memory of
     predict.py do not depend on what the weights are."""
     import torch
-
 
     torch.manual_seed(0)
     norm = torch.full((common.N_MELS,), -8.0), torch.full((common.N_MELS,), 3.0)
@@ -447,21 +475,21 @@ def random_checkpoint(path, n_tags=50):
                              norm, args={}, epoch=1, metrics={})
 
 
-def time_predict_stages(track_path, checkpoint_path, batch_size=64):
-    """Seconds per stage of tagging one track, as predict.py does it: decode (soundfile
-    block reads and the channel mean), resample (soxr's stream), mel (log-mel frames), each
-    with one BLAS thread as in a decoder process; scoring (its windows through the
-    network, torch's default threads)."""
+def time_predict_stages(paths, checkpoint_path):
+    """Seconds per stage of tagging the files as a CPU worker of predict.py does it, one
+    thread each, summed over the files: decode (soundfile block reads and the channel
+    mean), resample (soxr's stream), log-mel (LogMelStream), network (the windows through
+    MSCNN, predict.CPU_BATCH at a time). The first file is tagged once before, untimed
+    (imports, numba, filter banks)."""
     import numpy as np
     import soundfile
     import soxr
     import torch
-    from threadpoolctl import threadpool_limits
 
     import predict
 
-    def decode():
-        with soundfile.SoundFile(track_path) as f:
+    def decode(path):
+        with soundfile.SoundFile(path) as f:
             blocks = []
             while len(block := f.read(predict.BLOCK_S * f.samplerate, dtype="float32",
                                       always_2d=True)):
@@ -473,66 +501,47 @@ def time_predict_stages(track_path, checkpoint_path, batch_size=64):
         return [stream.resample_chunk(b) for b in blocks] + [
             stream.resample_chunk(np.zeros(0, np.float32), last=True)]
 
-    def mel(resampled):
+    def log_mel(resampled):
         stream = predict.LogMelStream()
         return np.concatenate([stream.feed(y) for y in resampled] + [stream.finish()], axis=1)
 
-    model, _, norm_mean, norm_std = predict.load_checkpoint(checkpoint_path, torch.device("cpu"))
-    times = {}
-    with threadpool_limits(limits=1):
-        mel(resample(*decode()))  # warm-up: imports, numba, filter banks
-        for name, fn in (("decode", decode), ("resample", lambda: resample(*blocks)),
-                         ("mel", lambda: mel(resampled))):
+    model, tag_names, norm_mean, norm_std = predict.load_checkpoint(checkpoint_path, torch.device("cpu"))
+    times = dict.fromkeys(("decode", "resample", "log-mel", "network"), 0.0)
+    with plumbing.one_thread():
+        predict.tag_file(paths[0], model, tag_names, norm_mean, norm_std)  # warm-up
+        for path in paths:
             t0 = time.perf_counter()
-            out = fn()
-            times[name] = time.perf_counter() - t0
-            if name == "decode":
-                blocks = out
-            elif name == "resample":
-                resampled = out
-    spec = out
-    starts = predict.window_starts(spec.shape[1], common.N_FRAMES // 2)
-    windows = np.stack([common.fit_frames(spec[:, s:]) for s in starts])
-    predict.score_batch(model, windows[:batch_size], norm_mean, norm_std)  # warm-up
-    t0 = time.perf_counter()
-    for i in range(0, len(windows), batch_size):
-        predict.score_batch(model, windows[i:i + batch_size], norm_mean, norm_std)
-    times["scoring"] = time.perf_counter() - t0
-    times["windows"] = len(starts)
+            blocks, rate = decode(path)
+            t1 = time.perf_counter()
+            resampled = resample(blocks, rate)
+            t2 = time.perf_counter()
+            spec = log_mel(resampled)
+            t3 = time.perf_counter()
+            predict.score_file(spec, 0.0, model, tag_names, norm_mean, norm_std)
+            t4 = time.perf_counter()
+            for stage, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                times[stage] += seconds
     return times
 
 
-def time_predict_folder(folder, checkpoint_path, workers):
-    """(seconds, CPU seconds of other processes meanwhile or None) of one predict.main run
-    over the folder, its printout discarded."""
-    import contextlib
-    import io
+def time_predict_run(folder, checkpoint_path, workers, csv_path):
+    """(wall seconds, CPU seconds) of `python src/predict.py folder --workers N --csv
+    csv_path` as a user runs it, start-up and exit included; the CPU time is that of the
+    process and its worker processes (user + system, from the rusage of reaped children)."""
+    import resource
 
-    import predict
-
-    busy0, mine0 = busy_cpu_seconds(), os.times()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
-        predict.main([str(folder), "--checkpoint", str(checkpoint_path), "--workers", str(workers)])
+    done = subprocess.run([sys.executable, str(ROOT / "src" / "predict.py"), str(folder),
+                           "--checkpoint", str(checkpoint_path), "--workers", str(workers),
+                           "--csv", str(csv_path)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - t0
-    busy1, mine1 = busy_cpu_seconds(), os.times()
-    if busy0 is None:
-        return seconds, None
-    mine = sum(mine1[:4]) - sum(mine0[:4])  # this process and its (reaped) decoders
-    return seconds, max(busy1 - busy0 - mine, 0) / seconds
-
-
-def time_decode_folder(folder, workers):
-    """Seconds for predict.py's decoder pool alone to turn every file of the folder into
-    log-mel (predict.decode_all consumed, nothing scored): the rate a fast GPU would see."""
-    import predict
-
-    paths, _ = predict.expand_inputs([str(folder)])
-    t0 = time.perf_counter()
-    for path, result in predict.decode_all(paths, workers):
-        if isinstance(result, Exception):
-            raise SystemExit(f"error: {result}")
-    return time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"error: predict.py --workers {workers} failed: "
+                         f"{(done.stderr.strip().splitlines() or [''])[-1]}")
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def peak_memory_mib(command):
@@ -552,45 +561,66 @@ def peak_memory_mib(command):
 
 
 def predict_benchmark(args):
-    """predict.py over a folder of --tracks 4-minute 44.1 kHz stereo MP3s: tracks per minute
-    by --workers count (best of --runs, counts taking turns), the seconds per stage of one
-    track, and the peak memory of one --memory-minutes long WAV (44.1 kHz stereo, 16-bit)."""
+    """predict.py over a music folder (--folder, or LIBRARY built from --clip), by --workers
+    setting: tracks per minute and CPU time / wall time (median of --runs paired rounds, the
+    settings taking turns so that they see the same load), the speed-up over the first
+    setting (median of the rounds' ratios), whether every setting wrote the same CSV, and
+    where the time goes (time_predict_stages); then the peak memory of one
+    --memory-minutes long WAV (44.1 kHz stereo, 16-bit)."""
+    import soundfile
+
+    import predict
+
     if not args.clip.is_file():
         raise SystemExit(f"error: {args.clip} not found; pass --clip with any audio file")
+    settings = args.predict_workers or sorted({1, predict.default_workers()})
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkpoint = tmp / "best_model.pt"
         random_checkpoint(checkpoint)
-        folder = tmp / "music"
-        folder.mkdir()
-        write_track(folder / "track0.mp3", args.clip, 4, format="MP3")
-        for i in range(1, args.tracks):
-            shutil.copyfile(folder / "track0.mp3", folder / f"track{i}.mp3")
-        stages = time_predict_stages(folder / "track0.mp3", checkpoint)
-        total = sum(v for k, v in stages.items() if k != "windows")
-        print(f"one 4-minute 44.1 kHz stereo MP3 ({stages['windows']} windows): " + ", ".join(
-            f"{k} {stages[k]:.2f} s ({100 * stages[k] / total:.0f}%)"
-            for k in ("decode", "resample", "mel", "scoring")), flush=True)
+        if args.folder is None:
+            folder = tmp / "music"
+            folder.mkdir()
+            paths = write_library(folder, args.clip)
+        else:
+            folder = args.folder
+            paths = [Path(p) for p in predict.expand_inputs([str(folder)])[0]]
+        seconds_of_audio = sum(soundfile.info(str(p)).duration for p in paths)
+        print(f"folder: {len(paths)} files, {seconds_of_audio / 3600:.2f} h of audio"
+              + ("" if args.folder else f" ({LIBRARY_TEXT})"), flush=True)
+        stages = time_predict_stages(paths, checkpoint)
+        total = sum(stages.values())
+        print("where the time goes, one thread: " + ", ".join(
+            f"{stage} {seconds:.2f} s ({100 * seconds / total:.0f}%)" for stage, seconds in stages.items()),
+            flush=True)
         results["stages_s"] = stages
-        rates = {workers: [] for workers in args.predict_workers}
-        decode_rates = {workers: [] for workers in args.predict_workers}
-        for run in range(args.runs):  # worker counts take turns, so that they see the same load
-            for workers in args.predict_workers:
-                seconds, others = time_predict_folder(folder, checkpoint, workers)
-                rates[workers].append(args.tracks / seconds * 60)
-                decode_rates[workers].append(args.tracks / time_decode_folder(folder, workers) * 60)
-                print(f"  run {run + 1}, --workers {workers}: {rates[workers][-1]:.1f} tracks/min "
-                      f"tagged, {decode_rates[workers][-1]:.1f} tracks/min decoded alone"
-                      + (f"; other processes used {others:.2f} of {os.cpu_count()} cores while "
-                         "tagging" if others is not None else ""), flush=True)
-        first = args.predict_workers[0]
-        for name, by_workers in (("tagged (predict.py)", rates), ("decoded alone", decode_rates)):
-            best = {workers: max(r) for workers, r in by_workers.items()}
-            for workers, rate in best.items():
-                print(f"{name}, --workers {workers}, best of {args.runs}: {rate:.1f} tracks/min "
-                      f"(x{rate / best[first]:.2f} of --workers {first})", flush=True)
-            results["tracks_per_min" if by_workers is rates else "decoded_tracks_per_min"] = best
+        walls, cpus = ({workers: [] for workers in settings} for _ in range(2))
+        csv_texts = {}
+        for run in range(args.runs):
+            for workers in settings:
+                csv_path = tmp / f"tags_{workers}.csv"
+                seconds, cpu = time_predict_run(folder, checkpoint, workers, csv_path)
+                walls[workers].append(seconds)
+                cpus[workers].append(cpu)
+                csv_texts.setdefault(workers, csv_path.read_text())
+                print(f"  round {run + 1}, --workers {workers}: {seconds:.2f} s wall, {cpu:.2f} s CPU",
+                      flush=True)
+        first = settings[0]
+        results["predict_runs"] = {}
+        for workers in settings:
+            wall = statistics.median(walls[workers])
+            cpu_per_wall = statistics.median(c / w for c, w in zip(cpus[workers], walls[workers]))
+            speedup = statistics.median(w0 / w for w0, w in zip(walls[first], walls[workers]))
+            results["predict_runs"][workers] = dict(wall_s=wall, tracks_per_min=len(paths) / wall * 60,
+                                                    cpu_per_wall=cpu_per_wall, speedup=speedup,
+                                                    walls_s=walls[workers], cpus_s=cpus[workers])
+            print(f"--workers {workers}, median of {args.runs}: {wall:.2f} s, "
+                  f"{len(paths) / wall * 60:.1f} tracks/min, CPU time {cpu_per_wall:.2f} x wall time, "
+                  f"x{speedup:.2f} the speed of --workers {first}", flush=True)
+        same = len(set(csv_texts.values())) == 1
+        results["same_output"] = same
+        print("the CSVs of every setting: " + ("identical" if same else "DIFFERENT"), flush=True)
         results["peak_mib"] = {}
         for minutes in args.memory_minutes:
             long_path = tmp / f"long_{minutes}min.wav"

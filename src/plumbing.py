@@ -497,17 +497,39 @@ def exit_code(interrupt):
     return 128 + getattr(interrupt, "signum", signal.SIGINT)
 
 
-def run_script(main, interrupted):
+def run_script(main, interrupted, quick_exit=False):
     """A script's entry point: SIGTERM and SIGHUP handled as Ctrl-C (handle_signals), then
     main(); an interrupt that main does not end with its own line (it came before, or
     after, the work that main saves) ends with the line `interrupted` on stderr and exit
-    128 + the signal's number. Temporary files are gone by then (atomic_write)."""
+    128 + the signal's number. Temporary files are gone by then (atomic_write).
+
+    quick_exit: once main has returned or raised SystemExit, with its outputs written and
+    closed, flush stdout and stderr, release the locks and end the process at once
+    (os._exit), skipping the interpreter's teardown of torch, scipy and numba's modules, a
+    fixed cost that a short run would otherwise pay at its end."""
     handle_signals()
     try:
-        main()
-    except KeyboardInterrupt as interrupt:
-        print(f"\n{interrupted}", file=sys.stderr)
-        raise SystemExit(exit_code(interrupt)) from None
+        try:
+            main()
+        except KeyboardInterrupt as interrupt:
+            print(f"\n{interrupted}", file=sys.stderr)
+            raise SystemExit(exit_code(interrupt)) from None
+    except SystemExit as stop:
+        if not quick_exit:
+            raise
+        code = stop.code
+    else:
+        if not quick_exit:
+            return
+        code = 0
+    if isinstance(code, str):  # what Python does with SystemExit("error: ...")
+        print(code, file=sys.stderr)
+        code = 1
+    release_locks()
+    with contextlib.suppress(OSError):  # a closed pipe (| head): nothing left to say
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code or 0)
 
 
 # -----------------------------------------------------------------------------
@@ -581,6 +603,22 @@ def exit_with(parent_pid):
         return
     if os.getppid() != parent_pid:  # it died before the call above
         os._exit(1)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """This process computes with one thread, as a pool worker does (torch's, BLAS's and
+    OpenMP's), and gets its own counts back after: a sum rounds differently when it is
+    split over another number of threads."""
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def stop_pool(pool):

@@ -6,16 +6,21 @@
     python src/predict.py song.mp3 --checkpoint experiments/paper/best_model.pt \
         --top 10 --json tags.json --taggram song.png
 
-Folders are searched recursively for AUDIO_EXTENSIONS. Decoder processes (--workers) read
-each file in blocks of BLOCK_S seconds, resample it to 11,025 Hz mono with soxr's streaming
-resampler and turn it into log-mel frames as the blocks arrive, so memory does not grow with
-a file's length; the frames equal common.log_mel_of_audio(common.load_audio(path)), the
-training features. The main process cuts 628-frame windows (29.1 s, one MTAT clip) every
---hop-frames frames; the last window is aligned to the end of the audio so every frame is
-scored, and audio shorter than one window is padded with silence exactly as log_mel pads it.
-Windows of consecutive files are scored together in batches; results come out in input
-order. A file's tag probabilities (sigmoid of the logits) are the mean over its windows; its
-embedding is the mean of its windows' 500-d penultimate activations (MSCNN.embed).
+Folders are searched recursively for AUDIO_EXTENSIONS. Each file is read in blocks of
+BLOCK_S seconds, resampled to 11,025 Hz mono with soxr's streaming resampler and turned into
+log-mel frames as the blocks arrive, so memory does not grow with a file's length; the
+frames equal common.log_mel_of_audio(common.load_audio(path)), the training features. They
+are cut into 628-frame windows (29.1 s, one MTAT clip) every --hop-frames frames; the last
+window is aligned to the end of the audio so every frame is scored, and audio shorter than
+one window is padded with silence exactly as log_mel pads it. A file's tag probabilities
+(sigmoid of the logits) are the mean over its windows; its embedding is the mean of its
+windows' 500-d penultimate activations (MSCNN.embed).
+
+On a CPU, --workers processes (one per core by default) each tag whole files, decoding and
+scoring with one thread, so every core is busy and none is fought over; a file's windows
+are scored in batches of its own, so the output does not depend on --workers. On a GPU the
+workers only decode and this process scores windows of consecutive files together in
+batches. Results come out in input order either way.
 See docs/predict.md.
 """
 import argparse
@@ -39,7 +44,8 @@ import common
 import plumbing
 
 BAR_ABOVE_N_FILES = 4  # a progress bar only pays off past a handful of files
-MAX_WORKERS = 8  # default --workers: the cores, at most this many
+MAX_WORKERS = 16  # default --workers: the cores, at most this many (docs/predict.md, "Speed")
+TAGGED_AHEAD = 64  # files per worker tagged ahead of the one printed next (see tag_all)
 SAVE_EVERY_S = 60  # outputs are rewritten (atomically) this often during a run
 EMBEDDING_SIZE = 500  # units of MSCNN's penultimate (dense) layer
 # windows per forward pass: on a CPU a small batch scores as fast as a large one and keeps
@@ -230,26 +236,71 @@ def decode_one(path):
         return error
 
 
-def decode_all(paths, workers):
-    """(path, decode_one(path)) in input order: in this process (workers 0) or in
-    plumbing.pool_results's worker processes, at most two files per worker ahead of the
-    scoring, so memory stays that of a few spectrograms. A file whose decoder process dies
-    twice, the second time alone, gets a ValueError saying so."""
+scorer = None  # tag_one's model and settings: (model, tag_names, norm_mean, norm_std, hop, batch)
+
+
+def use_scorer(*settings):
+    """Set what tag_one scores with (a worker's initializer; fork hands it the model as it
+    is in this process, nothing pickled) and score with one torch thread, as every CPU
+    worker does: a batch's sums round differently with another thread count."""
+    global scorer
+    scorer = settings
+    torch.set_num_threads(1)  # BLAS and OpenMP: one thread already in a worker (plumbing.start_worker)
+
+
+def tag_one(path):
+    """A CPU worker's task: path -> score_file's result dict for the file, or its ValueError."""
+    model, tag_names, norm_mean, norm_std, hop_frames, batch_size = scorer
+    decoded = decode_one(path)
+    if isinstance(decoded, ValueError):
+        return decoded
+    return score_file(*decoded, model, tag_names, norm_mean, norm_std, hop_frames, batch_size)
+
+
+def run_all(task, paths, workers, initializer=None, initargs=(), ahead=2):
+    """(path, task(path)) in input order: in this process (workers 0) or in
+    plumbing.pool_results's worker processes, at most `ahead` files per worker in flight or
+    done and waiting for their turn. A file whose worker process dies twice, the second time
+    alone, gets a ValueError saying so, as does any other exception of the task."""
     if workers == 0 or not paths:
-        yield from ((path, decode_one(path)) for path in paths)
+        if initializer is not None:
+            initializer(*initargs)
+        yield from ((path, task(path)) for path in paths)
         return
-    # librosa's imports and numba functions loaded once here, not in every forked decoder
+    # librosa's imports and numba functions loaded once here, not in every forked worker
     LogMelStream().feed(np.zeros(common.N_FFT, np.float32))
-    results = plumbing.pool_results(decode_one, paths, min(workers, len(paths)), ordered=True,
-                                    ahead=2)
+    results = plumbing.pool_results(task, paths, min(workers, len(paths)), initializer, initargs,
+                                    ordered=True, ahead=ahead)
     with contextlib.closing(results):
         for index, result in results:
             path = paths[index]
             if isinstance(result, plumbing.WorkerDied):
                 result = ValueError(f"{path}: {result}; nothing tagged")
             elif isinstance(result, Exception) and not isinstance(result, ValueError):
-                result = ValueError(f"{path}: decoding failed ({type(result).__name__}: {result})")
+                result = ValueError(f"{path}: tagging failed ({type(result).__name__}: {result})")
             yield path, result
+
+
+def tag_all(paths, workers, model, tag_names, norm_mean, norm_std, hop_frames, batch_size):
+    """(path, result dict or ValueError) for every path, in input order.
+
+    On a CPU every worker (or this process, with workers 0) decodes and scores whole files
+    with one torch thread, each file's windows in batches of their own: the same numbers
+    whatever the number of workers. On a GPU the workers decode and this process scores
+    windows of consecutive files together (tag_decoded), as a GPU wants large batches."""
+    if norm_mean.device.type == "cpu":
+        settings = (model, tag_names, norm_mean, norm_std, hop_frames, batch_size)
+        if workers == 0:
+            with plumbing.one_thread():
+                yield from run_all(tag_one, paths, 0, use_scorer, settings)
+            return
+        # a tagged file waiting for its turn holds only its windows' scores: many may wait, so
+        # that the other workers go on while one tags a long file
+        yield from run_all(tag_one, paths, workers, use_scorer, settings, ahead=TAGGED_AHEAD)
+        return
+    # a decoded file holds its whole spectrogram: a few per worker
+    yield from tag_decoded(run_all(decode_one, paths, workers, ahead=2), model, tag_names,
+                           norm_mean, norm_std, hop_frames, batch_size)
 
 
 # -----------------------------------------------------------------------------
@@ -270,18 +321,49 @@ def score_batch(model, windows, norm_mean, norm_std):
     return torch.sigmoid(model.head[-1](embeddings)).cpu().numpy(), embeddings.cpu().numpy()
 
 
-def tag_decoded(decoded, model, tag_names, norm_mean, norm_std, hop_frames=common.N_FRAMES // 2,
-                batch_size=64):
-    """Score decoded files, batch_size windows per forward pass whatever the files' lengths
-    (windows of several short files share a batch; a long file fills several).
+def file_result(starts, duration_s, window_probs, window_embeddings, tag_names):
+    """A tagged file, as tag_all yields it: dict of tags (list of [name, probability], all
+    tags, most probable first; probability = mean over windows), windows (K), duration_s,
+    window_probs (K, n_tags), starts (K,) window start frames, window_start_s (K,),
+    window_embeddings (K, 500), embedding (500,) = their mean."""
+    mean_probs = window_probs.mean(axis=0)
+    order = np.argsort(-mean_probs, kind="stable")
+    return dict(tags=[[tag_names[i], float(mean_probs[i])] for i in order],
+                windows=len(starts), duration_s=duration_s, window_probs=window_probs,
+                starts=starts, window_start_s=starts * common.HOP_LENGTH / common.SAMPLE_RATE,
+                window_embeddings=window_embeddings, embedding=window_embeddings.mean(axis=0))
+
+
+def score_file(spec, duration_s, model, tag_names, norm_mean, norm_std,
+               hop_frames=common.N_FRAMES // 2, batch_size=CPU_BATCH):
+    """Score one file's windows, batch_size at a time (batches of this file alone).
 
     Args:
-        decoded: iterable of (path, (spec, duration_s) or ValueError), as decode_all yields.
+        spec: float32 ndarray (N_MELS, n_frames), as read_log_mel gives.
+    Returns file_result's dict.
+    """
+    starts = window_starts(spec.shape[1], hop_frames)
+    probs, embeddings = [], []
+    for first in range(0, len(starts), batch_size):  # fit_frames pads a window past the end
+        windows = np.stack([common.fit_frames(spec[:, start:])
+                            for start in starts[first:first + batch_size]])
+        p, e = score_batch(model, windows, norm_mean, norm_std)
+        probs.append(p)
+        embeddings.append(e)
+    return file_result(starts, duration_s, np.concatenate(probs), np.concatenate(embeddings),
+                       tag_names)
+
+
+def tag_decoded(decoded, model, tag_names, norm_mean, norm_std, hop_frames=common.N_FRAMES // 2,
+                batch_size=CUDA_BATCH):
+    """Score decoded files, batch_size windows per forward pass whatever the files' lengths
+    (windows of several short files share a batch; a long file fills several): the GPU's way.
+
+    Args:
+        decoded: iterable of (path, (spec, duration_s) or ValueError), as
+        run_all(decode_one, ...) yields.
     Yields:
-        (path, result) in the same order; result is the ValueError, or a dict: tags (list of
-        [name, probability], all tags, most probable first; probability = mean over
-        windows), windows (K), duration_s, window_probs (K, n_tags), starts (K,) window start
-        frames, window_embeddings (K, 500), embedding (500,) = their mean.
+        (path, file_result's dict or the ValueError) in the same order.
     """
     queue, batch = deque(), []  # files not yet yielded; (file, window) to score
 
@@ -300,15 +382,9 @@ def tag_decoded(decoded, model, tag_names, norm_mean, norm_std, hop_frames=commo
             if isinstance(file, tuple):  # (path, error)
                 yield file
                 continue
-            window_probs, window_embeddings = np.stack(file["probs"]), np.stack(file["embeddings"])
-            mean_probs = window_probs.mean(axis=0)
-            order = np.argsort(-mean_probs, kind="stable")
-            yield file["path"], dict(
-                tags=[[tag_names[i], float(mean_probs[i])] for i in order],
-                windows=len(file["starts"]), duration_s=file["duration_s"],
-                window_probs=window_probs, starts=file["starts"],
-                window_start_s=file["starts"] * common.HOP_LENGTH / common.SAMPLE_RATE,
-                window_embeddings=window_embeddings, embedding=window_embeddings.mean(axis=0))
+            yield file["path"], file_result(file["starts"], file["duration_s"],
+                                            np.stack(file["probs"]), np.stack(file["embeddings"]),
+                                            tag_names)
 
     for path, item in decoded:
         if isinstance(item, Exception):
@@ -667,20 +743,21 @@ def expand_inputs(arguments):
 
 # -----------------------------------------------------------------------------
 def tag_file(path, model, tag_names, norm_mean, norm_std, hop_frames=common.N_FRAMES // 2,
-             batch_size=64):
-    """Tag one audio file, in this process.
+             batch_size=CPU_BATCH):
+    """Tag one audio file, in this process, with this process's torch threads.
 
-    Returns dict: tags (list of [name, probability], all tags, most probable first;
-    probability = mean over windows), windows (K), duration_s (float), window_probs
-    (ndarray (K, n_tags)), starts (ndarray (K,), window start frames), window_start_s (K,),
-    window_embeddings (K, 500), embedding (500,).
-    Raises ValueError naming the file when it cannot be read.
+    Returns score_file's dict (file_result). Raises ValueError naming the file when it
+    cannot be read.
     """
-    [(_, result)] = tag_decoded([(path, decode_one(path))], model, tag_names, norm_mean,
-                                norm_std, hop_frames, batch_size)
-    if isinstance(result, Exception):
-        raise result
-    return result
+    decoded = decode_one(path)
+    if isinstance(decoded, ValueError):
+        raise decoded
+    return score_file(*decoded, model, tag_names, norm_mean, norm_std, hop_frames, batch_size)
+
+
+def default_workers():
+    """--workers by default: one per core this process may use, at most MAX_WORKERS."""
+    return min(plumbing.usable_cores(), MAX_WORKERS)
 
 
 def positive_int(text):
@@ -724,10 +801,11 @@ def parse_args(argv=None):
     parser.add_argument("--taggram", default=None, help="save a PNG of tag probability over time "
                         "(needs matplotlib); with several files, one PNG each, named "
                         "<stem>_<audio stem>.png beside it")
-    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, MAX_WORKERS),
-                        help="decoder processes (decode, resample, log-mel) while this process "
-                        "scores; 0 decodes in this process (default: one per CPU core, at most "
-                        f"{MAX_WORKERS})")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="worker processes; on a CPU each decodes and scores whole files with "
+                        "one thread, on a GPU they decode while this process scores; 0: all in "
+                        "this process (default: one per CPU core, at most "
+                        f"{MAX_WORKERS}); the output is the same for every count")
     parser.add_argument("--device", default="auto",
                         help="auto | cpu | cuda (default: auto, cuda where available)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
@@ -794,12 +872,12 @@ def main(argv=None):
     if args.taggram and paths:
         png_paths = dict(zip(paths, taggram_paths(args.taggram, paths)))
 
-    decoded = decode_all(paths, args.workers)
+    tagged = tag_all(paths, args.workers, model, tag_names, norm_mean, norm_std, args.hop_frames,
+                     batch_size)
     bar = tqdm(total=len(paths), unit="file", disable=len(paths) <= BAR_ABOVE_N_FILES)
     last_save = time.monotonic()
     try:
-        for path, result in tag_decoded(decoded, model, tag_names, norm_mean, norm_std,
-                                        args.hop_frames, batch_size):
+        for path, result in tagged:
             bar.update()
             if isinstance(result, Exception):
                 failed.append(path)
@@ -827,8 +905,7 @@ def main(argv=None):
         raise SystemExit(plumbing.exit_code(stop)) from None
     finally:
         bar.close()
-        if hasattr(decoded, "close"):
-            decoded.close()  # stops the decoder pool
+        tagged.close()  # stops the worker pool
     for output in (args.json, args.csv, args.embeddings):
         if output:
             print(f"wrote {output}", file=sys.stderr)
@@ -841,4 +918,4 @@ def main(argv=None):
 
 if __name__ == "__main__":  # SIGTERM and SIGHUP stop it as Ctrl-C does: what is tagged is saved
     plumbing.run_script(main, "interrupted: each output holds its last complete save, if any; rerun with "
-                              "--resume to go on")
+                              "--resume to go on", quick_exit=True)

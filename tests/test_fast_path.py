@@ -2,6 +2,7 @@
 training (torchrun, DistributedDataParallel) matches one process with the same global batch."""
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -188,6 +189,31 @@ def test_paper_benchmark_projects_40_epochs(capsys):
     # start-up + the first epoch (which pays the one-off costs) + 39 at the median of the others
     assert results["projected_40_epochs_s"] == pytest.approx(
         results["startup_s"] + epochs[0] + 39 * (epochs[1] + epochs[2]) / 2)
+
+
+@pytest.mark.slow
+def test_predict_benchmark_times_each_workers_setting(mtat_clip, tmp_path, capsys):
+    """benchmark.py --what predict on a folder of two files: predict.py run as a user runs
+    it for each --workers setting, wall and CPU time, the speed-up, the same CSV from both,
+    and the four stages of the time."""
+    import benchmark
+
+    folder = tmp_path / "music"
+    folder.mkdir()
+    for name in ("a.mp3", "b.mp3"):
+        shutil.copyfile(mtat_clip, folder / name)
+    results = benchmark.main(["--what", "predict", "--folder", str(folder), "--runs", "1",
+                              "--predict-workers", "1", "2", "--memory-minutes"])["predict"]
+    out = capsys.readouterr().out
+    assert "folder: 2 files, 0.02 h of audio" in out and "the CSVs of every setting: identical" in out
+    assert set(results["stages_s"]) == {"decode", "resample", "log-mel", "network"}
+    assert all(seconds > 0 for seconds in results["stages_s"].values())
+    runs = results["predict_runs"]
+    assert set(runs) == {1, 2} and runs[1]["speedup"] == 1.0 and results["same_output"]
+    for run in runs.values():
+        assert run["tracks_per_min"] == pytest.approx(2 / run["wall_s"] * 60)
+        assert run["cpu_per_wall"] == pytest.approx(run["cpus_s"][0] / run["walls_s"][0])
+        assert 0.3 < run["cpu_per_wall"] < 2.5  # the CPU time of predict.py and its workers
 
 
 @pytest.mark.slow

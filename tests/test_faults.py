@@ -288,6 +288,33 @@ def small_disk(folder, n_bytes, copied_bytes=0):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("body, code, err", [
+    ("print('tagged')", 0, ""),
+    ("raise SystemExit('error: x.csv: read-only; pass another --csv')", 1,
+     "error: x.csv: read-only; pass another --csv\n"),
+    ("raise SystemExit(3)", 3, ""),
+])
+def test_quick_exit_says_what_main_said_and_leaves_no_lock(tmp_path, body, code, err):
+    """run_script(quick_exit=True), predict.py's ending: main's output flushed, its
+    SystemExit's line and status kept, its locks released (the lock file removed), and no
+    interpreter teardown (an atexit handler that would run in one does not)."""
+    script = tmp_path / "script.py"
+    script.write_text(f"""import atexit, sys
+sys.path.insert(0, {str(SRC)!r})
+import plumbing
+def main():
+    plumbing.hold_lock({str(tmp_path / 'out.lock')!r}, 'out', 'pass another --out')
+    print('working', end='')  # no newline: still in stdout's buffer when main ends
+    {body}
+atexit.register(lambda: print('teardown', file=sys.stderr))
+plumbing.run_script(main, 'interrupted', quick_exit=True)
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (code, err)
+    assert done.stdout.startswith("working")
+    assert not (tmp_path / "out.lock").exists()
+
+
 def test_full_disk_is_refused_before_spectrograms_are_computed(clips_dir, tmp_path):
     clips_bytes = sum(f.stat().st_size for f in clips_dir.rglob("*") if f.is_file())
     needed = N_CLIPS * 128 * 628 * 4

@@ -20,6 +20,7 @@ import torch
 
 import common
 import gen_spectrograms
+import plumbing
 import predict
 import trainer
 
@@ -474,6 +475,69 @@ def test_input_order_kept_with_two_workers(checkpoint, loaded, long_stereo, shor
     for path in order[:3]:
         alone = predict.tag_file(path, model, tag_names, mean, std)
         np.testing.assert_allclose(results[path]["window_probs"], alone["window_probs"], atol=1e-5)
+
+
+def test_same_output_with_any_number_of_workers(checkpoint, loaded, long_stereo, short_flac,
+                                                mtat_clip, tmp_path, monkeypatch):
+    """0, 1 and 2 workers write the same CSV and JSON, byte for byte, and the same
+    embeddings (--per-window), array for array: on a CPU a file's windows are scored in
+    batches of their own with one thread, whichever process scores them. With workers,
+    this process scores nothing (the workers do), and gets its threads back with none."""
+    inputs = [str(p) for p in (long_stereo, short_flac, mtat_clip, tmp_path / "missing.wav",
+                               long_stereo, short_flac)]
+    main_pid, scored_here = os.getpid(), []
+    score_batch = predict.score_batch
+
+    def recording(*args):
+        if os.getpid() == main_pid:
+            scored_here.append(len(args[1]))
+        return score_batch(*args)
+
+    monkeypatch.setattr(predict, "score_batch", recording)
+    threads = torch.get_num_threads()
+    outputs = {}
+    for workers in (0, 1, 2):
+        out = {key: tmp_path / f"{workers}{suffix}" for key, suffix in
+               (("csv", ".csv"), ("json", ".json"), ("npz", ".npz"))}
+        scored_here.clear()
+        with pytest.raises(SystemExit, match="1 of 6 files could not be tagged"):
+            predict.main(inputs + ["--checkpoint", str(checkpoint), "--workers", str(workers),
+                                   "--batch-size", "2", "--csv", str(out["csv"]), "--json",
+                                   str(out["json"]), "--embeddings", str(out["npz"]), "--per-window"])
+        assert (len(scored_here) > 0) == (workers == 0)
+        assert torch.get_num_threads() == threads
+        outputs[workers] = out
+    for workers in (1, 2):
+        for key in ("csv", "json"):
+            assert outputs[workers][key].read_bytes() == outputs[0][key].read_bytes(), (workers, key)
+        npz, npz0 = np.load(outputs[workers]["npz"]), np.load(outputs[0]["npz"])
+        assert npz.files == npz0.files
+        for array in npz.files:
+            assert np.array_equal(npz[array], npz0[array]), (workers, array)
+    # and they are tag_file's numbers, in this process with one thread
+    model, tag_names, mean, std = loaded
+    with plumbing.one_thread():
+        alone = predict.tag_file(long_stereo, model, tag_names, mean, std, batch_size=2)
+    npz0 = np.load(outputs[0]["npz"])
+    assert np.array_equal(npz0["window_embeddings"][npz0["window_file"] == 0], alone["window_embeddings"])
+
+
+def test_gpu_batching_across_files_runs_on_a_cpu(loaded, long_stereo, short_flac, mtat_clip, tmp_path):
+    """The GPU's path, decoders and batches that run across files (tag_decoded), checked on
+    the CPU: input order, an error passed through in its place, and each file's scores
+    those it gets alone (within float rounding: a batch holding other windows sums in
+    another order)."""
+    model, tag_names, mean, std = loaded
+    paths = [str(long_stereo), str(short_flac), str(tmp_path / "missing.wav"), str(mtat_clip)]
+    tagged = list(predict.tag_decoded(predict.run_all(predict.decode_one, paths, 2), model,
+                                      tag_names, mean, std, batch_size=4))
+    assert [path for path, _ in tagged] == paths
+    assert isinstance(tagged[2][1], ValueError) and "no such file" in str(tagged[2][1])
+    for path, result in tagged[:2] + tagged[3:]:
+        alone = predict.tag_file(path, model, tag_names, mean, std)
+        assert result["windows"] == alone["windows"]
+        np.testing.assert_allclose(result["window_probs"], alone["window_probs"], atol=1e-5)
+        np.testing.assert_allclose(result["embedding"], alone["embedding"], atol=1e-5)
 
 
 def same_rows(csv_text, expected_text):
