@@ -585,7 +585,12 @@ def predict_benchmark(args):
             paths = write_library(folder, args.clip)
         else:
             folder = args.folder
+            if not folder.is_dir():
+                raise SystemExit(f"error: --folder {folder}: not a folder; pass a folder of audio files")
             paths = [Path(p) for p in predict.expand_inputs([str(folder)])[0]]
+            if not paths:
+                raise SystemExit(f"error: --folder {folder}: no audio file in it "
+                                 f"({' '.join(predict.AUDIO_EXTENSIONS)})")
         seconds_of_audio = sum(soundfile.info(str(p)).duration for p in paths)
         print(f"folder: {len(paths)} files, {seconds_of_audio / 3600:.2f} h of audio"
               + ("" if args.folder else f" ({LIBRARY_TEXT})"), flush=True)
