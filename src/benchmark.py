@@ -476,11 +476,20 @@ def random_checkpoint(path, n_tags=50):
 
 
 def time_predict_stages(paths, checkpoint_path):
-    """Seconds per stage of tagging the files as a CPU worker of predict.py does it, one
-    thread each, summed over the files: decode (soundfile block reads and the channel
-    mean), resample (soxr's stream), log-mel (LogMelStream), network (the windows through
-    MSCNN, predict.CPU_BATCH at a time). The first file is tagged once before, untimed
-    (imports, numba, filter banks)."""
+    """Seconds per stage of tagging the files as a CPU worker of predict.py does it, summed
+    over the files, in a worker process of plumbing.pool_results as predict.py's are (one
+    thread: this process's thread counts stay as they are): decode (soundfile block reads
+    and the channel mean), resample (soxr's stream), log-mel (LogMelStream), network (the
+    windows through MSCNN, predict.CPU_BATCH at a time). The first file is tagged once
+    before, untimed (imports, numba, filter banks)."""
+    [(_, times)] = plumbing.pool_results(stage_seconds, [(paths, checkpoint_path)], 1)
+    if isinstance(times, Exception):
+        raise SystemExit(f"error: timing the stages failed: {times}")
+    return times
+
+
+def stage_seconds(task):
+    """time_predict_stages's work, in the worker: task = (paths, checkpoint_path)."""
     import numpy as np
     import soundfile
     import soxr
@@ -505,22 +514,23 @@ def time_predict_stages(paths, checkpoint_path):
         stream = predict.LogMelStream()
         return np.concatenate([stream.feed(y) for y in resampled] + [stream.finish()], axis=1)
 
+    paths, checkpoint_path = task
+    torch.set_num_threads(1)  # BLAS and OpenMP: one thread already (plumbing.start_worker)
     model, tag_names, norm_mean, norm_std = predict.load_checkpoint(checkpoint_path, torch.device("cpu"))
     times = dict.fromkeys(("decode", "resample", "log-mel", "network"), 0.0)
-    with plumbing.one_thread():
-        predict.tag_file(paths[0], model, tag_names, norm_mean, norm_std)  # warm-up
-        for path in paths:
-            t0 = time.perf_counter()
-            blocks, rate = decode(path)
-            t1 = time.perf_counter()
-            resampled = resample(blocks, rate)
-            t2 = time.perf_counter()
-            spec = log_mel(resampled)
-            t3 = time.perf_counter()
-            predict.score_file(spec, 0.0, model, tag_names, norm_mean, norm_std)
-            t4 = time.perf_counter()
-            for stage, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                times[stage] += seconds
+    predict.tag_file(paths[0], model, tag_names, norm_mean, norm_std)  # warm-up
+    for path in paths:
+        t0 = time.perf_counter()
+        blocks, rate = decode(path)
+        t1 = time.perf_counter()
+        resampled = resample(blocks, rate)
+        t2 = time.perf_counter()
+        spec = log_mel(resampled)
+        t3 = time.perf_counter()
+        predict.score_file(spec, 0.0, model, tag_names, norm_mean, norm_std)
+        t4 = time.perf_counter()
+        for stage, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            times[stage] += seconds
     return times
 
 

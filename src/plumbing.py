@@ -605,25 +605,6 @@ def exit_with(parent_pid):
         os._exit(1)
 
 
-@contextlib.contextmanager
-def one_thread():
-    """This process computes with one thread, as a pool worker does (torch's, BLAS's and
-    OpenMP's), and gets its own counts back after: a sum rounds differently when it is
-    split over another number of threads. threadpoolctl's limit is taken first and given
-    back last; the other order left later training in the process rounding differently
-    (tests/test_trainer.py::test_resume_matches_uninterrupted_run after an interrupted
-    --workers 0 run)."""
-    from threadpoolctl import threadpool_limits
-
-    threads = torch.get_num_threads()
-    with threadpool_limits(limits=1):  # entered first, left last: each restores its own count
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-
-
 def stop_pool(pool):
     """Kill the pool's workers (they ignore Ctrl-C and would finish their tasks; SIGKILL, as
     one just forked may still hold this process's SIGTERM handler), then shut the pool down

@@ -18,7 +18,7 @@ windows' 500-d penultimate activations (MSCNN.embed).
 
 On a CPU, --workers processes (one per core by default) each tag whole files, decoding and
 scoring with one thread, so every core is busy and none is fought over; a file's windows
-are scored in batches of its own, so the output does not depend on --workers. On a GPU the
+are scored in batches of its own, so the output does not depend on the number of workers. On a GPU the
 workers only decode and this process scores windows of consecutive files together in
 batches. Results come out in input order either way.
 See docs/predict.md.
@@ -240,12 +240,19 @@ scorer = None  # tag_one's model and settings: (model, tag_names, norm_mean, nor
 
 
 def use_scorer(*settings):
-    """Set what tag_one scores with (a worker's initializer; fork hands it the model as it
-    is in this process, nothing pickled) and score with one torch thread, as every CPU
-    worker does: a batch's sums round differently with another thread count."""
+    """Set what tag_one scores with: in this process (--workers 0), or in a worker as
+    start_scorer does."""
     global scorer
     scorer = settings
-    torch.set_num_threads(1)  # BLAS and OpenMP: one thread already in a worker (plumbing.start_worker)
+
+
+def start_scorer(*settings):
+    """A CPU worker's initializer: use_scorer (fork hands it the model as it is in this
+    process, nothing pickled), then one torch thread, as in every worker (BLAS and OpenMP:
+    one already, plumbing.start_worker): a batch's sums round differently with another
+    thread count, so every worker gives the same numbers."""
+    use_scorer(*settings)
+    torch.set_num_threads(1)
 
 
 def tag_one(path):
@@ -284,19 +291,21 @@ def run_all(task, paths, workers, initializer=None, initargs=(), ahead=2):
 def tag_all(paths, workers, model, tag_names, norm_mean, norm_std, hop_frames, batch_size):
     """(path, result dict or ValueError) for every path, in input order.
 
-    On a CPU every worker (or this process, with workers 0) decodes and scores whole files
-    with one torch thread, each file's windows in batches of their own: the same numbers
-    whatever the number of workers. On a GPU the workers decode and this process scores
-    windows of consecutive files together (tag_decoded), as a GPU wants large batches."""
+    On a CPU every worker decodes and scores whole files with one thread, each file's
+    windows in batches of their own: the same numbers whatever the number of workers. With
+    workers 0 this process does the same with its own threads (its numbers agree within
+    float rounding; its thread counts are left alone, as later work in the process, a
+    training run, would round differently after a change). On a GPU the workers decode and
+    this process scores windows of consecutive files together (tag_decoded), as a GPU wants
+    large batches."""
     if norm_mean.device.type == "cpu":
         settings = (model, tag_names, norm_mean, norm_std, hop_frames, batch_size)
         if workers == 0:
-            with plumbing.one_thread():
-                yield from run_all(tag_one, paths, 0, use_scorer, settings)
+            yield from run_all(tag_one, paths, 0, use_scorer, settings)
             return
         # a tagged file waiting for its turn holds only its windows' scores: many may wait, so
         # that the other workers go on while one tags a long file
-        yield from run_all(tag_one, paths, workers, use_scorer, settings, ahead=TAGGED_AHEAD)
+        yield from run_all(tag_one, paths, workers, start_scorer, settings, ahead=TAGGED_AHEAD)
         return
     # a decoded file holds its whole spectrogram: a few per worker
     yield from tag_decoded(run_all(decode_one, paths, workers, ahead=2), model, tag_names,
@@ -803,9 +812,9 @@ def parse_args(argv=None):
                         "<stem>_<audio stem>.png beside it")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="worker processes; on a CPU each decodes and scores whole files with "
-                        "one thread, on a GPU they decode while this process scores; 0: all in "
-                        "this process (default: one per CPU core, at most "
-                        f"{MAX_WORKERS}); the output is the same for every count")
+                        "one thread, and any count gives the same output; on a GPU they decode "
+                        "while this process scores; 0: all in this process, with its own threads "
+                        f"(default: one per CPU core, at most {MAX_WORKERS})")
     parser.add_argument("--device", default="auto",
                         help="auto | cpu | cuda (default: auto, cuda where available)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
