@@ -18,9 +18,9 @@ windows' 500-d penultimate activations (MSCNN.embed).
 
 On a CPU, --workers processes (one per core by default) each tag whole files, decoding and
 scoring with one thread, so every core is busy and none is fought over; a file's windows
-are scored in batches of its own, so the output does not depend on the number of workers. On a GPU the
-workers only decode and this process scores windows of consecutive files together in
-batches. Results come out in input order either way.
+are scored in batches of its own, so the output does not depend on the number of workers.
+On a GPU the workers only decode and this process scores windows of consecutive files
+together in batches. Results come out in input order either way.
 See docs/predict.md.
 """
 import argparse
@@ -44,7 +44,7 @@ import common
 import plumbing
 
 BAR_ABOVE_N_FILES = 4  # a progress bar only pays off past a handful of files
-MAX_WORKERS = 16  # default --workers: the cores, at most this many (docs/predict.md, "Speed")
+MAX_WORKERS = 16  # default --workers: the cores, at most this many (docs/predict.md, "Performance")
 TAGGED_AHEAD = 64  # files per worker tagged ahead of the one printed next (see tag_all)
 SAVE_EVERY_S = 60  # outputs are rewritten (atomically) this often during a run
 EMBEDDING_SIZE = 500  # units of MSCNN's penultimate (dense) layer
@@ -256,12 +256,12 @@ def start_scorer(*settings):
 
 
 def tag_one(path):
-    """A CPU worker's task: path -> score_file's result dict for the file, or its ValueError."""
-    model, tag_names, norm_mean, norm_std, hop_frames, batch_size = scorer
-    decoded = decode_one(path)
-    if isinstance(decoded, ValueError):
-        return decoded
-    return score_file(*decoded, model, tag_names, norm_mean, norm_std, hop_frames, batch_size)
+    """A CPU worker's task: path -> tag_file's result dict with the scorer's settings, or
+    its ValueError (returned, so that only a dead worker surfaces as an exception)."""
+    try:
+        return tag_file(path, *scorer)
+    except ValueError as error:
+        return error
 
 
 def run_all(task, paths, workers, initializer=None, initargs=(), ahead=2):
@@ -313,7 +313,7 @@ def tag_all(paths, workers, model, tag_names, norm_mean, norm_std, hop_frames, b
 
 
 # -----------------------------------------------------------------------------
-# Scoring: batches of windows that run across files
+# Scoring: a file's windows in batches of their own (CPU), or across files (GPU)
 @torch.no_grad()
 def score_batch(model, windows, norm_mean, norm_std):
     """Probabilities and embeddings of a batch of log-mel windows.
