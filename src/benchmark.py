@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import common
+import formats
 import plumbing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -471,7 +472,7 @@ def random_checkpoint(path, n_tags=50):
 
     torch.manual_seed(0)
     norm = torch.full((common.N_MELS,), -8.0), torch.full((common.N_MELS,), 3.0)
-    plumbing.save_best_model(path, common.MSCNN(n_tags).state_dict(), [f"tag{i}" for i in range(n_tags)],
+    formats.save_best_model(path, common.MSCNN(n_tags).state_dict(), [f"tag{i}" for i in range(n_tags)],
                              norm, args={}, epoch=1, metrics={})
 
 

@@ -8,6 +8,7 @@ around it (files, pools, devices, checkpoints) is in plumbing.py.
 """
 import csv
 import gzip
+import os
 import zlib
 from pathlib import Path
 
@@ -25,28 +26,156 @@ N_FRAMES = 628  # frames of one MTAT clip, the network's input width
 LOG_FLOOR = 1e-20  # mel power is clipped here before the natural log
 
 
+BLOCK_S = 30  # seconds of source audio decoded, resampled and framed at a time
+
+
 def feature_params():
     """The feature parameters as a dict; stored with spectrograms and checkpoints."""
     return dict(sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH,
                 n_mels=N_MELS, n_frames=N_FRAMES, log_floor=LOG_FLOOR)
 
 
-def log_mel_of_audio(audio):
-    """Log-mel spectrogram of a mono waveform already at SAMPLE_RATE.
+# The one feature pipeline, in three stages that pass blocks along, so that memory does not
+# grow with a file's length: decode -> resample -> log-mel. Each stage holds back its last
+# block until it knows it is the last, so a file of one block (an MTAT clip) is computed in
+# one call per stage, exactly as librosa.load + librosa.feature.melspectrogram compute it;
+# longer files agree with that to float32 rounding of the mel projection.
+def decode(path, block_s=BLOCK_S):
+    """Open an audio file: (its sample rate, an iterator of mono float32 blocks (n,) of
+    block_s seconds; None: the whole file as one block). soundfile reads what it can
+    (WAV, FLAC, MP3, Ogg, ...); librosa's fallback (audioread) decodes the rest whole.
+    Channels are averaged (librosa.to_mono). Raises ValueError naming the file when it is
+    not a regular file, is empty, or (while iterating) holds samples that are not finite;
+    the decoders' own errors otherwise."""
+    import soundfile
 
-    Args:
-        audio: float ndarray (n_samples,), mono, at SAMPLE_RATE Hz.
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {'not a regular file' if os.path.exists(path) else 'no such file'}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: empty file (0 bytes)")
+    try:
+        f = soundfile.SoundFile(path)
+    except soundfile.LibsndfileError:
+        import librosa
+
+        audio, rate = librosa.load(path, sr=None, mono=True)
+        return rate, finite_blocks(path, iter([audio]), rate)
+
+    def blocks():  # not f.blocks: its last block keeps stale frames when an MP3 decodes short
+        with f:
+            while len(block := f.read(block_s * f.samplerate if block_s else -1, dtype="float32",
+                                      always_2d=True)):
+                yield np.mean(block.T, axis=0)
+    return f.samplerate, finite_blocks(path, blocks(), f.samplerate)
+
+
+def finite_blocks(path, blocks, rate):
+    n_seen = 0
+    for block in blocks:
+        bad = ~np.isfinite(block)
+        if bad.any():
+            raise ValueError(f"{path}: decodes, but its samples are not all finite (NaN or inf, first "
+                             f"at {(n_seen + np.argmax(bad)) / rate:.1f} s)")
+        n_seen += len(block)
+        yield block
+
+
+def resample(rate, blocks):
+    """Mono blocks at `rate` -> blocks at SAMPLE_RATE: soxr's streaming resampler at librosa's
+    default quality (soxr_hq; the same samples as its one-shot call), the length fixed to
+    ceil(n * SAMPLE_RATE / rate) samples as librosa.resample does (soxr's is never longer)."""
+    import soxr
+
+    if rate == SAMPLE_RATE:
+        yield from blocks
+        return
+    stream = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+    n_in, n_out, held = 0, 0, None
+    for block in blocks:
+        n_in += len(block)
+        if held is not None:
+            yield held
+        held = stream.resample_chunk(block)
+        n_out += len(held)
+    tail = stream.resample_chunk(np.zeros(0, np.float32), last=True)
+    n_target = int(np.ceil(n_in * (float(SAMPLE_RATE) / rate)))
+    yield np.concatenate([held if held is not None else np.zeros(0, np.float32), tail,
+                          np.zeros(max(n_target - n_out - len(tail), 0), np.float32)])
+
+
+def log_mel_frames(blocks):
+    """Mono blocks at SAMPLE_RATE -> float32 log-mel frames (N_MELS, k), block by block:
+    together librosa's centred mel power spectrogram (N_FFT // 2 zeros before and after the
+    audio, Slaney mel scale, power 2) of the whole waveform, clipped at LOG_FLOOR, natural log.
+    1 + n_samples // HOP_LENGTH frames in all."""
+    import librosa
+
+    pad = np.zeros(N_FFT // 2, np.float32)
+    blocks = iter(blocks)
+    pending, upcoming = pad, next(blocks, None)
+    while upcoming is not None:
+        block, upcoming = upcoming, next(blocks, None)
+        buffer = np.concatenate([pending, block] + ([pad] if upcoming is None else []))
+        n_frames = max(0, 1 + (len(buffer) - N_FFT) // HOP_LENGTH)
+        pending = buffer[n_frames * HOP_LENGTH:]
+        if n_frames:
+            mel_power = librosa.feature.melspectrogram(
+                y=buffer[:(n_frames - 1) * HOP_LENGTH + N_FFT], sr=SAMPLE_RATE, n_fft=N_FFT,
+                hop_length=HOP_LENGTH, n_mels=N_MELS, center=False)
+            yield np.log(np.maximum(mel_power, LOG_FLOOR)).astype(np.float32)
+
+
+def read_log_mel(path, block_s=BLOCK_S):
+    """Every log-mel frame of an audio file (decode -> resample -> log_mel_frames).
 
     Returns:
-        float32 ndarray (N_MELS, 1 + n_samples // HOP_LENGTH): natural log of the
-        mel power spectrogram (librosa defaults: centred frames, Slaney mel scale),
-        clipped at LOG_FLOOR first. Not cropped or padded.
+        spec: float32 ndarray (N_MELS, 1 + n_samples // HOP_LENGTH).
+        duration_s: float, the length of the audio resampled to SAMPLE_RATE.
+    Raises ValueError naming the file when it cannot be decoded, holds no samples, or its
+    samples or log-mel are not finite.
     """
-    import librosa  # imported here so that model-only users do not pay for it
+    n_samples = 0
 
-    mel_power = librosa.feature.melspectrogram(
-        y=audio, sr=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH, n_mels=N_MELS)
-    return np.log(np.maximum(mel_power, LOG_FLOOR)).astype(np.float32)
+    def counted(blocks):
+        nonlocal n_samples
+        for block in blocks:
+            n_samples += len(block)
+            yield block
+    try:
+        rate, blocks = decode(path, block_s)
+        frames = list(log_mel_frames(counted(resample(rate, blocks))))
+    except ValueError as error:
+        if str(error).startswith(str(path)):
+            raise
+        error_text = error
+    except Exception as error:  # each decoder raises its own types, often with no message
+        error_text = error
+    else:
+        if n_samples == 0:
+            raise ValueError(f"{path}: no audio samples decoded")
+        spec = np.concatenate(frames, axis=1)
+        if not np.isfinite(spec).all():
+            raise ValueError(f"{path}: its log-mel holds NaN or inf (the audio's power overflows float32)")
+        return spec, n_samples / SAMPLE_RATE
+    message = str(error_text).splitlines()[0][:200] if str(error_text) else ""
+    raise ValueError(f"{path}: cannot decode audio ({type(error_text).__name__}"
+                     f"{': ' + message if message else ''})")
+
+
+def load_audio(path):
+    """The whole file decoded and resampled: float32 ndarray (n_samples,) at SAMPLE_RATE."""
+    rate, blocks = decode(path, None)
+    return np.concatenate(list(resample(rate, blocks)))
+
+
+def log_mel(path, n_frames=N_FRAMES, block_s=BLOCK_S):
+    """Log-mel spectrogram of an audio file, as the original computed it (read_log_mel),
+    cropped or padded by fit_frames to n_frames (None: every frame).
+
+    Returns float32 ndarray (N_MELS, n_frames), or (N_MELS, 1 + n_samples // HOP_LENGTH).
+    """
+    spec = read_log_mel(path, block_s)[0]
+    return spec if n_frames is None else fit_frames(spec, n_frames)
 
 
 def fit_frames(spec, n_frames=N_FRAMES):
@@ -64,37 +193,6 @@ def fit_frames(spec, n_frames=N_FRAMES):
         return spec[:, :n_frames]
     pad = np.full((spec.shape[0], n_frames - spec.shape[1]), np.log(LOG_FLOOR), spec.dtype)
     return np.concatenate([spec, pad], axis=1)
-
-
-def load_audio(path):
-    """Decode any audio file librosa reads to a mono float32 waveform at SAMPLE_RATE.
-
-    Returns ndarray (n_samples,). Raises ValueError for a file with no audio samples,
-    and whatever the decoder raises for a file it cannot read.
-    """
-    import librosa
-
-    audio, _ = librosa.load(path, sr=SAMPLE_RATE, mono=True)
-    if audio.size == 0:
-        raise ValueError("no audio samples decoded")
-    return audio
-
-
-def log_mel(path, n_frames=N_FRAMES):
-    """Log-mel spectrogram of an audio file, as the original computed it.
-
-    librosa load at 11,025 Hz mono; mel spectrogram with n_fft 2048, hop 512, 128 bands,
-    power 2; natural log after clipping at 1e-20; then cropped/padded by `fit_frames`.
-
-    Args:
-        path: audio file (any format and sample rate librosa reads; stereo is averaged).
-        n_frames: frames to return; None returns every frame of the file.
-
-    Returns:
-        float32 ndarray (N_MELS, n_frames), or (N_MELS, 1 + n_samples // HOP_LENGTH).
-    """
-    spec = log_mel_of_audio(load_audio(path))
-    return spec if n_frames is None else fit_frames(spec, n_frames)
 
 
 # -----------------------------------------------------------------------------
@@ -453,10 +551,12 @@ class MSCNN(nn.Module):
             self.branch3 = nn.Sequential(conv(1, 70, (3, 3)), nn.MaxPool2d((2, 2)))
         self.merge = nn.Sequential(
             conv(70 * len(self.scales), 70, (3, 3)), conv(70, 70, (3, 3)), nn.MaxPool2d((2, 2)), nn.Flatten())
+        # every branch pools the input by 16 in height and 32 in width, the merge by 2 more
+        n_features = 70 * (N_MELS // 16) * (N_FRAMES // 64)
         self.head = nn.Sequential(
-            nn.BatchNorm1d(5040, eps=1e-3, momentum=bn_momentum),
+            nn.BatchNorm1d(n_features, eps=1e-3, momentum=bn_momentum),
             nn.Dropout(dropout),
-            nn.Linear(5040, 500), nn.ReLU(inplace=True),
+            nn.Linear(n_features, 500), nn.ReLU(inplace=True),
             nn.Linear(500, n_tags))
         self.reset_parameters()
 
@@ -497,6 +597,28 @@ def normalise(log_mel_batch, norm_mean, norm_std):
     norm_mean, norm_std: tensors (N_MELS,) on the batch's device; the result is float32.
     """
     return ((log_mel_batch.float() - norm_mean[:, None]) / norm_std[:, None]).unsqueeze(1)
+
+
+@torch.no_grad()
+def score(model, log_mel_batch, norm_mean, norm_std, bf16=False, embed=False):
+    """The one scorer, for the trainer's evaluation and predict.py alike, on any device:
+    normalise -> network -> sigmoid.
+
+    Args:
+        model: an MSCNN in eval mode (with embed=False, anything that calls like one: a
+            compiled or distributed wrapper); log_mel_batch: tensor (B, N_MELS, N_FRAMES) on
+            the model's device; norm_mean, norm_std: tensors (N_MELS,) there; bf16: under
+            bfloat16 autocast.
+    Returns:
+        probabilities: float32 tensor (B, n_tags); with embed, also the embeddings: float32
+        tensor (B, 500), MSCNN.embed, of which the probabilities are the last layer's sigmoid.
+    """
+    x = normalise(log_mel_batch, norm_mean, norm_std)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        if not embed:
+            return torch.sigmoid(model(x).float())
+        embeddings = model.embed(x)
+        return torch.sigmoid(model.head[-1](embeddings).float()), embeddings.float()
 
 
 # -----------------------------------------------------------------------------

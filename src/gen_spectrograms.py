@@ -38,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 import common
+import formats
 import plumbing
 
 SAVE_EVERY_S = 5.0  # the progress file is rewritten this often while rows come in (and on exit)
@@ -151,7 +152,7 @@ def read_json(path, keys, fix):
 def settings_of(n_clips, dtype, mp3_paths):
     """What a spectrogram file was made with; equal settings = the same rows and values."""
     return dict(common.feature_params(), dtype=dtype, n_clips=n_clips,
-                mp3_paths_md5=plumbing.paths_md5(mp3_paths[:n_clips]))
+                mp3_paths_md5=formats.paths_md5(mp3_paths[:n_clips]))
 
 
 def can_carry_over(old, new, mp3_paths):
@@ -159,7 +160,7 @@ def can_carry_over(old, new, mp3_paths):
     same features and dtype, and its clips are the first of the new ones."""
     differ = [k for k in list(common.feature_params()) + ["dtype"] if old.get(k) != new[k]]
     return (not differ and old.get("n_clips", 0) <= new["n_clips"]
-            and old.get("mp3_paths_md5") == plumbing.paths_md5(mp3_paths[:old["n_clips"]]))
+            and old.get("mp3_paths_md5") == formats.paths_md5(mp3_paths[:old["n_clips"]]))
 
 
 def describe(settings):
@@ -334,7 +335,7 @@ def prepare(args, settings, mp3_paths, files):
         else:
             n_intact, damage = intact_rows(files["npy"], finished)
             # a value that is not finite is damage too (failed clips' rows are zeros)
-            bad = plumbing.non_finite_rows(leading_rows(files["npy"], n_intact)) if n_intact else []
+            bad = formats.non_finite_rows(leading_rows(files["npy"], n_intact)) if n_intact else []
             if damage is not None:
                 say(f"{damage}; its first {n_intact} rows are whole: computing the other "
                     f"{finished['n_clips'] - n_intact} again")
@@ -366,7 +367,7 @@ def finish(files, settings, done, failed, annotations_md5):
     import librosa
     import soundfile
 
-    bad = plumbing.non_finite_rows(np.load(files["partial"], mmap_mode="r"))
+    bad = formats.non_finite_rows(np.load(files["partial"], mmap_mode="r"))
     if len(bad):  # every row was checked as it was computed: damaged on disk since?
         done[bad] = False
         save_progress(files, settings, done, failed)
@@ -463,7 +464,7 @@ def stop_after_deaths(files, settings, done, failed, rows, error):
 def main(argv=None):
     """Run stage 2. Returns dict(n_clips, n_computed, n_failed, seconds, clips_per_s)."""
     args = parse_args(argv)
-    csv_path, audio_dir = plumbing.annotations_path(args.data_dir), args.data_dir / "mp3"
+    csv_path, audio_dir = formats.annotations_path(args.data_dir), args.data_dir / "mp3"
     for path, what in ((csv_path, "the MTAT annotations"), (audio_dir, "the audio folder")):
         if not path.exists():
             raise SystemExit(f"error: {path} ({what}) not found; download MTAT first: "

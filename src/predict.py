@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import formats
 import plumbing
 
 BAR_ABOVE_N_FILES = 4  # a progress bar only pays off past a handful of files
@@ -443,9 +444,9 @@ def checkpoint_file(path):
 
 def about_checkpoint(path):
     """-> (SHA-256 of the checkpoint file, recorded in every output row; the line saying
-    what it was trained on; a warning line or None: plumbing.describe_training)."""
+    what it was trained on; a warning line or None: formats.describe_training)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return (plumbing.file_digest(path, "sha256"),) + plumbing.describe_training(checkpoint)
+    return (plumbing.file_digest(path, "sha256"),) + formats.describe_training(checkpoint)
 
 
 def load_checkpoint(path, device):
@@ -455,8 +456,8 @@ def load_checkpoint(path, device):
     fix = CHECKPOINT_FIX
     path = checkpoint_file(path)
     try:
-        model, checkpoint = plumbing.load_model(path, device)
-    except ValueError as error:  # one whole line naming the file (plumbing.load_error_reason)
+        model, checkpoint = formats.load_model(path, device)
+    except ValueError as error:  # one whole line naming the file (formats.load_error_reason)
         raise SystemExit(f"error: {error}; {fix}") from None
     norm_mean = checkpoint["norm_mean"].float().to(device)
     norm_std = checkpoint["norm_std"].float().to(device)
@@ -620,7 +621,7 @@ def read_previous(args, tag_names, checkpoint_sha256):
                 zipfile.BadZipFile) as error:
             raise SystemExit(f"error: --resume: cannot read {path} ({type(error).__name__}: "
                              f"{error}); {fix}") from None
-        plumbing.check_made_by(path, [entry.get("checkpoint_sha256") for entry in entries.values()],
+        formats.check_made_by(path, [entry.get("checkpoint_sha256") for entry in entries.values()],
                                checkpoint_sha256, fix)
         for audio, entry in entries.items():
             previous.setdefault(audio, {}).update(entry)

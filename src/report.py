@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+import formats
 import plumbing
 import uncertainty
 
@@ -291,17 +292,17 @@ def plot_curves(runs, path):
 # -----------------------------------------------------------------------------
 # how sure: bootstrap intervals over the test clips and paired comparisons (uncertainty.py)
 def load_scores(runs):
-    """Set run['scores'] to the run's test_scores.npz (plumbing.read_test_scores), or None
+    """Set run['scores'] to the run's test_scores.npz (formats.read_test_scores), or None
     with a note on stderr when it has none (an older trainer.py) or a damaged one."""
     for run in runs:
         try:
-            run["scores"] = plumbing.read_test_scores(run["run_dir"], run["epoch"])
+            run["scores"] = formats.read_test_scores(run["run_dir"], run["epoch"])
         except ValueError as error:
             run["scores"] = None
             print(f"note: {error}; no interval for {run['name']}", file=sys.stderr)
             continue
         if run["scores"] is None:
-            print(f"note: {run['run_dir']} has no {plumbing.TEST_SCORES} (made by an older trainer.py): "
+            print(f"note: {run['run_dir']} has no {formats.TEST_SCORES} (made by an older trainer.py): "
                   "no interval for it", file=sys.stderr)
 
 
@@ -399,7 +400,7 @@ def uncertainty_report(runs, n_resamples):
         figure = figures.get(id(run))
         start = f"| {run['name']} | {config_name(run)} | {run['seed']} | "
         if figure is None:
-            lines.append(start + f"| {run['test_roc_auc']:.4f} (no {plumbing.TEST_SCORES}) | "
+            lines.append(start + f"| {run['test_roc_auc']:.4f} (no {formats.TEST_SCORES}) | "
                          f"{run['test_pr_auc']:.4f} |")
             continue
         lines.append(start + f"{len(run['scores']['rows']):,} | "

@@ -28,6 +28,7 @@ import soundfile as sf
 from scipy.signal import lfilter  # scipy comes with librosa
 from tqdm import tqdm
 
+import formats
 import plumbing
 
 
@@ -375,7 +376,7 @@ def write_synthetic_mtat(data_dir, n_clips, seed=0, progress=True, workers=None)
     depends only on the seed: clip i is the same whatever n_clips and workers are. The
     annotations are removed first and written last (temp name, then rename), so an
     interrupted run never looks complete; just before them, data_dir/synthetic.json records
-    their MD5 (plumbing.mark_synthetic), so that what is trained on them says "synthetic".
+    their MD5 (formats.mark_synthetic), so that what is trained on them says "synthetic".
 
     Args:
         workers: threads (MP3 encoding and numpy release the GIL); None = all cores.
@@ -383,7 +384,7 @@ def write_synthetic_mtat(data_dir, n_clips, seed=0, progress=True, workers=None)
     data_dir = Path(data_dir)
     csv_path = data_dir / "annotations_final.csv"
     csv_path.unlink(missing_ok=True)
-    (data_dir / plumbing.SYNTHETIC_MARKER).unlink(missing_ok=True)
+    (data_dir / formats.SYNTHETIC_MARKER).unlink(missing_ok=True)
     lines = [annotation_line(["clip_id"] + MTAT_TAG_NAMES + ["mp3_path"])]
     pool = ThreadPoolExecutor(workers or os.cpu_count())
     try:
@@ -392,6 +393,6 @@ def write_synthetic_mtat(data_dir, n_clips, seed=0, progress=True, workers=None)
     finally:  # on an error or Ctrl-C, drop the clips not started yet
         pool.shutdown(cancel_futures=True)
     annotations = "".join(lines).encode("utf-8")
-    plumbing.mark_synthetic(data_dir, annotations, n_clips=n_clips, seed=seed)
+    formats.mark_synthetic(data_dir, annotations, n_clips=n_clips, seed=seed)
     with plumbing.atomic_write(csv_path, "wb") as f:
         f.write(annotations)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import formats
 import plumbing
 from plumbing import is_main, log, world_size
 
@@ -123,7 +124,7 @@ def load_data(args):
     (unless --no-merge), the --n-tags most frequent kept; spectrograms made with --limit
     cover the first N rows of the annotations (they are refused when they no longer match
     them, or hold NaN or inf)."""
-    csv_path = plumbing.annotations_path(args.data_dir)
+    csv_path = formats.annotations_path(args.data_dir)
     if not csv_path.is_file():
         raise SystemExit(f"error: {csv_path} not found; run: python src/get_data.py --data-dir {args.data_dir}")
     try:
@@ -131,7 +132,7 @@ def load_data(args):
     except ValueError as error:  # it names the file and what is wrong in it
         raise SystemExit(f"error: {error}; restore the file (python src/get_data.py --data-dir "
                          f"{args.data_dir} for MTAT) or correct it") from None
-    spectrograms = plumbing.open_spectrograms(args.data_dir, mp3_paths)  # these annotations' rows, finite
+    spectrograms = formats.open_spectrograms(args.data_dir, mp3_paths)  # these annotations' rows, finite
     n = len(spectrograms)
     return labels[:n], tag_names, clip_ids[:n], mp3_paths[:n], spectrograms
 
@@ -336,7 +337,7 @@ def evaluate(model, source, labels, val_idx, test_idx, norm, args, device):
 def main(argv=None):
     args = parse_args(argv)
     device = plumbing.setup_distributed(args.device)
-    run_dir = plumbing.claim_run(args)  # checked, made and locked before any work
+    run_dir = formats.claim_run(args)  # checked, made and locked before any work
     torch.manual_seed(args.seed)
 
     # data: labels, spectrograms, the split and its audit, per-band statistics of training
@@ -345,7 +346,7 @@ def main(argv=None):
     train_idx, val_idx, test_idx = make_split(args, len(spectrograms), clip_ids, mp3_paths)
     overlap = audit_split(args, mp3_paths, train_idx, val_idx, test_idx)
     check_split(args, labels, tag_names, train_idx, val_idx, test_idx)
-    provenance = plumbing.provenance(args, (train_idx, val_idx, test_idx))  # saved in every checkpoint
+    provenance = formats.provenance(args, (train_idx, val_idx, test_idx))  # saved in every checkpoint
     source = plumbing.to_device_source(spectrograms, device, args.resident)
     norm = band_stats(source, train_idx, device)
     labels_on_device = torch.from_numpy(labels).float().to(device)
@@ -355,7 +356,7 @@ def main(argv=None):
     model = plumbing.on_device(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=args.fused_adam)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=0.1)
-    history, best, start_epoch = plumbing.start_run(args, run_dir, provenance, RESUME_KEYS, model, optimizer,
+    history, best, start_epoch = formats.start_run(args, run_dir, provenance, RESUME_KEYS, model, optimizer,
                                                     scheduler, device)
     model, plain_model = plumbing.parallel(model, device, args, start_epoch)  # torchrun, --compile
     log(f"{len(tag_names)} tags, scales {' '.join(map(str, args.scales))}, "
@@ -370,27 +371,27 @@ def main(argv=None):
             mean_loss = train_epoch(model, optimizer, source, labels_on_device, batches, norm,
                                     args.precision == "bf16", desc=f"epoch {epoch}/{args.epochs}")
             train_seconds = time.time() - started
-            plumbing.check_finite(plain_model)
+            formats.check_finite(plain_model)
             metrics, test_scores = evaluate(model, source, labels, val_idx, test_idx, norm, args, device)
         except FloatingPointError as error:
-            raise SystemExit(plumbing.divergence_message(error, epoch, run_dir, history, best)) from None
+            raise SystemExit(formats.divergence_message(error, epoch, run_dir, history, best)) from None
         scheduler.step()
         history.append(dict(epoch=epoch, lr=lr, train_loss=round(mean_loss, 6),
-                            **{k: round(metrics[k], 6) for k in plumbing.METRICS_COLUMNS},
+                            **{k: round(metrics[k], 6) for k in formats.METRICS_COLUMNS},
                             seconds=round(time.time() - started, 2)))
         improved = best is None or metrics["val_roc_auc"] > best["val_roc_auc"]  # keep the best validation epoch
         if improved:
             best = dict(metrics, epoch=epoch)
-            plumbing.save_test_scores(run_dir, test_scores, labels[test_idx], test_idx, tag_names, epoch)
+            formats.save_test_scores(run_dir, test_scores, labels[test_idx], test_idx, tag_names, epoch)
         log(f"epoch {epoch:3d}  lr {lr:.0e}  loss {mean_loss:.4f}  val ROC-AUC {metrics['val_roc_auc']:.4f}  "
             f"test ROC-AUC {metrics['test_roc_auc']:.4f}  {len(train_idx) / train_seconds:.0f} clips/s"
             + ("  *" if improved else ""))
-        plumbing.save_epoch(run_dir, plain_model, optimizer, scheduler, history, best, improved, tag_names, norm,
+        formats.save_epoch(run_dir, plain_model, optimizer, scheduler, history, best, improved, tag_names, norm,
                             args, device, provenance)
 
     results = None
     if is_main():
-        results = plumbing.write_results(run_dir, best, tag_names, args, (train_idx, val_idx, test_idx), overlap,
+        results = formats.write_results(run_dir, best, tag_names, args, (train_idx, val_idx, test_idx), overlap,
                                          provenance)
         print(f"best model: {run_dir / 'best_model.pt'}\nbest validation ROC-AUC {best['val_roc_auc']:.4f} at "
               f"epoch {best['epoch']}; test ROC-AUC {best['test_roc_auc']:.4f}, PR-AUC {best['test_pr_auc']:.4f}", flush=True)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import common
+import formats
 import plumbing
 import trainer
 from conftest import SRC, write_spectrogram_set
@@ -136,7 +137,7 @@ def test_fast_path_matches_fp32_eager_on_cuda(record_property):
 @pytest.mark.slow
 def test_trainer_on_cuda_takes_the_gpu_choices_and_learns(cuda_run):
     run_dir, results = cuda_run
-    _, checkpoint = plumbing.load_model(run_dir / "best_model.pt")  # on the CPU: a plain state dict
+    _, checkpoint = formats.load_model(run_dir / "best_model.pt")  # on the CPU: a plain state dict
     assert {k: checkpoint["args"][k] for k in SPEED_KEYS} == dict(
         precision="bf16", fused_adam=True, resident=True, cudnn_benchmark=True)
     assert results["val_roc_auc"] >= 0.95 and results["test_roc_auc"] >= 0.95
@@ -247,7 +248,7 @@ def test_torchrun_two_gpus_sync_batchnorm_matches_one(cuda_data_dir, cuda_run, t
     assert float(rows[0]["train_loss"]) == pytest.approx(float(single[0]["train_loss"]), rel=0.2)
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["val_roc_auc"] >= 0.95 and results["test_roc_auc"] >= 0.95
-    _, checkpoint = plumbing.load_model(tmp_path / "two" / "best_model.pt")  # plain keys, no "module."
+    _, checkpoint = formats.load_model(tmp_path / "two" / "best_model.pt")  # plain keys, no "module."
     assert checkpoint["args"]["resident"] is True
 
 
@@ -318,7 +319,7 @@ def test_compiled_reduce_overhead_matches_eager_on_cuda(record_property):
     for step, (x, y) in enumerate(batches):
         plain.load_state_dict(eager.state_dict())  # in place: the graphs' weights are these tensors
         if step:
-            plumbing.load_optimizer_state(compiled_adam, eager_adam.state_dict(), fused=True)
+            formats.load_optimizer_state(compiled_adam, eager_adam.state_dict(), fused=True)
         loss = trainer.train_step(eager.train(), eager_adam, x, y, False).item()
         grads = {n: p.grad.clone() for n, p in eager.named_parameters()}
         compiled_loss = trainer.train_step(compiled.train(), compiled_adam, x, y, False).item()
@@ -338,7 +339,7 @@ def test_trainer_compile_on_cuda(cuda_data_dir, cuda_run, tmp_path):
     masks than eager, and early training is chaotic, so the losses are only near."""
     results = trainer.main(["--data-dir", str(cuda_data_dir), "--out", str(tmp_path), "--run", "compiled",
                             "--epochs", "2", "--compile"] + CUDA_RUN_ARGS)
-    _, checkpoint = plumbing.load_model(tmp_path / "compiled" / "best_model.pt")
+    _, checkpoint = formats.load_model(tmp_path / "compiled" / "best_model.pt")
     assert checkpoint["args"]["compile"] is True
     assert not any(key.startswith("_orig_mod.") for key in checkpoint["state_dict"])
     compiled, eager = read_rows(tmp_path / "compiled" / "metrics.csv"), read_rows(cuda_run[0] / "metrics.csv")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import formats
 import plumbing
 import trainer
 from conftest import SMALL_RUN_ARGS, SRC
@@ -137,7 +138,7 @@ def test_torchrun_two_processes_matches_one(small_data_dir, small_run, tmp_path)
     assert float(ddp[0]["train_loss"]) == pytest.approx(float(single[0]["train_loss"]), rel=0.05)
     for row_ddp, row_single in zip(ddp, single):
         assert float(row_ddp["val_roc_auc"]) == pytest.approx(float(row_single["val_roc_auc"]), abs=0.06)
-    plumbing.load_model(tmp_path / "ddp" / "best_model.pt")  # a plain (not DDP-wrapped) state dict
+    formats.load_model(tmp_path / "ddp" / "best_model.pt")  # a plain (not DDP-wrapped) state dict
 
 
 def test_flop_count_from_layer_shapes():
@@ -221,7 +222,7 @@ def test_trainer_compile_flag(small_data_dir, small_run, tmp_path):
     """--compile trains to the same place as eager and saves a plain state dict."""
     results = trainer.main(["--data-dir", str(small_data_dir), "--out", str(tmp_path), "--run", "compiled",
                             "--epochs", "2", "--compile"] + SMALL_RUN_ARGS)
-    model, checkpoint = plumbing.load_model(tmp_path / "compiled" / "best_model.pt")
+    model, checkpoint = formats.load_model(tmp_path / "compiled" / "best_model.pt")
     assert not any(key.startswith("_orig_mod.") for key in checkpoint["state_dict"])
     compiled, eager = read_rows(tmp_path / "compiled" / "metrics.csv"), read_rows(small_run[0] / "metrics.csv")
     # inductor draws other dropout masks than eager, so near, not equal
@@ -233,7 +234,7 @@ def test_resident_data_gives_the_same_training_as_the_memmap(small_data_dir):
     """The GPU path's data handling (the array uploaded whole, batches and band statistics
     read from it by device-side indices), run on the CPU against the host memmap."""
     cpu = torch.device("cpu")
-    spectrograms = plumbing.open_spectrograms(small_data_dir)
+    spectrograms = formats.open_spectrograms(small_data_dir)
     resident = plumbing.upload(spectrograms, cpu, chunk_rows=20)
     assert resident.dtype == torch.float16 and torch.equal(resident, torch.from_numpy(np.array(spectrograms)))
     train_idx = np.arange(0, 48, 3)
@@ -288,7 +289,7 @@ def test_resumed_optimizer_takes_this_runs_fused_choice():
         weight.grad = torch.randn(3, 2)
         saved.step()
         resumed = torch.optim.Adam([weight], lr=1e-3, fused=now_fused)
-        plumbing.load_optimizer_state(resumed, saved.state_dict(), now_fused)
+        formats.load_optimizer_state(resumed, saved.state_dict(), now_fused)
         assert resumed.param_groups[0]["fused"] is now_fused
         assert torch.equal(resumed.state[weight]["exp_avg"], saved.state[weight]["exp_avg"])
         resumed.step()  # runs with the state's step counter where that Adam keeps it
@@ -307,7 +308,7 @@ def test_gpu_choices_on_the_cpu_match_fp32_step_by_step(small_data_dir):
     are chaotic, and bf16 runs left to themselves are 8% apart in loss by the second step.
     """
     cpu = torch.device("cpu")
-    spectrograms = plumbing.open_spectrograms(small_data_dir)
+    spectrograms = formats.open_spectrograms(small_data_dir)
     resident = plumbing.to_device_source(spectrograms, cpu, resident=True)
     assert isinstance(resident, torch.Tensor) and resident.dtype == torch.float16
     train_idx, val_idx = np.arange(0, 48, 4), np.arange(1, 48, 4)
@@ -321,7 +322,7 @@ def test_gpu_choices_on_the_cpu_match_fp32_step_by_step(small_data_dir):
     for step in range(len(batches)):
         fast.load_state_dict(reference.state_dict())
         if step:
-            plumbing.load_optimizer_state(fast_adam, reference_adam.state_dict(), fused=True)
+            formats.load_optimizer_state(fast_adam, reference_adam.state_dict(), fused=True)
         before = {n: v.clone() for n, v in reference.state_dict().items()}
         results = {}
         for name, model, adam, source, use_bf16 in (("fp32", reference, reference_adam, spectrograms, False),
@@ -366,7 +367,7 @@ def test_trainer_runs_the_gpu_choices_on_the_cpu_and_resumes(small_data_dir, sma
     results = run("full", 2)
     assert uploads == [(48, common.N_MELS, common.N_FRAMES)]
     assert "precision bf16, fused Adam on, resident data on, cudnn.benchmark off" in capsys.readouterr().out
-    _, checkpoint = plumbing.load_model(tmp_path / "full" / "best_model.pt")
+    _, checkpoint = formats.load_model(tmp_path / "full" / "best_model.pt")
     assert {k: checkpoint["args"][k] for k in ("precision", "fused_adam", "resident", "cudnn_benchmark")} == dict(
         precision="bf16", fused_adam=True, resident=True, cudnn_benchmark=False)
     fast, exact = read_rows(tmp_path / "full" / "metrics.csv"), read_rows(small_run[0] / "metrics.csv")

@@ -20,6 +20,7 @@ import soundfile
 import torch
 
 import common
+import formats
 import plumbing
 import gen_spectrograms
 import get_data
@@ -338,7 +339,7 @@ def test_full_disk_while_saving_a_checkpoint_is_one_line(small_data_dir, tmp_pat
                              + SMALL_RUN_ARGS, capture_output=True, text=True, timeout=300,
                              preexec_fn=preexec_fn)
         left = sorted(p.name for p in (tmp_path / "disk" / "r").iterdir())
-        model, checkpoint = plumbing.load_model(tmp_path / "disk" / "r" / "best_model.pt")
+        model, checkpoint = formats.load_model(tmp_path / "disk" / "r" / "best_model.pt")
     assert run.returncode == 1
     line = one_line_error(run.stderr)
     assert line.startswith(f"error: cannot write {tmp_path / 'disk' / 'r' / 'last.pt'}: ")
@@ -400,7 +401,7 @@ def test_load_model_refuses_a_checkpoint_with_non_finite_tensors(tmp_path):
                tmp_path / "poisoned.pt")
     with pytest.raises(ValueError, match=r"poisoned.pt: holds non-finite values \(NaN or inf\) "
                                          r"in head.0.running_var; the run that wrote it diverged"):
-        plumbing.load_model(tmp_path / "poisoned.pt")
+        formats.load_model(tmp_path / "poisoned.pt")
 
 
 class NotAllowed:
@@ -410,14 +411,14 @@ class NotAllowed:
 def test_checkpoint_errors_are_whole_sentences(tmp_path):
     torch.save({"x": NotAllowed()}, tmp_path / "pickled.pt")
     with pytest.raises(ValueError) as caught:
-        plumbing.load_model(tmp_path / "pickled.pt")
+        formats.load_model(tmp_path / "pickled.pt")
     message = str(caught.value)
     assert message.endswith("(weights-only loading refused it: Unsupported global: GLOBAL "
                             "test_faults.NotAllowed was not an allowed global by default)")
     torch.save({"x": torch.zeros(3)}, tmp_path / "cut.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "cut.pt").read_bytes()[:100])
     with pytest.raises(ValueError, match=r"cut.pt: not a PyTorch checkpoint of this project \(.+\)$"):
-        plumbing.load_model(tmp_path / "cut.pt")
+        formats.load_model(tmp_path / "cut.pt")
 
 
 # -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import benchmark
 import common
-import plumbing
+import formats
 import predict
 import trainer
 from conftest import SMALL_RUN_ARGS, SRC
@@ -119,17 +119,17 @@ def test_older_checkpoints_load_as_the_full_network(tmp_path):
     """A best_model.pt whose args hold no scales (made before --scales) is the paper's network;
     weights of one branch under a checkpoint that claims three are refused in one line."""
     benchmark.random_checkpoint(tmp_path / "old.pt", n_tags=4)  # args={}
-    model, _ = plumbing.load_model(tmp_path / "old.pt")
+    model, _ = formats.load_model(tmp_path / "old.pt")
     assert model.scales == (1, 2, 3)
     state = torch.load(tmp_path / "old.pt", weights_only=True)
     torch.save(dict(state, state_dict=common.MSCNN(4, scales=(1,)).state_dict(), args={"scales": [1, 2, 3]}),
                tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match=r"do not fit the MSCNN of 4 tags and scales 1 2 3 \(") as error:
-        plumbing.load_model(tmp_path / "wrong.pt")
+        formats.load_model(tmp_path / "wrong.pt")
     assert "\n" not in str(error.value)
     torch.save(dict(state, args={"scales": [5]}), tmp_path / "odd.pt")
     with pytest.raises(ValueError, match=r"scales \[5\], not a subset of 1 2 3"):
-        plumbing.load_model(tmp_path / "odd.pt")
+        formats.load_model(tmp_path / "odd.pt")
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_one_scale_trains_saves_and_is_recorded(one_scale_run, small_data_dir, c
     out, results = one_scale_run
     assert results["scales"] == [1] and results["test_roc_auc"] >= 0.9  # one branch learns the loud bands too
     assert json.loads((out / "one" / "results.json").read_text())["scales"] == [1]
-    model, checkpoint = plumbing.load_model(out / "one" / "best_model.pt")
+    model, checkpoint = formats.load_model(out / "one" / "best_model.pt")
     assert checkpoint["args"]["scales"] == [1] and model.scales == (1,)
     assert sum(p.numel() for p in model.parameters()) == PARAMETERS[(1,)] - 46 * 501  # 4 tags, not 50
     assert torch.load(out / "one" / "last.pt", weights_only=True)["args"]["scales"] == [1]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-import plumbing
+import formats
 import trainer
 from conftest import SMALL_RUN_ARGS as SMALL
 from conftest import SRC
@@ -51,7 +51,7 @@ def test_training_learns_and_writes_outputs(run):
 @pytest.mark.slow
 def test_best_model_reloads_and_reproduces_validation_auc(run, data_dir):
     run_dir, results = run
-    model, checkpoint = plumbing.load_model(run_dir / "best_model.pt")  # weights_only=True inside
+    model, checkpoint = formats.load_model(run_dir / "best_model.pt")  # weights_only=True inside
     _, labels, tag_names, _ = common.load_tags(data_dir / "annotations_final.csv", 4, merge=False)
     assert checkpoint["epoch"] == results["epoch"] and checkpoint["tag_names"] == tag_names
     assert checkpoint["feature_params"] == common.feature_params()
@@ -100,7 +100,7 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoints(data_dir, tmp_path, mo
                                          r"checkpoints in .* are intact \(last.pt: epoch 1, best_model.pt: epoch 1\)"):
         trainer.main(["--data-dir", str(data_dir), "--out", str(tmp_path), "--run", "r", "--epochs", "3"] + SMALL)
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["epoch"] == 1
-    assert plumbing.load_model(tmp_path / "r" / "best_model.pt")[1]["epoch"] == 1
+    assert formats.load_model(tmp_path / "r" / "best_model.pt")[1]["epoch"] == 1
     assert len(read_csv(tmp_path / "r" / "metrics.csv")) == 1
 
 

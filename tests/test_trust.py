@@ -145,15 +145,16 @@ def test_checkpoints_and_results_record_their_provenance(small_run, small_data_d
 
 
 def test_dataset_is_mtat_synthetic_or_other(annotations_csv, tmp_path):
+    import formats
     import plumbing
     import synthetic
 
-    assert plumbing.dataset_of(annotations_csv, plumbing.file_digest(annotations_csv)) == "MTAT"
+    assert formats.dataset_of(annotations_csv, plumbing.file_digest(annotations_csv)) == "MTAT"
     synthetic.write_synthetic_mtat(tmp_path, 2, seed=0, progress=False)
     csv_path = tmp_path / "annotations_final.csv"
-    assert plumbing.dataset_of(csv_path, plumbing.file_digest(csv_path)) == "synthetic"
+    assert formats.dataset_of(csv_path, plumbing.file_digest(csv_path)) == "synthetic"
     csv_path.write_bytes(csv_path.read_bytes().replace(b'"1"\t"', b'"0"\t"', 1))  # one label changed
-    assert plumbing.dataset_of(csv_path, plumbing.file_digest(csv_path)) == "other"
+    assert formats.dataset_of(csv_path, plumbing.file_digest(csv_path)) == "other"
 
 
 def test_resume_on_other_data_is_refused(small_run, tmp_path):
@@ -172,14 +173,14 @@ def test_resume_on_other_data_is_refused(small_run, tmp_path):
 
 
 def test_resume_on_another_split_is_refused(small_run):
-    import plumbing
+    import formats
 
     run_dir, results = small_run
     saved = results["provenance"]
     moved = dict(saved, split=dict(saved["split"], rows_md5="0" * 32))
     with pytest.raises(SystemExit, match=r"this command gives it another split \(rows_md5 "):
-        plumbing.check_same_provenance(saved, moved, run_dir)
-    plumbing.check_same_provenance(saved, json.loads(json.dumps(saved)), run_dir)  # the same: no error
+        formats.check_same_provenance(saved, moved, run_dir)
+    formats.check_same_provenance(saved, json.loads(json.dumps(saved)), run_dir)  # the same: no error
 
 
 @pytest.mark.parametrize("damage", ["best_model.pt", "cut short", "not a checkpoint"])
@@ -262,15 +263,16 @@ def test_predict_says_what_its_model_was_trained_on(checkpoints, songs, tmp_path
 
 
 def test_describe_training_of_mtat_and_synthetic_models(small_run, annotations_csv):
+    import formats
     import plumbing
 
     checkpoint = torch.load(small_run[0] / "best_model.pt", weights_only=True)
     mtat = json.loads(json.dumps(checkpoint["provenance"]))
-    mtat["data"].update(dataset=plumbing.dataset_of(annotations_csv, plumbing.file_digest(annotations_csv)))
-    line, warning = plumbing.describe_training(dict(checkpoint, provenance=mtat))
+    mtat["data"].update(dataset=formats.dataset_of(annotations_csv, plumbing.file_digest(annotations_csv)))
+    line, warning = formats.describe_training(dict(checkpoint, provenance=mtat))
     assert line.startswith("model: trained on MTAT (") and warning is None
     mtat["data"]["dataset"] = "synthetic"
-    line, warning = plumbing.describe_training(dict(checkpoint, provenance=mtat))
+    line, warning = formats.describe_training(dict(checkpoint, provenance=mtat))
     assert line.startswith("model: trained on a synthetic set (") and "not MTAT" in warning
 
 

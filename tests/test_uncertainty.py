@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import common
-import plumbing
+import formats
 import report
 import trainer
 import uncertainty
@@ -19,7 +19,7 @@ from conftest import write_spectrogram_set
 @pytest.mark.slow
 def test_trainer_saves_the_best_epochs_test_scores(small_run, small_data_dir):
     run_dir, results = small_run
-    saved = plumbing.read_test_scores(run_dir, results["epoch"])
+    saved = formats.read_test_scores(run_dir, results["epoch"])
     _, labels, tag_names, _ = common.load_tags(small_data_dir / "annotations_final.csv", 4, merge=False)
     test_idx = common.random_split(48, 32, 8, seed=1337)[2]
     assert saved["epoch"] == results["epoch"] and saved["tag_names"] == tag_names
@@ -29,19 +29,19 @@ def test_trainer_saves_the_best_epochs_test_scores(small_run, small_data_dir):
     assert common.pr_auc(saved["labels"], saved["scores"]) == results["test_pr_auc"]
     with pytest.raises(ValueError, match=f"holds the test scores of epoch {results['epoch']}, not of the best "
                                          "epoch 7"):
-        plumbing.read_test_scores(run_dir, 7)
+        formats.read_test_scores(run_dir, 7)
 
 
 def test_test_scores_file_is_checked(tmp_path):
-    assert plumbing.read_test_scores(tmp_path) is None  # a run of an older trainer.py
-    plumbing.save_test_scores(tmp_path, np.zeros((3, 2)), np.zeros((3, 2)), np.arange(3), ["a", "b"], 1)
+    assert formats.read_test_scores(tmp_path) is None  # a run of an older trainer.py
+    formats.save_test_scores(tmp_path, np.zeros((3, 2)), np.zeros((3, 2)), np.arange(3), ["a", "b"], 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test_scores.npz"]  # no .tmp left
-    plumbing.save_test_scores(tmp_path, np.zeros((3, 2)), np.zeros((2, 2)), np.arange(3), ["a", "b"], 1)
+    formats.save_test_scores(tmp_path, np.zeros((3, 2)), np.zeros((2, 2)), np.arange(3), ["a", "b"], 1)
     with pytest.raises(ValueError, match=r"scores \(3, 2\), labels \(2, 2\), rows \(3,\) .* do not fit together"):
-        plumbing.read_test_scores(tmp_path)
+        formats.read_test_scores(tmp_path)
     (tmp_path / "test_scores.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="test_scores.npz is damaged or not trainer.py's"):
-        plumbing.read_test_scores(tmp_path)
+        formats.read_test_scores(tmp_path)
 
 
 # -----------------------------------------------------------------------------

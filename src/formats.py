@@ -1,0 +1,469 @@
+"""The files passed between the stages, each written and read in one place: the
+spectrogram store (DATA/spectrograms.npy + .json), provenance (what a derived file was made
+from), and the run folder (best_model.pt, last.pt, metrics.csv, results.json,
+test_scores.npz). The mechanisms under them (atomic writes, locks) are plumbing.py's.
+"""
+import contextlib
+import csv
+import hashlib
+import math
+import re
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+from plumbing import (atomic_write, check_folder, check_npy, file_digest, hold_lock, is_main, log, on_device,
+                      read_json, write_json)
+
+# -----------------------------------------------------------------------------
+# The spectrogram store
+def annotations_path(data_dir):
+    """DATA/annotations_final.csv, or DATA/annotations_final.csv.gz where only that exists
+    (common.read_annotations reads either); the .csv's path when neither does."""
+    path = Path(data_dir) / "annotations_final.csv"
+    gzipped = path.with_name(path.name + ".gz")
+    return gzipped if not path.exists() and gzipped.exists() else path
+
+
+def open_spectrograms(data_dir, mp3_paths=None):
+    """Open DATA/spectrograms.npy memory-mapped after checking it against its .json (the
+    feature parameters of common, the number of rows and the dtype, the file's size). With
+    mp3_paths (the annotations' paths, in order) also check that its rows are those
+    annotation rows' (the annotations may have been reordered or replaced since) and that
+    every value is finite (a damaged file, not a diverging run).
+
+    Returns ndarray (N, N_MELS, N_FRAMES): a read-only memmap, float16 or float32.
+    Raises SystemExit with one line naming the file and the fix.
+    """
+    npy, meta_path = data_dir / "spectrograms.npy", data_dir / "spectrograms.json"
+    again = f"compute the spectrograms again: python src/gen_spectrograms.py --data-dir {data_dir} --overwrite"
+    if not npy.is_file() or not meta_path.is_file():
+        raise SystemExit(f"error: {npy} (+ .json) not found or incomplete; "
+                         f"run: python src/gen_spectrograms.py --data-dir {data_dir}")
+    try:
+        meta = read_json(meta_path)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}; {again}") from None
+    wanted = common.feature_params()
+    found = {key: meta.get(key) for key in wanted}
+    if found != wanted:
+        raise SystemExit(f"error: {meta_path} was made with feature parameters {found}, but this code "
+                         f"uses {wanted}; rerun: python src/gen_spectrograms.py --data-dir {data_dir} --overwrite")
+    if not isinstance(meta.get("n_clips"), int) or meta.get("dtype") not in ("float16", "float32"):
+        raise SystemExit(f"error: {meta_path} lacks n_clips or dtype; {again}")
+    try:  # its size against its header and its .json: np.load's memory map would not name the file
+        check_npy(npy, (meta["n_clips"], common.N_MELS, common.N_FRAMES), meta["dtype"])
+    except ValueError as error:
+        raise SystemExit(f"error: {error} ({meta_path.name} says {meta['n_clips']} clips, {meta['dtype']}); "
+                         f"run python src/gen_spectrograms.py --data-dir {data_dir}: it recomputes "
+                         "the damaged rows (or says to pass --overwrite)") from None
+    spectrograms = np.load(npy, mmap_mode="r")
+    if mp3_paths is not None:
+        csv_path = annotations_path(data_dir)
+        if len(spectrograms) > len(mp3_paths):
+            raise SystemExit(f"error: {npy} has {len(spectrograms)} rows but {csv_path} only {len(mp3_paths)}; "
+                             f"{again}")
+        if meta.get("mp3_paths_md5") != paths_md5(mp3_paths[:meta["n_clips"]]):
+            why = (f"its {meta['n_clips']} rows were made from other annotation rows (reordered or replaced "
+                   "since)" if "mp3_paths_md5" in meta else f"{meta_path.name} does not say which rows it holds")
+            raise SystemExit(f"error: {npy} no longer matches {csv_path}: {why}; {again}")
+        bad = non_finite_rows(spectrograms)
+        if len(bad):
+            raise SystemExit(f"error: {npy} holds NaN or inf in {len(bad)} row(s) (the first: row {bad[0]}, "
+                             f"{mp3_paths[bad[0]]}): the file is damaged; run python src/gen_spectrograms.py "
+                             f"--data-dir {data_dir}: it computes those rows again")
+    return spectrograms
+
+
+def non_finite_rows(rows, chunk_rows=256):
+    """Indices (int ndarray) of the rows of an array (N, ...) holding NaN or inf, read in
+    chunks (a memmap stays out of memory)."""
+    bad = [np.zeros(0, np.int64)]
+    for start in range(0, len(rows), chunk_rows):
+        chunk = np.asarray(rows[start:start + chunk_rows])
+        bad.append(start + np.flatnonzero(~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)))
+    return np.concatenate(bad)
+
+
+# -----------------------------------------------------------------------------
+# Provenance: what a derived file was made from, recorded by its writer, checked by its
+# readers. spectrograms.json: the annotation rows (mp3_paths_md5) and file (annotations_md5);
+# best_model.pt, last.pt and results.json: `provenance` (the data, the split); predict.py's
+# outputs: the checkpoint's SHA-256 in every row.
+MTAT_ANNOTATIONS_MD5 = "f04fa01752a8cc64f6e1ca142a0fef1d"  # MTAT's annotations_final.csv, as get_data.py checks
+SYNTHETIC_MARKER = "synthetic.json"  # written beside the annotations by get_data.py --synthetic
+DATA_IDENTITY = ("annotations_md5", "n_clips", "dtype", "mp3_paths_md5")  # what --resume compares
+SPLIT_IDENTITY = ("name", "n_train", "n_val", "n_test", "rows_md5")
+
+
+def paths_md5(mp3_paths):
+    """MD5 of the clips' paths, in order: which annotation rows a spectrogram file holds."""
+    return hashlib.md5("\n".join(mp3_paths).encode()).hexdigest()
+
+
+def mark_synthetic(data_dir, annotations_bytes, **facts):
+    """Record that the annotations about to be written to data_dir are a synthetic set
+    (their MD5, so that a file replaced later is not taken for it), with `facts`."""
+    write_json(Path(data_dir) / SYNTHETIC_MARKER,
+               dict(facts, annotations_md5=hashlib.md5(annotations_bytes).hexdigest()))
+
+
+def dataset_of(csv_path, annotations_md5):
+    """'MTAT' (its published annotations), 'synthetic' (get_data.py --synthetic's, by the
+    marker beside them) or 'other'."""
+    if annotations_md5 == MTAT_ANNOTATIONS_MD5:
+        return "MTAT"
+    with contextlib.suppress(OSError, ValueError):
+        if read_json(Path(csv_path).parent / SYNTHETIC_MARKER).get("annotations_md5") == annotations_md5:
+            return "synthetic"
+    return "other"
+
+
+def provenance(args, split):
+    """What a run trains on: {'data': the annotations (path, MD5, dataset) and the
+    spectrograms (path, and their identity from spectrograms.json: n_clips, dtype,
+    mp3_paths_md5), 'split': its name, split_seed, sizes and the MD5 of its row indices}.
+    split: (train_idx, val_idx, test_idx). Plain types: checkpoints load with weights_only."""
+    csv_path = annotations_path(args.data_dir)
+    md5 = file_digest(csv_path)
+    meta = read_json(args.data_dir / "spectrograms.json")  # checked by open_spectrograms
+    rows = hashlib.md5(b"|".join(np.asarray(part, np.int64).tobytes() for part in split)).hexdigest()
+    return dict(
+        data=dict(annotations=str(csv_path), annotations_md5=md5, dataset=dataset_of(csv_path, md5),
+                  spectrograms=str(args.data_dir / "spectrograms.npy"),
+                  **{key: meta.get(key) for key in DATA_IDENTITY[1:]}),
+        split=dict(name=args.split, split_seed=args.split_seed if args.split == "random" else None,
+                   **{f"n_{part}": len(rows_) for part, rows_ in zip(("train", "val", "test"), split)},
+                   rows_md5=rows))
+
+
+def check_same_provenance(saved, current, run_dir):
+    """--resume: refuse (one line) a run whose last.pt was trained on other data or another
+    split than this command's; a last.pt of an older trainer.py records none (a note)."""
+    if saved is None:
+        log(f"note: {run_dir / 'last.pt'} does not record its data (written by an older trainer.py): "
+            "make sure --data-dir is the one it was trained on")
+        return
+    for part, keys, what in (("data", DATA_IDENTITY, "other data"), ("split", SPLIT_IDENTITY, "another split")):
+        differ = [key for key in keys if saved[part].get(key) != current[part].get(key)]
+        if differ:
+            found = ", ".join(f"{key} {saved[part].get(key)} there, {current[part].get(key)} here" for key in differ)
+            where = (f"{saved['data']['annotations']} and {saved['data']['spectrograms']}" if part == "data"
+                     else f"split {saved['split']['name']}")
+            raise SystemExit(f"error: cannot resume {run_dir}: it was trained on {where}, this command "
+                             f"gives it {what} ({found}); pass the --data-dir it was trained on, or start "
+                             "a new --run")
+
+
+def check_made_by(path, written_by, checkpoint_sha256, fix):
+    """Refuse (one line) to add to the output at path (--resume) when its rows were made by
+    another checkpoint than the one of checkpoint_sha256 (one file would mix two models), or
+    by an unknown one (None: an older predict.py). written_by: the rows' SHA-256s."""
+    written_by = set(written_by)
+    if None in written_by:
+        raise SystemExit(f"error: --resume: {path} does not record the checkpoint that wrote it (an older "
+                         f"predict.py?), so it may not be this one's; {fix}")
+    if written_by - {checkpoint_sha256}:
+        other = sorted(written_by - {checkpoint_sha256})[0]
+        raise SystemExit(f"error: --resume: {path} holds results of another checkpoint (SHA-256 {other[:16]}..., "
+                         f"this one's is {checkpoint_sha256[:16]}...): one file would mix two models; resume "
+                         f"with the checkpoint that wrote it, or {fix}")
+
+
+def describe_training(checkpoint):
+    """What a best_model.pt was trained on, for predict.py: (one line: the data set, the
+    split and its sizes, the best epoch's validation and test ROC-AUC; a warning line, or
+    None, when the data set is not MTAT). A checkpoint without provenance (older) says
+    'unknown'."""
+    metrics, prov = checkpoint.get("metrics") or {}, checkpoint.get("provenance")
+    scores = ", ".join(f"{name} ROC-AUC {metrics[key]:.4f}" for name, key in (
+        ("validation", "val_roc_auc"), ("test", "test_roc_auc")) if isinstance(metrics.get(key), float))
+    if prov is None:
+        split = (checkpoint.get("args") or {}).get("split", "unknown")
+        return (f"model: trained on unknown data (the checkpoint records none: an older trainer.py), "
+                f"split {split}, epoch {checkpoint.get('epoch')}" + (f": {scores}" if scores else "")), None
+    data, split = prov["data"], prov["split"]
+    sizes = " / ".join(f"{split[f'n_{part}']:,}" for part in ("train", "val", "test"))
+    name = {"MTAT": "MTAT", "synthetic": "a synthetic set"}.get(data["dataset"], "other data")
+    line = (f"model: trained on {name} ({data['annotations']}), split {split['name']} ({sizes} "
+            f"clips), epoch {checkpoint.get('epoch')}" + (f": {scores}" if scores else ""))
+    if data["dataset"] == "MTAT":
+        return line, None
+    kind = ("a synthetic demo set (get_data.py --synthetic), not MTAT: its tags say little about real music"
+            if data["dataset"] == "synthetic" else "other data than MTAT: its tags are those data's")
+    return line, f"warning: this model was trained on {kind}"
+
+
+# -----------------------------------------------------------------------------
+# Guards of a training run
+def check_finite(model):
+    """Raise FloatingPointError naming the parameters and buffers (batch norm's running
+    statistics too) that hold NaN or inf: the loss is only read every few steps and a
+    finite loss does not mean finite running statistics."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise FloatingPointError(f"the weights became non-finite ({', '.join(bad[:3])}"
+                                 f"{' and more' if len(bad) > 3 else ''})")
+
+
+def divergence_message(error, epoch, run_dir, history, best):
+    """The line that stops a diverged run, true about what is on disk: every finished epoch
+    was saved, so last.pt holds the last epoch of history (none: nothing was saved)."""
+    if history:
+        kept = (f"the last good checkpoints in {run_dir} are intact (last.pt: epoch {history[-1]['epoch']}, "
+                f"best_model.pt: epoch {best['epoch']})")
+    else:
+        kept = f"no checkpoint was written to {run_dir}"
+    return f"error: {error} in epoch {epoch}; stopped before saving it; {kept}. Try a lower --lr"
+
+
+# -----------------------------------------------------------------------------
+# The run folder: best_model.pt (all that inference needs), last.pt (all that resuming
+# needs), metrics.csv (a row per epoch), results.json (the result, for report.py).
+# Both .pt files load with torch.load(..., weights_only=True).
+CHECKPOINT_KEYS = ("state_dict", "tag_names", "norm_mean", "norm_std", "feature_params",
+                   "args", "epoch", "metrics")
+LAST_KEYS = ("model", "optimizer", "scheduler", "torch_rng", "cuda_rng", "history", "best",
+             "epoch", "args")
+
+
+def json_args(args):
+    """The arguments as plain types (a checkpoint loads with weights_only=True)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+RUN_LOCK = ".lock"  # in the run folder while a trainer.py writes it (hold_lock)
+
+
+def claim_run(args):
+    """The run folder OUT/RUN, claimed before any work (main process only; the others get
+    its path): --out checked (check_folder), the folder made and locked for this process
+    (hold_lock: two trainer.py on one run folder would overwrite each other's checkpoints),
+    and refused when a new run would overwrite one (a last.pt there) or --resume finds none.
+    A folder made here and left empty (an error before the first epoch) is removed again."""
+    run_dir = args.out / (args.run or time.strftime("%Y%m%d-%H%M%S"))
+    if not is_main():
+        return run_dir
+    if args.resume and (args.run is None or not (run_dir / "last.pt").is_file()):
+        raise SystemExit(f"error: --resume needs --run NAME of a run with a last.pt ({run_dir / 'last.pt'} not found)")
+    check_folder(args.out, "--out")
+    made = not run_dir.exists()
+    check_folder(run_dir, "--out")
+    hold_lock(run_dir / RUN_LOCK, f"the run folder {run_dir}", "choose another --run", remove_empty_folder=made)
+    if not args.resume and (run_dir / "last.pt").exists():
+        raise SystemExit(f"error: {run_dir} already holds a run; pass --resume to continue it or another --run")
+    return run_dir
+
+
+def start_run(args, run_dir, prov, resume_keys, model, optimizer, scheduler, device):
+    """Start a new run, or (--resume) continue the one in run_dir from its last.pt.
+
+    --resume refuses a last.pt that is damaged or not one, a run whose resume_keys (the
+    arguments that define it) differ from this one's, and one trained on other data or
+    another split (prov, provenance()); then restores the weights, Adam's state, the
+    schedule and the random-number generators, so the resumed run is bit-identical to an
+    uninterrupted one.
+    Returns (history, best, start_epoch).
+    """
+    if not args.resume:
+        return [], None, 1
+    path = run_dir / "last.pt"
+    fix = "it cannot be resumed: restore it from a copy, or start a new --run"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and unsafe-global errors alike
+        raise SystemExit(f"error: {path}: not a last.pt of trainer.py ({load_error_reason(error)}); {fix}") from None
+    missing = [k for k in LAST_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        best_model = isinstance(state, dict) and "state_dict" in state
+        raise SystemExit(f"error: {path}: not a last.pt of trainer.py{' but a best_model.pt' * best_model} "
+                         f"(missing {', '.join(missing)}); {fix}")
+    # older runs drew --split random from --seed, and had all three scales
+    saved = dict({"split_seed": state["args"].get("seed"), "scales": list(common.SCALES)}, **state["args"])
+    changed = [k for k in resume_keys if saved.get(k) != json_args(args)[k]]
+    if changed:
+        raise SystemExit(f"error: cannot resume {run_dir} with different {', '.join('--' + k.replace('_', '-') for k in changed)}")
+    check_same_provenance(state.get("provenance"), prov, run_dir)
+    try:
+        model.load_state_dict(state["model"])
+        load_optimizer_state(optimizer, state["optimizer"], args.fused_adam)
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:  # dropout masks on CUDA
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:  # a state of another network or damaged
+        reason = " ".join(str(error).split())[:300]
+        raise SystemExit(f"error: {path}: its state does not fit this run ({type(error).__name__}: {reason}); "
+                         f"{fix}") from None
+    log(f"resuming {run_dir} after epoch {state['epoch']}")
+    return state["history"], state["best"], state["epoch"] + 1
+
+
+def load_optimizer_state(optimizer, saved, fused):
+    """optimizer.load_state_dict(saved), but with this run's --fused-adam: a saved state
+    carries the interrupted run's choice in its parameter groups, and would impose it."""
+    for group in saved["param_groups"]:
+        group["fused"] = fused
+    optimizer.load_state_dict(saved)
+
+
+def save_epoch(run_dir, model, optimizer, scheduler, history, best, improved, tag_names, norm, args, device,
+               prov):
+    """Save a finished epoch (main process only): best_model.pt when it improved, last.pt,
+    metrics.csv; each through atomic_write, so a full disk is one line and a kill at any
+    moment leaves the previous epoch's files whole. prov: provenance(), in both .pt files."""
+    if not is_main():
+        return
+    state_dict = {k: v.cpu() for k, v in model.state_dict().items()}
+    if improved:
+        save_best_model(run_dir / "best_model.pt", state_dict, tag_names, norm, json_args(args),
+                        best["epoch"], best, prov)
+    with atomic_write(run_dir / "last.pt", "wb") as f:
+        torch.save(dict(model=state_dict, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        torch_rng=torch.get_rng_state(),
+                        cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        history=history, best=best, epoch=history[-1]["epoch"], args=json_args(args),
+                        provenance=prov), f)
+    with atomic_write(run_dir / "metrics.csv", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def save_best_model(path, state_dict, tag_names, norm, args, epoch, metrics, prov=None):
+    """best_model.pt: state_dict; tag_names (list of str); norm_mean, norm_std (float32
+    tensors (N_MELS,), per-band statistics of the training clips' log-mel); feature_params
+    (dict, common.feature_params()); args (the run's arguments, plain types); epoch (int,
+    1-based); metrics (dict of that epoch's scores); provenance (provenance(): what it was
+    trained on; None: not known). load_model reads it, describe_training tells it."""
+    with atomic_write(path, "wb") as f:
+        torch.save(dict(state_dict=state_dict, tag_names=list(tag_names), norm_mean=norm[0].cpu(),
+                        norm_std=norm[1].cpu(), feature_params=common.feature_params(), args=args,
+                        epoch=epoch, metrics=metrics, provenance=prov), f)
+
+
+def load_model(checkpoint_path, device="cpu"):
+    """Load a best_model.pt (save_best_model; weights_only=True) into a fresh MSCNN.
+
+    Returns:
+        model (MSCNN in eval mode on `device`, channels_last), checkpoint (the dict).
+    Raises ValueError naming the file when it is not such a checkpoint, was made with other
+    feature parameters, or holds NaN or inf.
+    """
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and unsafe-global errors alike
+        raise ValueError(f"{checkpoint_path}: not a PyTorch checkpoint of this project "
+                         f"({load_error_reason(error)})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise ValueError(f"{checkpoint_path}: not a checkpoint of trainer.py "
+                         f"(missing {', '.join(missing)})")
+    if checkpoint["feature_params"] != common.feature_params():
+        raise ValueError(f"{checkpoint_path}: trained on features {checkpoint['feature_params']}, "
+                         f"but this code computes {common.feature_params()}")
+    tensors = dict(checkpoint["state_dict"], norm_mean=checkpoint["norm_mean"],
+                   norm_std=checkpoint["norm_std"])
+    bad = [name for name, t in tensors.items()
+           if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # a diverged run's weights: they would tag every clip with garbage
+        raise ValueError(f"{checkpoint_path}: holds non-finite values (NaN or inf) in "
+                         f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}; the run "
+                         "that wrote it diverged: use a checkpoint of an earlier epoch, or "
+                         "train again with a lower --lr")
+    args = checkpoint["args"] if isinstance(checkpoint["args"], dict) else {}
+    scales = args.get("scales", common.SCALES)  # the branches the run trained (older runs: all three)
+    try:
+        model = common.MSCNN(n_tags=len(checkpoint["tag_names"]), scales=tuple(scales))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{checkpoint_path}: its args hold scales {scales!r}, not a subset of 1 2 3 "
+                         f"({error})") from None
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:  # keys or shapes of another network
+        reason = " ".join(str(error).split())  # PyTorch lists the problems on several lines
+        raise ValueError(f"{checkpoint_path}: its weights do not fit the MSCNN of "
+                         f"{len(checkpoint['tag_names'])} tags and scales {' '.join(map(str, model.scales))} "
+                         f"({reason})") from None
+    return on_device(model, device).eval(), checkpoint
+
+
+def load_error_reason(error):
+    """Why torch.load failed, in a few whole words: its messages run over many lines and
+    bury the reason (after 'WeightsUnpickler error:') in advice about weights_only."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # no terminal colour codes
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+        return "weights-only loading refused it: " + re.split(r"(?<=\.)\s", reason)[0].rstrip(".")
+    if isinstance(error, EOFError) or not text.strip():
+        return "the file ends early: truncated?"
+    first = re.split(r"(?<=\.)\s", text.strip().splitlines()[0])[0].rstrip(".")  # a sentence, not its advice
+    return f"{type(error).__name__}: {first}"
+
+
+METRICS_COLUMNS = ("val_roc_auc", "test_roc_auc", "val_pr_auc", "test_pr_auc")  # of metrics.csv, after epoch, lr, train_loss
+
+
+def write_results(run_dir, best, tag_names, args, split, overlap, prov):
+    """results.json: the best epoch's scores (per-tag test ROC-AUC null where the test set
+    cannot score a tag, as NaN is not JSON), what report.py groups and compares runs by, and
+    the provenance (prov). Returns the dict written."""
+    results = {k: best[k] for k in ("epoch", "val_roc_auc", "val_pr_auc", "test_roc_auc", "test_pr_auc")}
+    results["test_roc_auc_per_tag"] = {name: None if math.isnan(auc) else auc
+                                       for name, auc in zip(tag_names, best["test_roc_auc_per_tag"])}
+    results["best_model"] = str(run_dir / "best_model.pt")
+    results.update(split=args.split, split_seed=args.split_seed if args.split == "random" else None,
+                   scales=list(args.scales), seed=args.seed, epochs=args.epochs, n_tags=len(tag_names),
+                   merge=not args.no_merge,
+                   **{f"n_{part}": len(rows) for part, rows in zip(("train", "val", "test"), split)},
+                   split_overlap=overlap, provenance=prov)
+    write_json(run_dir / "results.json", results, indent=2)
+    return results
+
+
+TEST_SCORES = "test_scores.npz"  # the best epoch's test scores, beside results.json
+
+
+def save_test_scores(run_dir, scores, labels, rows, tag_names, epoch):
+    """RUN/test_scores.npz (main process only): the best epoch's test scores, so that
+    report.py can say how sure the test ROC-AUC is and compare runs clip by clip.
+    scores: float32 (clips, T) sigmoid outputs; labels: uint8 (clips, T); rows: int64
+    (clips,) annotation rows; tag_names: T str; epoch: 1-based. Written when the best
+    epoch improves, before that epoch's checkpoints: a run killed in between redoes the
+    epoch on --resume and writes both again (read_test_scores checks the epoch)."""
+    if not is_main():
+        return
+    with atomic_write(run_dir / TEST_SCORES, "wb") as f:
+        np.savez(f, scores=np.asarray(scores, dtype=np.float32), labels=np.asarray(labels, dtype=np.uint8),
+                 rows=np.asarray(rows, dtype=np.int64), tag_names=np.array(tag_names, dtype=str),
+                 epoch=np.int64(epoch))
+
+
+def read_test_scores(run_dir, epoch=None):
+    """-> dict of save_test_scores' arrays (scores, labels, rows, tag_names, epoch), or None
+    when the run has no test_scores.npz (made by an older trainer.py). Raises ValueError
+    naming the file when it is damaged, its shapes disagree, or it holds another epoch than
+    `epoch` (results.json's best epoch)."""
+    path = Path(run_dir) / TEST_SCORES
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            saved = {key: f[key] for key in ("scores", "labels", "rows", "tag_names", "epoch")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # cut short, or not ours
+        raise ValueError(f"{path} is damaged or not trainer.py's ({type(error).__name__}: {error})") from None
+    n_clips, n_tags = saved["scores"].shape if saved["scores"].ndim == 2 else (-1, -1)
+    if (saved["labels"].shape != (n_clips, n_tags) or saved["rows"].shape != (n_clips,)
+            or saved["tag_names"].shape != (n_tags,) or not np.isfinite(saved["scores"]).all()):
+        raise ValueError(f"{path}: scores {saved['scores'].shape}, labels {saved['labels'].shape}, rows "
+                         f"{saved['rows'].shape} and tag_names {saved['tag_names'].shape} do not fit together")
+    saved["epoch"] = int(saved["epoch"])
+    if epoch is not None and saved["epoch"] != epoch:
+        raise ValueError(f"{path} holds the test scores of epoch {saved['epoch']}, not of the best epoch "
+                         f"{epoch} (a run stopped between the two files whose resumed epoch scored otherwise)")
+    saved["tag_names"] = [str(name) for name in saved["tag_names"]]
+    return saved
