@@ -664,7 +664,6 @@ def write_random_spectrograms(data_dir, n_clips, device, seed=0, chunk_rows=1024
     import numpy as np
     import torch
 
-    import gen_spectrograms
 
     annotations = Path(os.environ.get("MTAT_FIXTURES", DEFAULT_CLIP.parent)) / "annotations_final.csv.gz"
     if not annotations.is_file():
@@ -685,8 +684,8 @@ def write_random_spectrograms(data_dir, n_clips, device, seed=0, chunk_rows=1024
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the GPU's memory is the run's (the trainer checks what is free)
     mp3_paths = common.read_annotations(data_dir / "annotations_final.csv")[3]
-    plumbing.write_json(data_dir / "spectrograms.json", dict(
-        gen_spectrograms.settings_of(n_clips, "float16", mp3_paths), shape=list(shape), failed=[],
+    plumbing.write_json(data_dir / "spectrograms.json", formats.spectrogram_meta(
+        formats.spectrogram_settings(n_clips, "float16", mp3_paths),
         note="random values written by src/benchmark.py --what paper, for timing only"))
 
 

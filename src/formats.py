@@ -20,7 +20,26 @@ from plumbing import (atomic_write, check_folder, check_npy, file_digest, hold_l
                       read_json, write_json)
 
 # -----------------------------------------------------------------------------
-# The spectrogram store
+# The spectrogram store: DATA/spectrograms.npy (N, N_MELS, N_FRAMES), row i = annotation row i,
+# and DATA/spectrograms.json (spectrogram_meta), written last: its presence means complete
+SPECTROGRAMS_FORMAT = 1  # spectrograms.json's format_version; a reader refuses any other
+
+
+def spectrogram_settings(n_clips, dtype, mp3_paths):
+    """What a spectrogram file is made with: equal settings, the same rows and values."""
+    return dict(common.feature_params(), dtype=dtype, n_clips=n_clips,
+                mp3_paths_md5=paths_md5(mp3_paths[:n_clips]))
+
+
+def spectrogram_meta(settings, failed=(), **facts):
+    """spectrograms.json of a finished file of these settings: its format_version, shape,
+    the clips that failed (their rows are zeros: dicts of row, clip_id, path, error) and
+    `facts` (versions of the libraries, the annotations' MD5, ...)."""
+    return dict(settings, format_version=SPECTROGRAMS_FORMAT,
+                shape=[settings["n_clips"], common.N_MELS, common.N_FRAMES],
+                failed=sorted(failed, key=lambda f: f["row"]), **facts)
+
+
 def annotations_path(data_dir):
     """DATA/annotations_final.csv, or DATA/annotations_final.csv.gz where only that exists
     (common.read_annotations reads either); the .csv's path when neither does."""
@@ -48,6 +67,9 @@ def open_spectrograms(data_dir, mp3_paths=None):
         meta = read_json(meta_path)
     except ValueError as error:
         raise SystemExit(f"error: {error}; {again}") from None
+    if meta.get("format_version") != SPECTROGRAMS_FORMAT:
+        raise SystemExit(f"error: {meta_path} is of format {meta.get('format_version')}, this code reads "
+                         f"{SPECTROGRAMS_FORMAT}; {again}")
     wanted = common.feature_params()
     found = {key: meta.get(key) for key in wanted}
     if found != wanted:

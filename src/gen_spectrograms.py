@@ -149,12 +149,6 @@ def read_json(path, keys, fix):
     return obj
 
 
-def settings_of(n_clips, dtype, mp3_paths):
-    """What a spectrogram file was made with; equal settings = the same rows and values."""
-    return dict(common.feature_params(), dtype=dtype, n_clips=n_clips,
-                mp3_paths_md5=formats.paths_md5(mp3_paths[:n_clips]))
-
-
 def can_carry_over(old, new, mp3_paths):
     """True when the rows of a file made with settings `old` are valid rows of `new`:
     same features and dtype, and its clips are the first of the new ones."""
@@ -377,11 +371,9 @@ def finish(files, settings, done, failed, annotations_md5):
     os.replace(files["partial"], files["npy"])
     versions = dict(librosa=librosa.__version__, numpy=np.__version__,
                     soundfile=soundfile.__version__)
-    shape = [settings["n_clips"], common.N_MELS, common.N_FRAMES]
     try:
-        plumbing.write_json(files["json"], dict(settings, shape=shape, versions=versions,
-                                                annotations_md5=annotations_md5,
-                                                failed=sorted(failed, key=lambda f: f["row"])))
+        plumbing.write_json(files["json"], formats.spectrogram_meta(settings, failed, versions=versions,
+                                                                    annotations_md5=annotations_md5))
     except BaseException:
         os.replace(files["npy"], files["partial"])
         raise
@@ -474,7 +466,7 @@ def main(argv=None):
     except ValueError as error:
         raise SystemExit(f"error: {error}; download it again: python src/get_data.py") from None
     n_clips = len(mp3_paths) if args.limit is None else min(args.limit, len(mp3_paths))
-    settings = settings_of(n_clips, args.dtype, mp3_paths)
+    settings = formats.spectrogram_settings(n_clips, args.dtype, mp3_paths)
     files = {name: args.data_dir / f"spectrograms{suffix}" for name, suffix in (
         ("npy", ".npy"), ("json", ".json"), ("partial", ".partial.npy"),
         ("progress", ".progress.json"))}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import common
-import gen_spectrograms
+import formats
 import report
 import trainer
 from conftest import ROOT, SRC
@@ -143,8 +143,8 @@ def test_trainer_fixed_split_on_real_annotations(annotations_csv, tmp_path, spli
     shape = (common.N_CLIPS, common.N_MELS, common.N_FRAMES)
     np.lib.format.open_memmap(data / "spectrograms.npy", mode="w+", dtype=np.float16, shape=shape).flush()
     mp3_paths = common.read_annotations(annotations_csv)[3]
-    (data / "spectrograms.json").write_text(json.dumps(dict(
-        gen_spectrograms.settings_of(shape[0], "float16", mp3_paths), failed=[])))
+    (data / "spectrograms.json").write_text(json.dumps(formats.spectrogram_meta(
+        formats.spectrogram_settings(shape[0], "float16", mp3_paths))))
     assert os.stat(data / "spectrograms.npy").st_blocks * 512 < 2 ** 20  # sparse: no real disk
     proc = subprocess.Popen([sys.executable, str(SRC / "trainer.py"), "--data-dir", str(data), "--out",
                              str(tmp_path / "exp"), "--run", split, "--split", split, "--device", "cpu"],
