@@ -6,6 +6,7 @@ test_scores.npz). The mechanisms under them (atomic writes, locks) are plumbing.
 import contextlib
 import csv
 import hashlib
+import io
 import math
 import re
 import time
@@ -165,11 +166,7 @@ def provenance(args, split):
 
 def check_same_provenance(saved, current, run_dir):
     """--resume: refuse (one line) a run whose last.pt was trained on other data or another
-    split than this command's; a last.pt of an older trainer.py records none (a note)."""
-    if saved is None:
-        log(f"note: {run_dir / 'last.pt'} does not record its data (written by an older trainer.py): "
-            "make sure --data-dir is the one it was trained on")
-        return
+    split than this command's."""
     for part, keys, what in (("data", DATA_IDENTITY, "other data"), ("split", SPLIT_IDENTITY, "another split")):
         differ = [key for key in keys if saved[part].get(key) != current[part].get(key)]
         if differ:
@@ -181,33 +178,13 @@ def check_same_provenance(saved, current, run_dir):
                              "a new --run")
 
 
-def check_made_by(path, written_by, checkpoint_sha256, fix):
-    """Refuse (one line) to add to the output at path (--resume) when its rows were made by
-    another checkpoint than the one of checkpoint_sha256 (one file would mix two models), or
-    by an unknown one (None: an older predict.py). written_by: the rows' SHA-256s."""
-    written_by = set(written_by)
-    if None in written_by:
-        raise SystemExit(f"error: --resume: {path} does not record the checkpoint that wrote it (an older "
-                         f"predict.py?), so it may not be this one's; {fix}")
-    if written_by - {checkpoint_sha256}:
-        other = sorted(written_by - {checkpoint_sha256})[0]
-        raise SystemExit(f"error: --resume: {path} holds results of another checkpoint (SHA-256 {other[:16]}..., "
-                         f"this one's is {checkpoint_sha256[:16]}...): one file would mix two models; resume "
-                         f"with the checkpoint that wrote it, or {fix}")
-
-
 def describe_training(checkpoint):
     """What a best_model.pt was trained on, for predict.py: (one line: the data set, the
     split and its sizes, the best epoch's validation and test ROC-AUC; a warning line, or
-    None, when the data set is not MTAT). A checkpoint without provenance (older) says
-    'unknown'."""
-    metrics, prov = checkpoint.get("metrics") or {}, checkpoint.get("provenance")
+    None, when the data set is not MTAT)."""
+    metrics, prov = checkpoint["metrics"], checkpoint["provenance"]
     scores = ", ".join(f"{name} ROC-AUC {metrics[key]:.4f}" for name, key in (
         ("validation", "val_roc_auc"), ("test", "test_roc_auc")) if isinstance(metrics.get(key), float))
-    if prov is None:
-        split = (checkpoint.get("args") or {}).get("split", "unknown")
-        return (f"model: trained on unknown data (the checkpoint records none: an older trainer.py), "
-                f"split {split}, epoch {checkpoint.get('epoch')}" + (f": {scores}" if scores else "")), None
     data, split = prov["data"], prov["split"]
     sizes = " / ".join(f"{split[f'n_{part}']:,}" for part in ("train", "val", "test"))
     name = {"MTAT": "MTAT", "synthetic": "a synthetic set"}.get(data["dataset"], "other data")
@@ -247,10 +224,11 @@ def divergence_message(error, epoch, run_dir, history, best):
 # The run folder: best_model.pt (all that inference needs), last.pt (all that resuming
 # needs), metrics.csv (a row per epoch), results.json (the result, for report.py).
 # Both .pt files load with torch.load(..., weights_only=True).
-CHECKPOINT_KEYS = ("state_dict", "tag_names", "norm_mean", "norm_std", "feature_params",
-                   "args", "epoch", "metrics")
-LAST_KEYS = ("model", "optimizer", "scheduler", "torch_rng", "cuda_rng", "history", "best",
-             "epoch", "args")
+RUN_FORMAT = 1  # format_version of best_model.pt, last.pt and results.json; readers refuse any other
+CHECKPOINT_KEYS = ("state_dict", "tag_names", "norm_mean", "norm_std", "feature_params", "args", "epoch",
+                   "metrics", "provenance")
+LAST_KEYS = ("model", "optimizer", "scheduler", "torch_rng", "cuda_rng", "history", "best", "epoch", "args",
+             "provenance")
 
 
 def json_args(args):
@@ -281,6 +259,25 @@ def claim_run(args):
     return run_dir
 
 
+def read_checkpoint(path, keys, what):
+    """A .pt file of this format read once (torch.load, weights_only=True): its dict, with
+    `sha256` of the bytes loaded added. Raises ValueError naming the file when it is not a
+    PyTorch file, lacks one of `keys` (what: what it should be) or is of another format_version."""
+    data = Path(path).read_bytes()
+    try:
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and unsafe-global errors alike
+        raise ValueError(f"{path}: not {what} ({load_error_reason(error)})") from None
+    missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        best_model = "model" in missing and isinstance(checkpoint, dict) and "state_dict" in checkpoint
+        raise ValueError(f"{path}: not {what}{' but a best_model.pt' * best_model} "
+                         f"(missing {', '.join(missing)})")
+    if checkpoint.get("format_version") != RUN_FORMAT:
+        raise ValueError(f"{path}: of format {checkpoint.get('format_version')}, this code reads {RUN_FORMAT}")
+    return dict(checkpoint, sha256=hashlib.sha256(data).hexdigest())
+
+
 def start_run(args, run_dir, prov, resume_keys, model, optimizer, scheduler, device):
     """Start a new run, or (--resume) continue the one in run_dir from its last.pt.
 
@@ -296,26 +293,19 @@ def start_run(args, run_dir, prov, resume_keys, model, optimizer, scheduler, dev
     path = run_dir / "last.pt"
     fix = "it cannot be resumed: restore it from a copy, or start a new --run"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and unsafe-global errors alike
-        raise SystemExit(f"error: {path}: not a last.pt of trainer.py ({load_error_reason(error)}); {fix}") from None
-    missing = [k for k in LAST_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        best_model = isinstance(state, dict) and "state_dict" in state
-        raise SystemExit(f"error: {path}: not a last.pt of trainer.py{' but a best_model.pt' * best_model} "
-                         f"(missing {', '.join(missing)}); {fix}")
-    # older runs drew --split random from --seed, and had all three scales
-    saved = dict({"split_seed": state["args"].get("seed"), "scales": list(common.SCALES)}, **state["args"])
-    changed = [k for k in resume_keys if saved.get(k) != json_args(args)[k]]
+        state = read_checkpoint(path, LAST_KEYS, "a last.pt of trainer.py")
+    except ValueError as error:
+        raise SystemExit(f"error: {error}; {fix}") from None
+    changed = [k for k in resume_keys if state["args"].get(k) != json_args(args)[k]]
     if changed:
         raise SystemExit(f"error: cannot resume {run_dir} with different {', '.join('--' + k.replace('_', '-') for k in changed)}")
-    check_same_provenance(state.get("provenance"), prov, run_dir)
+    check_same_provenance(state["provenance"], prov, run_dir)
     try:
         model.load_state_dict(state["model"])
         load_optimizer_state(optimizer, state["optimizer"], args.fused_adam)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:  # dropout masks on CUDA
+        if device.type == "cuda" and state["cuda_rng"] is not None:  # dropout masks on CUDA
             torch.cuda.set_rng_state(state["cuda_rng"], device)
     except (RuntimeError, ValueError, KeyError, TypeError) as error:  # a state of another network or damaged
         reason = " ".join(str(error).split())[:300]
@@ -349,47 +339,40 @@ def save_epoch(run_dir, model, optimizer, scheduler, history, best, improved, ta
                         torch_rng=torch.get_rng_state(),
                         cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                         history=history, best=best, epoch=history[-1]["epoch"], args=json_args(args),
-                        provenance=prov), f)
+                        provenance=prov, format_version=RUN_FORMAT), f)
     with atomic_write(run_dir / "metrics.csv", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
 
 
-def save_best_model(path, state_dict, tag_names, norm, args, epoch, metrics, prov=None):
-    """best_model.pt: state_dict; tag_names (list of str); norm_mean, norm_std (float32
-    tensors (N_MELS,), per-band statistics of the training clips' log-mel); feature_params
-    (dict, common.feature_params()); args (the run's arguments, plain types); epoch (int,
-    1-based); metrics (dict of that epoch's scores); provenance (provenance(): what it was
-    trained on; None: not known). load_model reads it, describe_training tells it."""
+def save_best_model(path, state_dict, tag_names, norm, args, epoch, metrics, prov):
+    """best_model.pt: state_dict (an MSCNN's: its keys say its scales); tag_names (list of
+    str); norm_mean, norm_std (float32 tensors (N_MELS,), per-band statistics of the training
+    clips' log-mel); feature_params (dict, common.feature_params()); args (the run's
+    arguments, plain types); epoch (int, 1-based); metrics (dict of that epoch's scores);
+    provenance (provenance(): what it was trained on); format_version. load_model reads it,
+    describe_training tells it."""
     with atomic_write(path, "wb") as f:
         torch.save(dict(state_dict=state_dict, tag_names=list(tag_names), norm_mean=norm[0].cpu(),
                         norm_std=norm[1].cpu(), feature_params=common.feature_params(), args=args,
-                        epoch=epoch, metrics=metrics, provenance=prov), f)
+                        epoch=epoch, metrics=metrics, provenance=prov, format_version=RUN_FORMAT), f)
 
 
 def load_model(checkpoint_path, device="cpu"):
-    """Load a best_model.pt (save_best_model; weights_only=True) into a fresh MSCNN.
+    """Load a best_model.pt (save_best_model) into a fresh MSCNN, reading the file once.
 
     Returns:
-        model (MSCNN in eval mode on `device`, channels_last), checkpoint (the dict).
+        model (MSCNN in eval mode on `device`, channels_last), checkpoint (the dict, with
+        `sha256` of the file's bytes).
     Raises ValueError naming the file when it is not such a checkpoint, was made with other
     feature parameters, or holds NaN or inf.
     """
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and unsafe-global errors alike
-        raise ValueError(f"{checkpoint_path}: not a PyTorch checkpoint of this project "
-                         f"({load_error_reason(error)})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing:
-        raise ValueError(f"{checkpoint_path}: not a checkpoint of trainer.py "
-                         f"(missing {', '.join(missing)})")
+    checkpoint = read_checkpoint(checkpoint_path, CHECKPOINT_KEYS, "a PyTorch checkpoint of this project")
     if checkpoint["feature_params"] != common.feature_params():
         raise ValueError(f"{checkpoint_path}: trained on features {checkpoint['feature_params']}, "
                          f"but this code computes {common.feature_params()}")
-    tensors = dict(checkpoint["state_dict"], norm_mean=checkpoint["norm_mean"],
-                   norm_std=checkpoint["norm_std"])
+    tensors = dict(checkpoint["state_dict"], norm_mean=checkpoint["norm_mean"], norm_std=checkpoint["norm_std"])
     bad = [name for name, t in tensors.items()
            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:  # a diverged run's weights: they would tag every clip with garbage
@@ -397,13 +380,8 @@ def load_model(checkpoint_path, device="cpu"):
                          f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}; the run "
                          "that wrote it diverged: use a checkpoint of an earlier epoch, or "
                          "train again with a lower --lr")
-    args = checkpoint["args"] if isinstance(checkpoint["args"], dict) else {}
-    scales = args.get("scales", common.SCALES)  # the branches the run trained (older runs: all three)
-    try:
-        model = common.MSCNN(n_tags=len(checkpoint["tag_names"]), scales=tuple(scales))
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{checkpoint_path}: its args hold scales {scales!r}, not a subset of 1 2 3 "
-                         f"({error})") from None
+    scales = sorted({int(key[len("branch")]) for key in checkpoint["state_dict"] if key.startswith("branch")})
+    model = common.MSCNN(n_tags=len(checkpoint["tag_names"]), scales=scales or common.SCALES)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:  # keys or shapes of another network
@@ -437,7 +415,7 @@ def write_results(run_dir, best, tag_names, args, split, overlap, prov):
     results = {k: best[k] for k in ("epoch", "val_roc_auc", "val_pr_auc", "test_roc_auc", "test_pr_auc")}
     results["test_roc_auc_per_tag"] = {name: None if math.isnan(auc) else auc
                                        for name, auc in zip(tag_names, best["test_roc_auc_per_tag"])}
-    results["best_model"] = str(run_dir / "best_model.pt")
+    results.update(best_model=str(run_dir / "best_model.pt"), format_version=RUN_FORMAT)
     results.update(split=args.split, split_seed=args.split_seed if args.split == "random" else None,
                    scales=list(args.scales), seed=args.seed, epochs=args.epochs, n_tags=len(tag_names),
                    merge=not args.no_merge,
@@ -467,7 +445,7 @@ def save_test_scores(run_dir, scores, labels, rows, tag_names, epoch):
 
 def read_test_scores(run_dir, epoch=None):
     """-> dict of save_test_scores' arrays (scores, labels, rows, tag_names, epoch), or None
-    when the run has no test_scores.npz (made by an older trainer.py). Raises ValueError
+    when the run has no test_scores.npz. Raises ValueError
     naming the file when it is damaged, its shapes disagree, or it holds another epoch than
     `epoch` (results.json's best epoch)."""
     path = Path(run_dir) / TEST_SCORES

@@ -110,12 +110,9 @@ def extract(task):
 
 
 def error_text(error, path):
-    """One line saying why a clip could not be decoded (with soundfile's reason when
-    librosa's audioread fallback failed too)."""
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        return "empty file (0 bytes)"
-    causes = [error] if error.__context__ is None else [error, error.__context__]
-    return "; ".join(f"{type(e).__name__}: {e}".rstrip(": ") for e in causes)
+    """One line saying why a clip could not be decoded (its path is beside it in the .json)."""
+    message = str(error).removeprefix(f"{path}: ")
+    return message if isinstance(error, ValueError) else f"{type(error).__name__}: {message}".rstrip(": ")
 
 
 def warm_up():

@@ -294,20 +294,16 @@ def train_epoch(model, optimizer, source, labels, batches, norm, use_bf16, desc=
 
 # -----------------------------------------------------------------------------
 # Evaluation: macro ROC-AUC and PR-AUC of validation and test after every epoch
-@torch.no_grad()
 def predict_rows(model, source, rows, norm, batch_size, device, use_bf16):
-    """Sigmoid scores (len(rows), T) float32 ndarray for the given spectrogram rows.
-
-    Under torchrun each process scores a share of the rows and the shares are gathered."""
+    """Sigmoid scores (len(rows), T) float32 ndarray of the given spectrogram rows, through
+    common.score (predict.py's scorer). Under torchrun each process scores a share of the
+    rows and the shares are gathered."""
     model.eval()
     my_rows = np.array_split(rows, world_size())[plumbing.rank()]
     rows_on_device = torch.from_numpy(my_rows).to(device)
-    scores = []
-    for start in range(0, len(my_rows), batch_size):
-        batch = slice(start, start + batch_size)
-        x = common.normalise(plumbing.get_batch(source, my_rows[batch], rows_on_device[batch]), *norm)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            scores.append(torch.sigmoid(model(x).float()))  # kept on the device: no wait per batch
+    scores = [common.score(model, plumbing.get_batch(source, my_rows[batch], rows_on_device[batch]), *norm,
+                           bf16=use_bf16)  # kept on the device: no wait per batch
+              for batch in map(lambda start: slice(start, start + batch_size), range(0, len(my_rows), batch_size))]
     scores = torch.cat(scores).cpu().numpy() if scores else None
     if world_size() > 1:
         gathered = [None] * world_size()

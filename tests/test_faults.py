@@ -395,10 +395,8 @@ def test_diverging_run_stops_before_saving_and_says_so(small_data_dir, tmp_path)
 def test_load_model_refuses_a_checkpoint_with_non_finite_tensors(tmp_path):
     state_dict = common.MSCNN(4).state_dict()
     state_dict["head.0.running_var"][7] = float("inf")
-    torch.save(dict(state_dict=state_dict, tag_names=["a", "b", "c", "d"],
-                    norm_mean=torch.zeros(128), norm_std=torch.ones(128),
-                    feature_params=common.feature_params(), args={}, epoch=3, metrics={}),
-               tmp_path / "poisoned.pt")
+    formats.save_best_model(tmp_path / "poisoned.pt", state_dict, ["a", "b", "c", "d"],
+                            (torch.zeros(128), torch.ones(128)), {}, 3, {}, None)
     with pytest.raises(ValueError, match=r"poisoned.pt: holds non-finite values \(NaN or inf\) "
                                          r"in head.0.running_var; the run that wrote it diverged"):
         formats.load_model(tmp_path / "poisoned.pt")

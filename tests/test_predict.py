@@ -64,7 +64,7 @@ def checkpoint(tiny_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(checkpoint):
     """(model, tag_names, norm_mean, norm_std) as predict loads them."""
-    return predict.load_checkpoint(checkpoint, torch.device("cpu"))
+    return predict.load_checkpoint(checkpoint, torch.device("cpu"))[:4]
 
 
 def tone(seconds, sample_rate, channels=1, base_hz=220.0):
@@ -189,7 +189,8 @@ def test_main_prints_tags_and_writes_json(checkpoint, mtat_clip, long_stereo, tm
     assert list(saved) == [str(mtat_clip), str(long_stereo)]
     for path, windows, block in ((mtat_clip, 1, out[:4]), (long_stereo, 5, out[4:8])):
         entry = saved[str(path)]
-        assert set(entry) == {"tags", "windows", "duration_s", "checkpoint_sha256"}
+        assert set(entry) == {"tags", "windows", "duration_s", "checkpoint_sha256", "format_version"}
+        assert entry["format_version"] == predict.OUTPUT_FORMAT
         assert entry["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
         assert entry["windows"] == windows and isinstance(entry["duration_s"], float)
         assert len(entry["tags"]) == 50
@@ -229,7 +230,7 @@ def test_bad_audio_inputs_fail_alone(checkpoint, mtat_clip, tmp_path, capsys):
     saved = json.loads(json_path.read_text())
     assert set(saved) == set(paths)
     assert saved[str(mtat_clip)]["windows"] == 1
-    assert all(set(saved[p]) == {"error", "checkpoint_sha256"} and p in saved[p]["error"]
+    assert all(set(saved[p]) == {"error", "checkpoint_sha256", "format_version"} and p in saved[p]["error"]
                for p in (str(missing), str(empty), str(text)))
 
 
@@ -307,33 +308,50 @@ def test_script_by_subprocess(checkpoint, mtat_clip, tmp_path):
 
 # -----------------------------------------------------------------------------
 # at library scale: blocks, folders, CSV, embeddings, the decoder pool, resume
-def test_block_path_equals_whole_file_path(loaded, long_stereo, mtat_clip):
-    """Decoding in blocks (7 s here: 11 blocks of the 75 s file, 5 of the MP3) gives the
-    frames of the whole-file path, common.log_mel_of_audio(common.load_audio(path)).
+@pytest.mark.parametrize("sample_rate,channels,seconds,block_s", [
+    (8000, 1, 40, 7), (11025, 1, 31, 5), (16000, 2, 45, 10), (22050, 1, 33, 3), (44100, 2, 75, 7),
+    (48000, 2, 62, 30)])
+def test_blocks_equal_the_whole_file(tmp_path, sample_rate, channels, seconds, block_s):
+    """common.read_log_mel in blocks of block_s seconds gives the frames, and the length, of
+    the same file decoded, resampled and framed whole (block_s None: one call per stage, as
+    librosa.load + melspectrogram compute it), at rates needing resampling and not.
 
-    Tolerance: the decoded samples and soxr's streamed output equal the one-shot ones (the
-    MP3's within 2e-7, mpg123's rounding), but the mel projection (a BLAS product) rounds in
-    float32 differently for a block than for the whole file, a relative 1e-6 of the power.
-    log turns that into <= 1e-4 where the power is above e^-10 (98% of the cells; 1e-6 for
-    the WAV), up to 3e-3 in the MP3's empty top band (power e^-24); the scores agree to
-    1e-4, and to 1e-6 for the WAV."""
+    Tolerance: the decoded samples and soxr's streamed output are the one-shot ones, but the
+    mel projection (a BLAS product) may round in float32 otherwise for a block than for the
+    whole file: a relative 1e-6 of the power at most, 1e-5 in log units here."""
+    path = tmp_path / f"tone_{sample_rate}.wav"
+    sf.write(path, tone(seconds, sample_rate, channels=channels), sample_rate)
+    whole, whole_s = common.read_log_mel(path, block_s=None)
+    blocks, blocks_s = common.read_log_mel(path, block_s=block_s)
+    assert blocks.shape == whole.shape == (128, 1 + math.ceil(seconds * 11025) // 512)
+    assert blocks.dtype == np.float32 and blocks_s == whole_s
+    np.testing.assert_allclose(blocks, whole, rtol=0, atol=1e-5)
+
+
+def test_blocks_equal_the_whole_file_on_real_mtat_audio(loaded, mtat_clip):
+    """The real MP3 in blocks of 5 s and whole: the same frames within float32 rounding of
+    the mel projection (up to 3e-3 in log units in its near-empty top band, power e^-24;
+    <= 1e-4 where the power is above e^-10), the same scores within 1e-4; and whole, it is
+    what librosa.load + librosa.feature.melspectrogram give, bit for bit."""
+    import librosa
+
     model, tag_names, mean, std = loaded
-    cases = ((long_stereo, 7, 1e-5, 1e-6), (mtat_clip, 5, 3e-3, 1e-4))
-    for path, block_s, log_atol, prob_atol in cases:
-        whole_audio = common.load_audio(path)
-        whole = common.log_mel_of_audio(whole_audio)
-        blocks, duration_s = predict.read_log_mel(path, block_s=block_s)
-        assert blocks.shape == whole.shape and blocks.dtype == np.float32
-        assert duration_s == len(whole_audio) / common.SAMPLE_RATE
-        np.testing.assert_allclose(blocks, whole, rtol=0, atol=log_atol)
-        loud = whole > -10
-        assert np.abs(blocks - whole)[loud].max() <= 1e-4 and loud.mean() > 0.98
-        starts = predict.window_starts(whole.shape[1], 314)
-        probs = [predict.score_batch(model, np.stack([common.fit_frames(spec[:, s:])
-                                                      for s in starts]), mean, std)[0]
-                 for spec in (blocks, whole)]
-        np.testing.assert_allclose(probs[0], probs[1], rtol=0, atol=prob_atol)
-    # what tag_file (and main) score is the block path
+    whole, _ = common.read_log_mel(mtat_clip, block_s=None)
+    blocks, _ = common.read_log_mel(mtat_clip, block_s=5)
+    np.testing.assert_allclose(blocks, whole, rtol=0, atol=3e-3)
+    assert np.abs(blocks - whole)[whole > -10].max() <= 1e-4 and (whole > -10).mean() > 0.98
+    probs = [common.score(model, torch.from_numpy(common.fit_frames(spec)[None]), mean, std).numpy()
+             for spec in (blocks, whole)]
+    np.testing.assert_allclose(probs[0], probs[1], rtol=0, atol=1e-4)
+    audio, _ = librosa.load(mtat_clip, sr=11025)
+    mel = librosa.feature.melspectrogram(y=audio, sr=11025, n_fft=2048, hop_length=512, n_mels=128)
+    assert np.array_equal(np.log(np.maximum(mel, 1e-20)).astype(np.float32), whole)
+    assert np.array_equal(common.log_mel(mtat_clip), whole)  # 628 frames: one window
+
+
+def test_tag_file_scores_the_training_features(loaded, long_stereo):
+    """What tag_file (and main) score: the whole file's training features, window by window."""
+    model, tag_names, mean, std = loaded
     result = predict.tag_file(long_stereo, model, tag_names, mean, std)
     np.testing.assert_allclose(result["window_probs"], probs_of(loaded, long_stereo), atol=1e-6)
 
@@ -341,7 +359,7 @@ def test_block_path_equals_whole_file_path(loaded, long_stereo, mtat_clip):
 def probs_of(loaded, path):
     """Window probabilities of the whole-file path (the reference), (K, n_tags)."""
     model, _, mean, std = loaded
-    spec = common.log_mel_of_audio(common.load_audio(path))
+    spec = common.read_log_mel(path, block_s=None)[0]
     starts = predict.window_starts(spec.shape[1], 314)
     windows = torch.from_numpy(np.stack([common.fit_frames(spec[:, s:]) for s in starts]))
     with torch.no_grad():
@@ -359,7 +377,7 @@ def test_embedding_through_the_last_layer_gives_the_logits(loaded, long_stereo):
         logits = model.head[-1](torch.from_numpy(emb)).numpy()
     np.testing.assert_allclose(1 / (1 + np.exp(-logits)), result["window_probs"], atol=1e-6)
     # and the model's own forward pass on the windows gives those logits
-    spec = common.log_mel_of_audio(common.load_audio(long_stereo))
+    spec = common.read_log_mel(long_stereo, block_s=None)[0]
     windows = np.stack([common.fit_frames(spec[:, s:]) for s in result["starts"]])
     with torch.no_grad():
         forward = model(common.normalise(torch.from_numpy(windows), mean, std)).numpy()
@@ -417,7 +435,9 @@ def test_folder_with_nested_and_bad_files(checkpoint, loaded, library, short_fla
     with open(out["csv"], newline="") as f:
         rows = list(csv.DictReader(f))
     tag_names = torch.load(checkpoint, weights_only=True)["tag_names"]
-    assert list(rows[0]) == ["path", "duration_s", "windows"] + tag_names + ["error", "checkpoint_sha256"]
+    assert list(rows[0]) == ["path", "duration_s", "windows"] + tag_names + ["error", "checkpoint_sha256",
+                                                                             "format_version"]
+    assert {row["format_version"] for row in rows} == {str(predict.OUTPUT_FORMAT)}
     sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert {row["checkpoint_sha256"] for row in rows} == {sha256}
     assert [row["path"] for row in rows] == order
@@ -426,7 +446,7 @@ def test_folder_with_nested_and_bad_files(checkpoint, loaded, library, short_fla
         entry = saved_json[row["path"]]
         if row["path"] in bad:
             assert row["error"].startswith(row["path"] + ": " + bad[row["path"]][:20])
-            assert entry == {"error": row["error"], "checkpoint_sha256": sha256}
+            assert entry == {"error": row["error"], "checkpoint_sha256": sha256, "format_version": 1}
             assert all(row[k] == "" for k in ["duration_s", "windows"] + tag_names)
             continue
         assert row["error"] == ""
@@ -440,7 +460,7 @@ def test_folder_with_nested_and_bad_files(checkpoint, loaded, library, short_fla
     good = [p for p in order if p not in bad]
     assert sorted(npz.files) == sorted(["paths", "tag_names", "embeddings", "duration_s", "windows",
                                         "window_embeddings", "window_file", "window_start_s",
-                                        "checkpoint_sha256"])
+                                        "checkpoint_sha256", "format_version"])
     assert set(npz["checkpoint_sha256"]) == {sha256}
     assert list(npz["paths"]) == good and list(npz["tag_names"]) == tag_names
     assert npz["embeddings"].shape == (5, 500) and npz["embeddings"].dtype == np.float32
@@ -486,14 +506,14 @@ def test_same_output_with_any_number_of_workers(checkpoint, loaded, long_stereo,
     inputs = [str(p) for p in (long_stereo, short_flac, mtat_clip, tmp_path / "missing.wav",
                                long_stereo, short_flac)]
     main_pid, scored_here = os.getpid(), []
-    score_batch = predict.score_batch
+    score = common.score
 
-    def recording(*args):
+    def recording(*args, **kwargs):
         if os.getpid() == main_pid:
             scored_here.append(len(args[1]))
-        return score_batch(*args)
+        return score(*args, **kwargs)
 
-    monkeypatch.setattr(predict, "score_batch", recording)
+    monkeypatch.setattr(common, "score", recording)
     threads = torch.get_num_threads()
     outputs = {}
     for workers in (0, 1, 2):
@@ -524,15 +544,13 @@ def test_same_output_with_any_number_of_workers(checkpoint, loaded, long_stereo,
     assert np.array_equal(npz0["window_embeddings"][npz0["window_file"] == 0], alone["window_embeddings"])
 
 
-def test_gpu_batching_across_files_runs_on_a_cpu(loaded, long_stereo, short_flac, mtat_clip, tmp_path):
-    """The GPU's path, decoders and batches that run across files (tag_decoded), checked on
-    the CPU: input order, an error passed through in its place, and each file's scores
-    those it gets alone (within float rounding: a batch holding other windows sums in
-    another order)."""
+def test_scoring_here_as_on_a_gpu_runs_on_a_cpu(loaded, long_stereo, short_flac, mtat_clip, tmp_path):
+    """The GPU's arrangement, workers that decode and this process that scores (with the same
+    score_file), checked on the CPU: input order, an error passed through in its place, and
+    each file's scores those it gets alone."""
     model, tag_names, mean, std = loaded
     paths = [str(long_stereo), str(short_flac), str(tmp_path / "missing.wav"), str(mtat_clip)]
-    tagged = list(predict.tag_decoded(predict.run_all(predict.decode_one, paths, 2), model,
-                                      tag_names, mean, std, batch_size=4))
+    tagged = list(predict.tag_all(paths, 2, model, tag_names, mean, std, 314, 4, score_here=True))
     assert [path for path, _ in tagged] == paths
     assert isinstance(tagged[2][1], ValueError) and "no such file" in str(tagged[2][1])
     for path, result in tagged[:2] + tagged[3:]:
@@ -546,9 +564,9 @@ def same_rows(csv_text, expected_text):
     """The same CSV rows; probabilities within 1e-5 (a batch holding other windows rounds
     the network's sums differently)."""
     rows, expected = (list(csv.reader(text.splitlines())) for text in (csv_text, expected_text))
-    assert [row[:3] + row[-2:] for row in rows] == [row[:3] + row[-2:] for row in expected]
-    np.testing.assert_allclose(np.array([row[3:-2] for row in rows[1:]], float),
-                               np.array([row[3:-2] for row in expected[1:]], float), atol=1e-5)
+    assert [row[:3] + row[-3:] for row in rows] == [row[:3] + row[-3:] for row in expected]
+    np.testing.assert_allclose(np.array([row[3:-3] for row in rows[1:]], float),
+                               np.array([row[3:-3] for row in expected[1:]], float), atol=1e-5)
 
 
 def test_resume_skips_what_the_outputs_hold(checkpoint, library, tmp_path, capsys):
@@ -561,9 +579,9 @@ def test_resume_skips_what_the_outputs_hold(checkpoint, library, tmp_path, capsy
     capsys.readouterr()
     # an interrupted run: the first two files saved, the third failed (retried on resume)
     lines = full_csv.splitlines(keepends=True)
-    n_tags = len(lines[0].split(",")) - 5
-    sha256 = lines[1].rstrip().rsplit(",", 1)[1]
-    csv_path.write_text("".join(lines[:3]) + f"{good[2]},,," + "," * n_tags + f"decoder died,{sha256}\r\n")
+    n_tags = len(lines[0].split(",")) - 6
+    sha256 = lines[1].rstrip().rsplit(",", 2)[1]
+    csv_path.write_text("".join(lines[:3]) + f"{good[2]},,," + "," * n_tags + f"decoder died,{sha256},1\r\n")
     json_path = tmp_path / "tags.json"
     json_path.write_text('{"a.mp3": ')  # cut short: refused in one line
     with pytest.raises(SystemExit, match=f"error: --resume: cannot read {json_path} "):
@@ -693,4 +711,4 @@ def test_a_killed_decoder_does_not_hang_the_run(checkpoint, long_stereo, tmp_pat
     with open(csv_path, newline="") as f:
         rows = list(csv.reader(f))
     assert [row[0] for row in rows[1:]] == [str(folder / f"track{i}.wav") for i in range(8)]
-    assert all(row[1:] == rows[1][1:] for row in rows[1:]) and rows[1][-2] == ""
+    assert all(row[1:] == rows[1][1:] for row in rows[1:]) and rows[1][-3] == ""

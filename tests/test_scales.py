@@ -115,21 +115,19 @@ def test_scales_that_are_not_a_subset_are_refused():
             trainer.parse_args(bad)
 
 
-def test_older_checkpoints_load_as_the_full_network(tmp_path):
-    """A best_model.pt whose args hold no scales (made before --scales) is the paper's network;
-    weights of one branch under a checkpoint that claims three are refused in one line."""
-    benchmark.random_checkpoint(tmp_path / "old.pt", n_tags=4)  # args={}
-    model, _ = formats.load_model(tmp_path / "old.pt")
-    assert model.scales == (1, 2, 3)
-    state = torch.load(tmp_path / "old.pt", weights_only=True)
-    torch.save(dict(state, state_dict=common.MSCNN(4, scales=(1,)).state_dict(), args={"scales": [1, 2, 3]}),
-               tmp_path / "wrong.pt")
-    with pytest.raises(ValueError, match=r"do not fit the MSCNN of 4 tags and scales 1 2 3 \(") as error:
+def test_a_checkpoints_weights_say_its_scales(tmp_path):
+    """load_model builds the network the weights are of: their branches are its scales; weights
+    for another number of tags than the names are refused in one line."""
+    norm = torch.zeros(128), torch.ones(128)
+    for scales in ((1,), (1, 3), (1, 2, 3)):
+        formats.save_best_model(tmp_path / "m.pt", common.MSCNN(4, scales=scales).state_dict(), list("abcd"),
+                                norm, {}, 1, {}, None)
+        assert formats.load_model(tmp_path / "m.pt")[0].scales == scales
+    formats.save_best_model(tmp_path / "wrong.pt", common.MSCNN(5, scales=(2,)).state_dict(), list("abcd"),
+                            norm, {}, 1, {}, None)
+    with pytest.raises(ValueError, match=r"do not fit the MSCNN of 4 tags and scales 2 \(") as error:
         formats.load_model(tmp_path / "wrong.pt")
     assert "\n" not in str(error.value)
-    torch.save(dict(state, args={"scales": [5]}), tmp_path / "odd.pt")
-    with pytest.raises(ValueError, match=r"scales \[5\], not a subset of 1 2 3"):
-        formats.load_model(tmp_path / "odd.pt")
 
 
 @pytest.fixture(scope="module")
@@ -197,16 +195,12 @@ def test_benchmark_counts_and_times_one_scale(capsys):
 
 
 @pytest.mark.slow
-def test_a_run_from_before_scales_resumes_as_the_full_network(small_run, small_data_dir, tmp_path):
-    """A last.pt whose args hold no scales (written before --scales) resumes with the default,
-    the three scales it had, and refuses --scales 1."""
+def test_a_last_pt_of_another_format_is_refused(small_run, small_data_dir, tmp_path):
+    """--resume of a last.pt of another format_version: one line, nothing trained."""
     run_dir, _ = small_run
     (tmp_path / "old").mkdir()
     state = torch.load(run_dir / "last.pt", weights_only=True)
-    del state["args"]["scales"]
-    torch.save(state, tmp_path / "old" / "last.pt")
+    torch.save(dict(state, format_version=0), tmp_path / "old" / "last.pt")
     run = ["--data-dir", str(small_data_dir), "--out", str(tmp_path), "--run", "old", "--resume"] + SMALL_RUN_ARGS
-    with pytest.raises(SystemExit, match="with different --scales"):
-        trainer.main(run + ["--epochs", "3", "--scales", "1"])
-    results = trainer.main(run + ["--epochs", "3"])
-    assert results["scales"] == [1, 2, 3] and results["epochs"] == 3
+    with pytest.raises(SystemExit, match=r"last.pt: of format 0, this code reads 1; it cannot be resumed"):
+        trainer.main(run + ["--epochs", "3"])
