@@ -301,9 +301,11 @@ def predict_rows(model, source, rows, norm, batch_size, device, use_bf16):
     model.eval()
     my_rows = np.array_split(rows, world_size())[plumbing.rank()]
     rows_on_device = torch.from_numpy(my_rows).to(device)
-    scores = [common.score(model, plumbing.get_batch(source, my_rows[batch], rows_on_device[batch]), *norm,
-                           bf16=use_bf16)  # kept on the device: no wait per batch
-              for batch in map(lambda start: slice(start, start + batch_size), range(0, len(my_rows), batch_size))]
+    scores = []
+    for start in range(0, len(my_rows), batch_size):
+        batch = slice(start, start + batch_size)
+        x = plumbing.get_batch(source, my_rows[batch], rows_on_device[batch])
+        scores.append(common.score(model, x, *norm, bf16=use_bf16))  # kept on the device: no wait per batch
     scores = torch.cat(scores).cpu().numpy() if scores else None
     if world_size() > 1:
         gathered = [None] * world_size()
