@@ -168,6 +168,12 @@ def load_audio(path):
     return np.concatenate(list(resample(rate, blocks)))
 
 
+def warm_up():
+    """The pipeline once on a second of 16 kHz silence: librosa's imports and numba's compilation
+    paid in this process, before a pool forks its workers, instead of in every worker."""
+    list(log_mel_frames(resample(16000, [np.zeros(16000, np.float32)])))
+
+
 def log_mel(path, n_frames=N_FRAMES, block_s=BLOCK_S):
     """Log-mel spectrogram of an audio file, as the original computed it (read_log_mel),
     cropped or padded by fit_frames to n_frames (None: every frame).

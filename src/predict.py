@@ -163,7 +163,7 @@ def tag_all(paths, workers, model, tag_names, norm_mean, norm_std, hop_frames, b
         yield from ((path, tag_one(path)) for path in paths)
         return
     on_cpu = not score_here if score_here is not None else norm_mean.device.type == "cpu"
-    common.log_mel_frames([np.zeros(common.N_FFT, np.float32)])  # librosa's imports, once, before the fork
+    common.warm_up()  # librosa's imports and numba compilation, once, before the workers fork
     # a tagged file waiting for its turn holds only its scores, a decoded one its spectrogram
     results = plumbing.pool_results(tag_one if on_cpu else decode_one, paths, min(workers, len(paths)),
                                     start_scorer if on_cpu else None, settings if on_cpu else (),
