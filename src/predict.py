@@ -325,26 +325,19 @@ def save_taggram(png_path, window_probs, starts, duration_s, tag_names, title):
 
 CSV_COLUMNS = ["path", "duration_s", "windows"]  # then one column per tag, then CSV_LAST_COLUMNS
 CSV_LAST_COLUMNS = ["error", "checkpoint_sha256", "format_version"]
-KEPT = ("tags", "windows", "duration_s", "error", "checkpoint_sha256")  # what the JSON holds of a file
+
+
+def kept(entry):
+    """What the JSON holds of a file."""
+    return {k: v for k, v in entry.items() if k in ("tags", "windows", "duration_s", "error", "checkpoint_sha256")}
 
 
 def save_outputs(args, results, tag_names):
     """Write every output asked for, each atomically (a run killed at any moment leaves each
-    output as its last complete save). Every entry carries checkpoint_sha256 and
-    OUTPUT_FORMAT.
-
-    --json: {path: {"tags": [[name, prob], ... all, most probable first], "windows",
-    "duration_s"} or {"error"}, each with "checkpoint_sha256" and "format_version"}, a file a line.
-    --csv: a row per file: path, duration_s, windows, each tag's probability (checkpoint
-    order), error (empty when tagged; only path and error filled when not), checkpoint_sha256,
-    format_version.
-    --embeddings (.npz, tagged files only): paths (F,), tag_names (T,), embeddings (F, 500)
-    (mean over each file's windows), duration_s, windows, checkpoint_sha256 (F,),
-    format_version; with --per-window also window_embeddings (W, 500), window_file (W,) (row
-    in paths) and window_start_s (W,).
-    """
-    if args.json:
-        lines = [f"{json.dumps(audio)}: {json.dumps(dict(((k, v) for k, v in entry.items() if k in KEPT), format_version=OUTPUT_FORMAT))}"
+    output as its last complete save); every entry names its checkpoint (checkpoint_sha256)
+    and the format (format_version). Their layouts: docs/predict.md, "Outputs"."""
+    if args.json:  # a file a line: readable and diffable
+        lines = [f"{json.dumps(audio)}: {json.dumps(dict(kept(entry), format_version=OUTPUT_FORMAT))}"
                  for audio, entry in results.items()]
         with plumbing.atomic_write(args.json) as f:
             f.write("{\n" + ",\n".join(lines) + "\n}\n")
