@@ -1,26 +1,21 @@
-"""Speed figures for the docs: where the time of one log-mel goes, how many clips/s
-gen_spectrograms.py extracts with 1, 2, ... workers, how fast trainer.py trains (its fast
-path against a plain port's baseline), how fast predict.py tags a folder, and how long the
-paper's run takes.
+"""Speed figures for the docs: one log-mel's stages, gen_spectrograms.py's clips/s by workers,
+trainer.py's training speed (its fast path against a plain port's), predict.py's on a music folder,
+and the paper's run. Each benchmark (BENCHMARKS) returns plain numbers.
 
     python src/benchmark.py                              # features, train, predict
     python src/benchmark.py --what train --device cuda   # training steps and evaluation
     python src/benchmark.py --what paper --device cuda   # trainer.py at the paper's size
-    python src/benchmark.py --what train --device cpu --steps 3 --batch-size 8 --eval-clips 64
-    python src/benchmark.py --what features --workers 1 2 --n-clips 200
-    python src/benchmark.py --what features --cold-start # + first call with a cold numba cache
-    python src/benchmark.py --what predict               # tagging a library; peak memory
 
-Each benchmark is a function returning plain numbers (seconds, clips/s), so a notebook or a
-test can call it; BENCHMARKS lists what --what can run. Stage timings are wall-clock
-medians of warm repeats; extraction rates are the best of --runs, each run printed with the
-CPU that other processes used meanwhile, since other load on the machine slows them;
-predict.py's runs are whole commands, as a user runs them, each --workers setting taking its
-turn in each of --runs rounds, and the medians are kept.
+It times the scripts' own functions: common's feature pipeline stage by stage, predict.score_file,
+trainer.train_epoch, train_step and predict_rows with torch.utils.benchmark (timed); gen_spectrograms.main,
+trainer.main and predict.py (a command) as whole runs, the settings compared taking turns (paired_rounds).
 """
 import argparse
+import csv
+import gzip
 import json
 import os
+import random
 import shlex
 import shutil
 import statistics
@@ -30,385 +25,240 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch.utils.benchmark import Timer
+
 import common
 import formats
+import gen_spectrograms
 import plumbing
+import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CLIP = ROOT / "tests" / "fixtures" / "joram-moments_of_clarity-08-solipsism-59-88.mp3"
+FIXTURES = Path(os.environ.get("MTAT_FIXTURES", ROOT / "tests" / "fixtures"))
+LIBRARY = ((30, 0.5), (10, 4), (1, 1))  # predict's music library in small: (files, minutes each)
+LIBRARY_TEXT = " + ".join(f"{n} x {m * 60:g} s" for n, m in LIBRARY) + " of 44.1 kHz stereo MP3"
+
+
+def at_least(low):
+    """An argparse type: an int of at least `low`; anything else is refused in one line."""
+    def parse(text):
+        if int(text) < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return int(text)
+    parse.__name__ = "int"  # argparse names the type in its error for a value that is not a number
+    return parse
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", choices=list(BENCHMARKS) + ["all"], default="all",
-                   help="which benchmark to run (default: all = features, train and predict)")
-    fixtures = Path(os.environ.get("MTAT_FIXTURES", DEFAULT_CLIP.parent))
-    p.add_argument("--clip", type=Path, default=fixtures / DEFAULT_CLIP.name,
-                   help="audio clip to time; copies of it make the extraction data set "
-                        "(default: the real MTAT clip in tests/fixtures/ or $MTAT_FIXTURES)")
-    p.add_argument("--repeats", type=int, default=20,
-                   help="timed repeats per stage of one log-mel (default: 20)")
-    p.add_argument("--n-clips", type=int, default=200,
-                   help="clips per extraction run (default: 200)")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2],
-                   help="worker counts to time gen_spectrograms.py with (default: 1 2)")
-    p.add_argument("--runs", type=int, default=3,
-                   help="features: extraction runs per worker count, the best kept; predict: rounds of "
-                        "runs, the median kept (default: 3)")
-    p.add_argument("--cold-start", action="store_true",
-                   help="also time the first log-mel of a fresh process with an empty numba "
-                        "cache (what a fresh install pays once)")
-    p.add_argument("--device", default="auto", help="train: auto | cpu | cuda (default: auto)")
-    p.add_argument("--steps", type=int, default=200,
-                   help="train: timed training steps per repeat (default: 200; use ~3 on a CPU)")
-    p.add_argument("--batch-size", type=int, default=32, help="train: clips per step (default: 32)")
-    p.add_argument("--scales", type=int, nargs="+", choices=common.SCALES, default=list(common.SCALES),
-                   metavar="S",
-                   help="train, paper: the network's branches, as trainer.py --scales (default: 1 2 3, the "
-                        "paper's network)")
-    p.add_argument("--compile", action="store_true",
-                   help="train: also time the fast path under torch.compile (trainer.py --compile)")
-    p.add_argument("--eval-clips", type=int, default=7863,
-                   help="train: clips scored in the evaluation pass (default: 7,863, validation + "
-                        "test of the paper's split; use ~64 on a CPU)")
-    p.add_argument("--folder", type=Path, default=None,
-                   help="predict: tag this folder of your own music (default: a library built from --clip, "
-                        + LIBRARY_TEXT + ")")
-    p.add_argument("--predict-workers", type=int, nargs="+", default=None,
-                   help="predict: --workers counts to time predict.py with, taking turns in each of --runs "
-                        "rounds (default: 1 and predict.py's default, one per core)")
-    p.add_argument("--memory-minutes", type=int, nargs="*", default=[10, 30, 60],
-                   help="predict: lengths of the files whose peak memory is measured "
-                        "(default: 10 30 60; a 60-minute WAV takes 605 MiB of disk)")
-    p.add_argument("--epochs", type=int, default=3,
-                   help="paper: epochs of trainer.py timed, then projected to 40 (default: 3; the "
-                        "first pays the start-up costs, so at least 2)")
-    p.add_argument("--paper-clips", type=int, default=common.N_CLIPS,
-                   help=f"paper: spectrogram rows (default: {common.N_CLIPS:,}, the paper's split; fewer: "
-                        "--split random, 70%% train and 10%% validation, for a quick try on a CPU)")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="paper: time trainer.py on this data folder's spectrograms (default: random "
-                        "float16 spectrograms labelled by the real annotations, written to a "
-                        "temporary folder)")
-    p.add_argument("--trainer-flags", default="",
-                   help="paper: more trainer.py flags, one string, e.g. \"--precision fp32 --no-fused-adam "
-                        "--no-resident --no-cudnn-benchmark\" for the trainer's fp32 baseline, or \"--compile\"")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add, n = p.add_argument, at_least(1)
+    add("--what", choices=[*BENCHMARKS, "all"], default="all",
+        help="which benchmark to run (default: all = features, train and predict)")
+    add("--clip", type=Path, default=FIXTURES / "joram-moments_of_clarity-08-solipsism-59-88.mp3",
+        help="audio clip to time; its copies make the data sets (default: the MTAT clip in tests/fixtures/)")
+    add("--repeats", type=n, default=20, help="features: timed runs per stage of one log-mel (default: 20)")
+    add("--n-clips", type=n, default=200, help="features: clips per extraction run (default: 200)")
+    add("--workers", type=n, nargs="+", default=[1, 2], help="features: worker counts of gen_spectrograms.py "
+        "(default: 1 2)")
+    add("--runs", type=n, default=3, help="rounds of whole runs, the best (features) or median kept "
+        "(default: 3)")
+    add("--cold-start", action="store_true", help="features: also time the first log-mel of a fresh "
+        "process with an empty numba cache (what a fresh install pays once)")
+    add("--device", default="auto", help="train, paper: auto | cpu | cuda (default: auto)")
+    add("--steps", type=n, default=200, help="train: steps per timed run (default: 200; ~3 on a CPU)")
+    add("--batch-size", type=n, default=32, help="train, paper: clips per step (default: 32)")
+    add("--scales", type=int, nargs="+", choices=common.SCALES, default=list(common.SCALES), metavar="S",
+        help="train, paper: the network's branches, as trainer.py --scales (default: 1 2 3, the paper's)")
+    add("--compile", action="store_true", help="train: also time the fast path with trainer.py --compile")
+    add("--eval-clips", type=n, default=7863, help="train: clips scored per evaluation pass "
+        "(default: 7,863, validation + test of the paper's split; ~64 on a CPU)")
+    add("--folder", type=Path, help=f"predict: a folder of your music (default: {LIBRARY_TEXT} from --clip)")
+    add("--predict-workers", type=n, nargs="+", help="predict: predict.py --workers settings, taking "
+        "turns in each round (default: 1 and predict.py's default, one per core)")
+    add("--memory-minutes", type=n, nargs="*", default=[10, 30, 60], help="predict: minutes of the 44.1 kHz "
+        "stereo WAV files whose peak memory is measured (default: 10 30 60; none: skipped)")
+    add("--epochs", type=at_least(2), default=3, help="paper: epochs of trainer.py timed, then projected "
+        "to 40; the first pays the start-up costs (default: 3)")
+    add("--paper-clips", type=at_least(20), default=common.N_CLIPS, help="paper: spectrogram rows "
+        f"(default: {common.N_CLIPS:,}, the paper's split; fewer: --split random, a quick try on a CPU)")
+    add("--data-dir", type=Path, help="paper: time trainer.py on this data folder's spectrograms "
+        "(default: random float16 ones labelled by the real annotations, in a temporary folder)")
+    add("--trainer-flags", default="", help="paper: more trainer.py flags in one string, e.g. \"--precision "
+        "fp32 --no-fused-adam --no-resident --no-cudnn-benchmark\" (the trainer's fp32 baseline)")
     args = p.parse_args(argv)
-    if args.epochs < 2:
-        p.error("--epochs must be at least 2: the first epoch pays the start-up costs")
-    if args.paper_clips < 20:
-        p.error("--paper-clips must be at least 20")
-    for flag in ("steps", "batch_size", "eval_clips", "repeats", "n_clips", "runs"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.what in ("all", "features", "predict") and not args.clip.is_file():
+        p.error(f"--clip {args.clip}: not found; pass --clip with any audio file")
     return args
 
 
-def median_seconds(fn, repeats):
-    """Median wall-clock seconds of fn() over `repeats` calls."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed(stmt, runs=1, **names):
+    """(seconds per run of the expression stmt, its value in the last run): torch.utils.benchmark's
+    Timer(stmt, globals=names).timeit(runs) at this process's torch threads (its warm-up runs, then
+    one timed block of `runs`, whose median is their mean; a GPU is synchronised)."""
+    value = [None]
+    timer = Timer(f"_value[0] = {stmt}", globals={**names, "_value": value},
+                  num_threads=torch.get_num_threads())
+    return timer.timeit(runs).median, value[0]
 
 
-# -----------------------------------------------------------------------------
-# Features
+def paired_rounds(settings, runs, measure):
+    """{setting: [measure(setting, round) of each round]}: the settings take turns in each round."""
+    rounds = [[measure(setting, run) for setting in settings] for run in range(runs)]
+    return {setting: [measured[i] for measured in rounds] for i, setting in enumerate(settings)}
+
+
+# --- Features
+def pipeline_seconds(path, runs=1, log_mel="log-mel"):
+    """Seconds per run of the feature pipeline's stages on one file, each on the stage before's output:
+    decode, resample, log-mel (common's) -> (seconds by stage, spec float32 (N_MELS, n), duration_s)."""
+    names = {"common": common, "path": str(path), "rate": common.decode(str(path))[0]}
+    decode_s, names["blocks"] = timed("list(common.decode(path)[1])", runs, **names)
+    resample_s, names["resampled"] = timed("list(common.resample(rate, blocks))", runs, **names)
+    log_mel_s, frames = timed("list(common.log_mel_frames(resampled))", runs, **names)
+    return ({"decode": decode_s, "resample": resample_s, log_mel: log_mel_s},
+            np.concatenate(frames, axis=1), sum(map(len, names["resampled"])) / common.SAMPLE_RATE)
+
+
 def time_log_mel(clip_path, repeats=20, blas_threads=1):
-    """Seconds per stage of common.log_mel on one clip, warm (median of `repeats`).
-
-    The stages are those librosa.load + common run: decode (soundfile), resample to
-    SAMPLE_RATE (channels averaged, then librosa.resample with librosa.load's default,
-    soxr_hq), mel (mel spectrogram, log, crop/pad). blas_threads: OpenBLAS threads, 1 as
-    in gen_spectrograms.py's workers; None leaves the library's default (one per core).
-
-    Returns dict of seconds: decode, resample, mel, total (one common.log_mel call).
-    """
-    import librosa
-    import soundfile
+    """Seconds per stage of one log-mel: decode, resample, mel (pipeline_seconds), total (common.log_mel),
+    `repeats` timed runs each, with blas_threads OpenBLAS threads (None: the library's, one per core)."""
     from threadpoolctl import threadpool_limits
-
-    def decode():
-        return soundfile.read(clip_path, dtype="float32", always_2d=True)
-
     with threadpool_limits(limits=blas_threads):
-        common.log_mel(clip_path)  # the first call pays imports and numba: time_first_log_mel
-        audio, sr = decode()
-        resampled = librosa.resample(librosa.to_mono(audio.T), orig_sr=sr,
-                                     target_sr=common.SAMPLE_RATE)
-        return dict(
-            decode=median_seconds(decode, repeats),
-            resample=median_seconds(lambda: librosa.resample(
-                librosa.to_mono(audio.T), orig_sr=sr, target_sr=common.SAMPLE_RATE), repeats),
-            mel=median_seconds(lambda: common.fit_frames(common.log_mel_of_audio(resampled)),
-                               repeats),
-            total=median_seconds(lambda: common.log_mel(clip_path), repeats))
-
-
-def time_first_log_mel(clip_path, cold_numba_cache=False):
-    """One-off costs of a fresh Python process: seconds to import common, then of the
-    first and the second common.log_mel(clip_path).
-
-    cold_numba_cache: give numba an empty cache folder (NUMBA_CACHE_DIR), as on a fresh
-    install, so that librosa's numba functions are compiled instead of loaded.
-    Returns dict of seconds: import_common, first_log_mel, second_log_mel.
-    """
-    code = ("import json, sys, time; sys.path.insert(0, sys.argv[1]); t0 = time.perf_counter(); "
-            "import common; t1 = time.perf_counter(); common.log_mel(sys.argv[2]); "
-            "t2 = time.perf_counter(); common.log_mel(sys.argv[2]); t3 = time.perf_counter(); "
-            "print(json.dumps(dict(import_common=t1 - t0, first_log_mel=t2 - t1, "
-            "second_log_mel=t3 - t2)))")
-    with tempfile.TemporaryDirectory() as cache_dir:
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir) if cold_numba_cache else None
-        out = subprocess.run([sys.executable, "-c", code, str(ROOT / "src"), str(clip_path)],
-                             env=env, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.splitlines()[-1])
-
-
-def make_copies_dataset(clip_path, n_clips, data_dir):
-    """An MTAT-layout folder of n_clips copies of one clip: annotations_final.csv (one tag)
-    and mp3/<hex digit>/copy-<i>.<suffix>, as gen_spectrograms.py reads it."""
-    data_dir = Path(data_dir)
-    lines = ['"clip_id"\t"tag"\t"mp3_path"']
-    for i in range(n_clips):
-        path = f"{i % 16:x}/copy-{i}{Path(clip_path).suffix}"
-        (data_dir / "mp3" / path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(clip_path, data_dir / "mp3" / path)
-        lines.append(f'"{i}"\t"0"\t"{path}"')
-    (data_dir / "annotations_final.csv").write_bytes(("\r\n".join(lines) + "\r\n").encode())
+        total_s = timed("common.log_mel(path)", repeats, common=common, path=str(clip_path))[0]
+        return {**pipeline_seconds(clip_path, repeats, log_mel="mel")[0], "total": total_s}
 
 
 def busy_cpu_seconds():
-    """CPU seconds the whole machine has been busy since boot (Linux), or None."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]
-    except OSError:
+    """CPU seconds the whole machine has been busy since boot (Linux's /proc/stat), or None."""
+    if not os.path.exists("/proc/stat"):
         return None
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
 
 
 def time_extraction(workers, n_clips, clip_path, runs=3, dtype="float16"):
-    """Clips/s of gen_spectrograms.main on n_clips copies of clip_path: the best of `runs`
-    (the least disturbed by other load; each run's rate and the CPU that other processes
-    used meanwhile are printed).
-
-    Runs in this process after one warm-up, so the rate is the steady state: without
-    Python's and librosa's start-up (a few seconds, once per run of the script).
-    """
-    import gen_spectrograms
-
-    rates = []
+    """Clips/s of gen_spectrograms.main (after its warm_up) on n_clips copies of clip_path in MTAT's
+    layout: the best of `runs` whole runs, each printed with the CPU it and other processes used."""
+    rates, paths = [], [f"{i % 16:x}/copy-{i}{Path(clip_path).suffix}" for i in range(n_clips)]
     with tempfile.TemporaryDirectory() as data_dir:
-        make_copies_dataset(clip_path, n_clips, data_dir)
+        for path in paths:
+            (Path(data_dir) / "mp3" / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(clip_path, Path(data_dir) / "mp3" / path)
+        lines = ['"clip_id"\t"tag"\t"mp3_path"'] + [f'"{i}"\t"0"\t"{path}"' for i, path in enumerate(paths)]
+        (Path(data_dir) / "annotations_final.csv").write_bytes(("\r\n".join(lines) + "\r\n").encode())
         gen_spectrograms.warm_up()
-        args = ["--data-dir", data_dir, "--workers", str(workers), "--dtype", dtype, "--overwrite"]
         for _ in range(runs):
             busy0, mine0 = busy_cpu_seconds(), os.times()
-            summary = gen_spectrograms.main(args)
+            done = gen_spectrograms.main(["--data-dir", data_dir, "--workers", str(workers),
+                                          "--dtype", dtype, "--overwrite"])
             busy1, mine1 = busy_cpu_seconds(), os.times()
-            rates.append(summary["clips_per_s"])
+            rates.append(done["clips_per_s"])
             mine = sum(mine1[:4]) - sum(mine0[:4])  # this process and its (reaped) workers
             line = (f"  {workers} worker(s): {rates[-1]:.1f} clips/s, "
-                    f"{mine / summary['n_computed'] * 1000:.0f} CPU ms per clip")
+                    f"{mine / done['n_computed'] * 1000:.0f} CPU ms per clip")
             if busy0 is not None:
-                others = max(busy1 - busy0 - mine, 0) / summary["seconds"]
+                others = max(busy1 - busy0 - mine, 0) / done["seconds"]
                 line += f"; other processes used {others:.2f} of {os.cpu_count()} cores meanwhile"
             print(line, flush=True)
     return max(rates)
 
 
 def features_benchmark(args):
-    """Per-stage cost of one log-mel, one-off costs, and extraction clips/s by workers."""
-    if not args.clip.is_file():
-        raise SystemExit(f"error: {args.clip} not found; pass --clip with any audio file "
-                         "(MTAT's: 29 s, 16 kHz mono MP3)")
+    """Seconds per stage of one log-mel, a fresh process's one-off seconds, clips/s by --workers."""
     results = {}
     for name, threads in (("log_mel_s", 1), ("log_mel_s_default_blas_threads", None)):
-        results[name] = time_log_mel(args.clip, args.repeats, blas_threads=threads)
-        print(f"{name}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in results[name].items()),
-              flush=True)
-    caches = [("first_call_s", "warm", False)]
-    if args.cold_start:
-        caches.append(("first_call_cold_s", "cold", True))
-    for name, cache, cold in caches:
-        results[name] = time_first_log_mel(args.clip, cold_numba_cache=cold)
-        print(f"fresh process, {cache} numba cache: "
-              + ", ".join(f"{k} {v:.2f} s" for k, v in results[name].items()), flush=True)
-    rates = {workers: [] for workers in args.workers}
-    for _ in range(args.runs):  # worker counts take turns, so that they see the same load
-        for workers in args.workers:
-            rates[workers].append(time_extraction(workers, args.n_clips, args.clip, runs=1))
-    rates = {workers: max(r) for workers, r in rates.items()}
+        results[name] = stages = time_log_mel(args.clip, args.repeats, blas_threads=threads)
+        print(f"{name}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in stages.items()), flush=True)
+    code = ("import json, sys, time; sys.path.insert(0, sys.argv[1]); t0 = time.perf_counter(); "
+            "import common; t1 = time.perf_counter(); common.log_mel(sys.argv[2]); t2 = time.perf_counter(); "
+            "common.log_mel(sys.argv[2]); print(json.dumps(dict(import_common=t1 - t0, "
+            "first_log_mel=t2 - t1, second_log_mel=time.perf_counter() - t2)))")  # one-off seconds
+    for name, cache in [("first_call_s", "warm")] + [("first_call_cold_s", "cold")] * args.cold_start:
+        with tempfile.TemporaryDirectory() as empty:  # a cold cache: numba compiles, as on a fresh install
+            env = {**os.environ, "NUMBA_CACHE_DIR": empty} if cache == "cold" else None
+            out = subprocess.run([sys.executable, "-c", code, ROOT / "src", args.clip], env=env,
+                                 capture_output=True, text=True, check=True).stdout
+        results[name] = costs = json.loads(out.splitlines()[-1])
+        print(f"fresh process, {cache} numba cache: " + ", ".join(f"{k} {v:.2f} s" for k, v in costs.items()))
+    rounds = paired_rounds(args.workers, args.runs,
+                           lambda workers, _: time_extraction(workers, args.n_clips, args.clip, runs=1))
+    results["clips_per_s"] = rates = {workers: max(r) for workers, r in rounds.items()}
     for workers, rate in rates.items():
-        minutes = common.N_CLIPS / rate / 60
         print(f"gen_spectrograms.py, {workers} worker(s), best of {args.runs}: {rate:.1f} clips/s "
               f"(x{rate / rates[args.workers[0]]:.2f} of {args.workers[0]}); "
-              f"all {common.N_CLIPS:,} MTAT clips in {minutes:.1f} min", flush=True)
-    results["clips_per_s"] = rates
+              f"all {common.N_CLIPS:,} MTAT clips in {common.N_CLIPS / rate / 60:.1f} min", flush=True)
     return results
 
 
-# -----------------------------------------------------------------------------
-# Training and evaluation of the network
+# --- Training and evaluation of the network
 def forward_flops(n_tags=50, scales=common.SCALES):
-    """Floating-point operations of one clip's forward pass, counted from the layer shapes
-    (a multiply-add is 2; convolutions and dense layers only, the rest is negligible)."""
-    import torch
-
-    model = common.MSCNN(n_tags, scales=scales)
-    flops = []
-
-    def count(module, inputs, output):
-        if isinstance(module, torch.nn.Conv2d):
-            kh, kw = module.kernel_size
-            flops.append(2 * output.numel() * module.in_channels * kh * kw)
-        else:
-            flops.append(2 * module.in_features * module.out_features)
-
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            module.register_forward_hook(count)
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 1, common.N_MELS, common.N_FRAMES))
-    return sum(flops)
+    """FLOPs of one clip's forward pass (torch.utils.flop_counter: convolutions, dense layers)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        common.MSCNN(n_tags, scales=scales).eval()(torch.zeros(1, 1, common.N_MELS, common.N_FRAMES))
+    return counter.get_total_flops()
 
 
-def sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def trainer_args(device, mode, data_bytes):
-    """trainer.py's arguments and speed choices for this device, as a run of the mode
-    would resolve them ('fast+compile': with --compile)."""
-    import trainer
-
-    args = trainer.parse_args(["--device", device.type] + (["--compile"] if mode == "fast+compile" else []))
-    plumbing.resolve_speed_choices(args, device, data_bytes)
-    return args
-
-
-def model_for(mode, device, args=None, scales=common.SCALES):
-    """A fresh MSCNN of these scales as the mode runs it: 'baseline' plain fp32 layout; 'fast'
-    and 'fast+compile' as trainer.py builds it (plumbing.on_device, plumbing.parallel)."""
+def setup(device, mode, n_clips, scales):
+    """(args, source, model, norm) of the mode on n_clips random log-mels (normal, mean -8, std 2 =
+    norm): 'baseline' a plain port (float32 host array, fp32 MSCNN); 'fast' ('fast+compile') trainer.py's
+    choices for the device (plumbing.resolve_speed_choices), its data (float16) and model."""
+    host = np.random.default_rng(0).normal(-8, 2, (n_clips, common.N_MELS, common.N_FRAMES))
+    norm = torch.full((common.N_MELS,), -8.0, device=device), torch.full((common.N_MELS,), 2.0, device=device)
     if mode == "baseline":
-        return common.MSCNN(scales=scales).to(device)
-    return plumbing.parallel(plumbing.on_device(common.MSCNN(scales=scales), device), device, args, 1)[0]
+        torch.backends.cudnn.benchmark = False
+        return None, host.astype(np.float32), common.MSCNN(scales=scales).to(device), norm
+    args = trainer.parse_args(["--device", device.type] + ["--compile"] * (mode == "fast+compile"))
+    plumbing.resolve_speed_choices(args, device, host.nbytes // 4)  # float16
+    model = plumbing.parallel(plumbing.on_device(common.MSCNN(scales=scales), device), device, args, 1)[0]
+    return args, plumbing.to_device_source(host.astype(np.float16), device, args.resident), model, norm
 
 
-def fixed_norm(device):
-    """(mean, std) per mel band matching the random inputs (normal, mean -8, std 2)."""
-    import torch
-
-    return torch.full((common.N_MELS,), -8.0, device=device), torch.full((common.N_MELS,), 2.0, device=device)
-
-
-def time_train_steps(device, mode, steps, batch_size, repeats=3, scales=common.SCALES):
-    """Median seconds per training step of MSCNN on random data of the real shape.
-
-    mode 'baseline': what a plain port does: fp32, eager, each batch a float32 host array
-    copied to the device. mode 'fast': trainer.train_epoch itself with trainer.py's speed
-    choices for the device (plumbing.resolve_speed_choices): the data float16 (resident on
-    CUDA) and normalised on the device, channels_last, and on CUDA bf16 autocast, fused
-    Adam and cudnn.benchmark. 'fast+compile': the same with trainer.py --compile.
-    """
-    import numpy as np
-    import torch
-
-    import trainer
-
-    fast = mode != "baseline"
+def time_mode(device, mode, steps, batch_size, eval_clips, scales=common.SCALES):
+    """(seconds per training step, seconds to score eval_clips) on random data (setup), 3 timed runs
+    of `steps` steps, 2 of scoring: 'baseline' trainer.train_step on host batches, predict_rows by 32;
+    'fast' trainer.train_epoch and predict_rows as trainer.py runs them."""
     torch.manual_seed(0)
     n_stored = 4 * batch_size  # a small pool of clips to draw batches from
-    host = np.random.default_rng(0).normal(-8, 2, (n_stored, common.N_MELS, common.N_FRAMES))
     labels = torch.from_numpy((np.random.default_rng(1).random((n_stored, 50)) < 0.1).astype(np.float32))
     batches = np.stack([np.sort(np.random.default_rng(i).choice(n_stored, batch_size, replace=False))
                         for i in range(steps)])
-    norm = fixed_norm(device)
-    if fast:
-        host = host.astype(np.float16)
-        args = trainer_args(device, mode, host.nbytes)
-        source = plumbing.to_device_source(host, device, args.resident)
-        labels = labels.to(device)
+    args, source, model, norm = setup(device, mode, n_stored, scales)
+    optimizer = torch.optim.Adam(model.train().parameters(), lr=1e-3, fused=bool(args and args.fused_adam))
+    names = {"trainer": trainer, "model": model, "optimizer": optimizer, "source": source, "norm": norm,
+             "batches": batches, "device": device, "bf16": bool(args) and args.precision == "bf16"}
+    if args is None:
+        step_s = timed("[trainer.train_step(model, optimizer, common.normalise(torch.from_numpy(source[rows])"
+                       ".to(device), *norm), labels[rows].to(device), False) for rows in batches]", 3,
+                       common=common, torch=torch, labels=labels, **names)[0] / steps
     else:
-        torch.backends.cudnn.benchmark = False
-        host = host.astype(np.float32)
-    model = model_for(mode, device, args if fast else None, scales).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fast and args.fused_adam)
-
-    def run_steps():
-        if fast:
-            trainer.train_epoch(model, optimizer, source, labels, batches, norm, args.precision == "bf16")
-        else:
-            for rows in batches:
-                x = common.normalise(torch.from_numpy(host[rows]).to(device), *norm)
-                trainer.train_step(model, optimizer, x, labels[rows].to(device), False)
-        sync(device)
-
-    run_steps()  # warm-up: allocations, cudnn autotuning, compilation
-    return median_seconds(run_steps, repeats) / steps
-
-
-def time_evaluation(device, mode, n_clips, scales=common.SCALES):
-    """Seconds to score n_clips clips (no gradients), as trainer.evaluate does ('fast':
-    trainer.predict_rows with the trainer's choices and --eval-batch-size; 'fast+compile':
-    and --compile) or a plain port would ('baseline': fp32, batches of 32 copied from the
-    host)."""
-    import numpy as np
-    import torch
-
-    import trainer
-
-    fast = mode != "baseline"
-    host = np.random.default_rng(0).normal(-8, 2, (n_clips, common.N_MELS, common.N_FRAMES)).astype(
-        np.float16 if fast else np.float32)
-    norm = fixed_norm(device)
-    rows = np.arange(n_clips)
-    if fast:
-        args = trainer_args(device, mode, host.nbytes)
-        source = plumbing.to_device_source(host, device, args.resident)
-    else:
-        torch.backends.cudnn.benchmark = False
-    model = model_for(mode, device, args if fast else None, scales)
-
-    def run():
-        if fast:
-            trainer.predict_rows(model, source, rows, norm, args.eval_batch_size, device, args.precision == "bf16")
-        else:
-            trainer.predict_rows(model, host, rows, norm, 32, device, False)
-        sync(device)
-
-    run()
-    return median_seconds(run, 2)
+        step_s = timed("trainer.train_epoch(model, optimizer, source, labels, batches, norm, bf16)", 3,
+                       labels=labels.to(device), **names)[0] / steps
+    _, names["source"], names["model"], _ = setup(device, mode, eval_clips, scales)
+    names.update(rows=np.arange(eval_clips), batch_size=args.eval_batch_size if args else 32)
+    return step_s, timed("trainer.predict_rows(model, source, rows, norm, batch_size, device, bf16)", 2,
+                         **names)[0]
 
 
 def train_benchmark(args):
-    """ms/step, clips/s and TFLOP/s of the baseline and the fast path (and with --compile,
-    the fast path compiled); projected time of the paper's run (40 epochs of 18,000 clips,
-    plus scoring 7,863 clips every epoch)."""
-    device = plumbing.resolve_device(args.device)
-    scales = tuple(sorted(set(args.scales)))
+    """ms/step, clips/s, TFLOP/s and scoring clips/s of each path; the paper's 40 epochs projected (s)."""
+    device, scales = plumbing.resolve_device(args.device), tuple(sorted(set(args.scales)))
     flops = forward_flops(scales=scales)
     print(f"MSCNN, scales {' '.join(map(str, scales))}, forward: {flops / 1e9:.2f} GFLOP per clip, "
           f"training step ~3x: {3 * flops / 1e9:.2f} GFLOP per clip; device {device}", flush=True)
-    results = dict(device=str(device), scales=list(scales), forward_gflop_per_clip=flops / 1e9)
-    print(f"{'path':12} {'ms/step':>9} {'clips/s':>9} {'TFLOP/s':>8} {'eval clips/s':>13} {'40 epochs':>10} {'speed-up':>8}")
-    for mode in ("baseline", "fast") + (("fast+compile",) if args.compile else ()):
-        step_s = time_train_steps(device, mode, args.steps, args.batch_size, scales=scales)
-        eval_s = time_evaluation(device, mode, args.eval_clips, scales)
+    results = {"device": str(device), "scales": list(scales), "forward_gflop_per_clip": flops / 1e9}
+    print(f"{'path':12} {'ms/step':>9} {'clips/s':>9} {'TFLOP/s':>8} {'eval clips/s':>13} "
+          f"{'40 epochs':>10} {'speed-up':>8}")
+    for mode in ("baseline", "fast") + ("fast+compile",) * args.compile:
+        step_s, eval_s = time_mode(device, mode, args.steps, args.batch_size, args.eval_clips, scales)
         eval_rate = args.eval_clips / eval_s
         projected_s = 40 * (18000 // args.batch_size * step_s + 7863 / eval_rate)
-        row = dict(ms_per_step=1000 * step_s, clips_per_s=args.batch_size / step_s,
-                   tflops=3 * flops * args.batch_size / step_s / 1e12, eval_clips_per_s=eval_rate,
-                   projected_40_epochs_s=projected_s)
+        results[mode] = row = {"ms_per_step": 1000 * step_s, "clips_per_s": args.batch_size / step_s,
+                               "tflops": 3 * flops * args.batch_size / step_s / 1e12,
+                               "eval_clips_per_s": eval_rate, "projected_40_epochs_s": projected_s}
         row["speedup"] = results.get("baseline", row)["ms_per_step"] / row["ms_per_step"]
-        results[mode] = row
         print(f"{mode:12} {row['ms_per_step']:9.1f} {row['clips_per_s']:9.1f} {row['tflops']:8.3f} "
               f"{eval_rate:13.1f} {format_duration(projected_s):>10} {row['speedup']:7.2f}x", flush=True)
     results["speedup"] = results["fast"]["speedup"]
@@ -417,296 +267,153 @@ def train_benchmark(args):
 
 def format_duration(seconds):
     """1234.5 -> '20.6 min'; seconds, minutes or hours, whichever reads best."""
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    return f"{seconds:.0f} s" if seconds < 120 else (
+        f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h")
 
 
-# -----------------------------------------------------------------------------
-# Tagging a music folder with predict.py
+# --- Tagging a music folder with predict.py
 def write_track(path, clip_path, minutes, sample_rate=44100, format=None):
-    """A long 44.1 kHz stereo track made of the clip, looped (resampled once), written block
-    by block so that an hour never sits in memory; the channels differ a little."""
+    """A stereo track `minutes` long of the clip looped, written by blocks (an hour never in memory)."""
     import librosa
-    import numpy as np
     import soundfile
-
-    clip = librosa.resample(common.load_audio(clip_path), orig_sr=common.SAMPLE_RATE,
-                            target_sr=sample_rate)
-    stereo = np.stack([clip, 0.8 * clip], axis=1)
-    n_left = int(minutes * 60 * sample_rate)
+    clip = librosa.resample(common.load_audio(clip_path), orig_sr=common.SAMPLE_RATE, target_sr=sample_rate)
+    stereo, n_samples = np.stack([clip, 0.8 * clip], axis=1), int(minutes * 60 * sample_rate)
     with soundfile.SoundFile(path, "w", sample_rate, 2, format=format) as f:
-        while n_left > 0:
-            f.write(stereo[:n_left])
-            n_left -= len(stereo)
-
-
-# a music library in small: (files, minutes each) of 44.1 kHz stereo MP3
-LIBRARY = ((30, 0.5), (10, 4), (1, 1))
-LIBRARY_TEXT = " + ".join(f"{n} x {m * 60:g} s" for n, m in LIBRARY) + " of 44.1 kHz stereo MP3"
-
-
-def write_library(folder, clip_path, seed=0):
-    """LIBRARY's files under folder, track_00.mp3, track_01.mp3, ..., the lengths in a
-    shuffled order as in a real library; each length is written once from the clip
-    (write_track), then copied. Returns their paths, sorted."""
-    import random
-
-    minutes = [m for n_files, m in LIBRARY for _ in range(n_files)]
-    random.Random(seed).shuffle(minutes)
-    written = {}
-    for i, m in enumerate(minutes):
-        path = folder / f"track_{i:02d}.mp3"
-        if m in written:
-            shutil.copyfile(written[m], path)
-        else:
-            write_track(path, clip_path, m, format="MP3")
-            written[m] = path
-    return sorted(folder.glob("*.mp3"))
+        for start in range(0, n_samples, len(stereo)):
+            f.write(stereo[:n_samples - start])
 
 
 def random_checkpoint(path, n_tags=50):
-    """A checkpoint in trainer.py's format with untrained weights: the speed and memory of
-    predict.py do not depend on what the weights are."""
-    import torch
-
+    """A checkpoint in trainer.py's format with untrained weights (predict.py's speed is the same)."""
     torch.manual_seed(0)
     norm = torch.full((common.N_MELS,), -8.0), torch.full((common.N_MELS,), 3.0)
     formats.save_best_model(path, common.MSCNN(n_tags).state_dict(), [f"tag{i}" for i in range(n_tags)],
-                             norm, args={}, epoch=1, metrics={})
-
-
-def time_predict_stages(paths, checkpoint_path):
-    """Seconds per stage of tagging the files as a CPU worker of predict.py does it, summed
-    over the files, in a worker process of plumbing.pool_results as predict.py's are (one
-    thread: this process's thread counts stay as they are): decode (soundfile block reads
-    and the channel mean), resample (soxr's stream), log-mel (LogMelStream), network (the
-    windows through MSCNN, predict.CPU_BATCH at a time). The first file is tagged once
-    before, untimed (imports, numba, filter banks)."""
-    [(_, times)] = plumbing.pool_results(stage_seconds, [(paths, checkpoint_path)], 1)
-    if isinstance(times, Exception):
-        raise SystemExit(f"error: timing the stages failed: {times}")
-    return times
+                            norm, args={}, epoch=1, metrics={})
 
 
 def stage_seconds(task):
-    """time_predict_stages's work, in the worker: task = (paths, checkpoint_path)."""
-    import numpy as np
-    import soundfile
-    import soxr
-    import torch
-
+    """Seconds per stage of tagging task's (paths, checkpoint_path) as predict.py's workers do, one timed
+    run each (timed), summed: decode, resample, log-mel (pipeline_seconds), network (predict.score_file)."""
     import predict
-
-    def decode(path):
-        with soundfile.SoundFile(path) as f:
-            blocks = []
-            while len(block := f.read(predict.BLOCK_S * f.samplerate, dtype="float32",
-                                      always_2d=True)):
-                blocks.append(np.mean(block.T, axis=0))
-            return blocks, f.samplerate
-
-    def resample(blocks, rate):
-        stream = soxr.ResampleStream(rate, common.SAMPLE_RATE, 1, dtype="float32", quality="HQ")
-        return [stream.resample_chunk(b) for b in blocks] + [
-            stream.resample_chunk(np.zeros(0, np.float32), last=True)]
-
-    def log_mel(resampled):
-        stream = predict.LogMelStream()
-        return np.concatenate([stream.feed(y) for y in resampled] + [stream.finish()], axis=1)
-
-    paths, checkpoint_path = task
     torch.set_num_threads(1)  # BLAS and OpenMP: one thread already (plumbing.start_worker)
-    model, tag_names, norm_mean, norm_std = predict.load_checkpoint(checkpoint_path, torch.device("cpu"))
+    model, tags, mean, std = predict.load_checkpoint(task[1], torch.device("cpu"))
     times = dict.fromkeys(("decode", "resample", "log-mel", "network"), 0.0)
-    predict.tag_file(paths[0], model, tag_names, norm_mean, norm_std)  # warm-up
-    for path in paths:
-        t0 = time.perf_counter()
-        blocks, rate = decode(path)
-        t1 = time.perf_counter()
-        resampled = resample(blocks, rate)
-        t2 = time.perf_counter()
-        spec = log_mel(resampled)
-        t3 = time.perf_counter()
-        predict.score_file(spec, 0.0, model, tag_names, norm_mean, norm_std)
-        t4 = time.perf_counter()
-        for stage, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            times[stage] += seconds
+    for path in task[0]:
+        stages, spec, duration_s = pipeline_seconds(path)
+        stages["network"] = timed("predict.score_file(spec, duration_s, model, tags, mean, std)",
+                                  predict=predict, spec=spec, duration_s=duration_s, model=model,
+                                  tags=tags, mean=mean, std=std)[0]
+        times = {stage: seconds + stages[stage] for stage, seconds in times.items()}
     return times
 
 
-def time_predict_run(folder, checkpoint_path, workers, csv_path):
-    """(wall seconds, CPU seconds) of `python src/predict.py folder --workers N --csv
-    csv_path` as a user runs it, start-up and exit included; the CPU time is that of the
-    process and its worker processes (user + system, from the rusage of reaped children)."""
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, str(ROOT / "src" / "predict.py"), str(folder),
-                           "--checkpoint", str(checkpoint_path), "--workers", str(workers),
-                           "--csv", str(csv_path)], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-    seconds = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise SystemExit(f"error: predict.py --workers {workers} failed: "
-                         f"{(done.stderr.strip().splitlines() or [''])[-1]}")
-    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-
-def peak_memory_mib(command):
-    """Peak resident memory (MiB) of a command: the largest ru_maxrss among it and its
-    children, read by a small Python process that starts it (Linux keeps the maxrss of the
-    process that forked across exec, so this large process must not start it itself; with
-    --workers 0 predict.py does everything in one process)."""
-    code = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], "
-            "stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
-            "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "
+def run_predict(label, *arguments):
+    """(wall seconds, CPU seconds, peak MiB) of `python src/predict.py ARGUMENTS` as a user runs it,
+    printed after label; read by a small process that starts it (the rusage of its children: Linux
+    keeps the maxrss of the process that forked across exec, so this large one must not fork it)."""
+    code = ("import resource, subprocess, sys, time; t0 = time.perf_counter(); done = subprocess.run("
+            "sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); wall = "
+            "time.perf_counter() - t0; use = resource.getrusage(resource.RUSAGE_CHILDREN); print("
+            "done.returncode, wall, use.ru_utime + use.ru_stime, use.ru_maxrss, "
             "(done.stderr.strip().splitlines() or [''])[-1])")
-    out = subprocess.run([sys.executable, "-c", code] + [str(c) for c in command],
-                         capture_output=True, text=True, check=True).stdout.split(maxsplit=2)
+    out = subprocess.run([sys.executable, "-c", code, sys.executable, ROOT / "src" / "predict.py", *map(
+        str, arguments)], capture_output=True, text=True, check=True).stdout.split(maxsplit=4)
     if out[0] != "0":
-        raise SystemExit(f"error: {' '.join(map(str, command))} failed: {out[2:]}")
-    return int(out[1]) / 1024  # Linux reports KiB
+        raise SystemExit(f"error: predict.py {' '.join(map(str, arguments))} failed: {' '.join(out[4:])}")
+    wall, cpu, peak = float(out[1]), float(out[2]), int(out[3]) / 1024  # Linux reports KiB
+    print(f"  {label}: {wall:.2f} s wall, {cpu:.2f} s CPU, peak memory {peak:.0f} MiB", flush=True)
+    return wall, cpu, peak
 
 
 def predict_benchmark(args):
-    """predict.py over a music folder (--folder, or LIBRARY built from --clip), by --workers
-    setting: tracks per minute and CPU time / wall time (median of --runs paired rounds, the
-    settings taking turns so that they see the same load), the speed-up over the first
-    setting (median of the rounds' ratios), whether every setting wrote the same CSV, and
-    where the time goes (time_predict_stages); then the peak memory of one
-    --memory-minutes long WAV (44.1 kHz stereo, 16-bit)."""
+    """predict.py on --folder or LIBRARY by --workers: seconds, tracks/min, CPU/wall and speed-up (medians
+    of --runs paired rounds), the same CSV?, seconds per stage; peak MiB of --memory-minutes WAVs."""
     import soundfile
 
     import predict
-
-    if not args.clip.is_file():
-        raise SystemExit(f"error: {args.clip} not found; pass --clip with any audio file")
     settings = args.predict_workers or sorted({1, predict.default_workers()})
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        checkpoint = tmp / "best_model.pt"
+        folder, checkpoint = args.folder or Path(tmp) / "music", Path(tmp) / "best_model.pt"
         random_checkpoint(checkpoint)
-        if args.folder is None:
-            folder = tmp / "music"
+        if args.folder is None:  # LIBRARY, the lengths shuffled, each written once (write_track), then copied
             folder.mkdir()
-            paths = write_library(folder, args.clip)
-        else:
-            folder = args.folder
-            if not folder.is_dir():
-                raise SystemExit(f"error: --folder {folder}: not a folder; pass a folder of audio files")
-            paths = [Path(p) for p in predict.expand_inputs([str(folder)])[0]]
-            if not paths:
-                raise SystemExit(f"error: --folder {folder}: no audio file in it "
-                                 f"({' '.join(predict.AUDIO_EXTENSIONS)})")
-        seconds_of_audio = sum(soundfile.info(str(p)).duration for p in paths)
-        print(f"folder: {len(paths)} files, {seconds_of_audio / 3600:.2f} h of audio"
-              + ("" if args.folder else f" ({LIBRARY_TEXT})"), flush=True)
-        stages = time_predict_stages(paths, checkpoint)
-        total = sum(stages.values())
+            minutes = [m for n_files, m in LIBRARY for _ in range(n_files)]
+            random.Random(0).shuffle(minutes)
+            for i, m in enumerate(minutes):
+                if (first := folder / f"track_{minutes.index(m):02d}.mp3").exists():
+                    shutil.copyfile(first, folder / f"track_{i:02d}.mp3")
+                else:
+                    write_track(first, args.clip, m, format="MP3")
+        paths = sorted(folder.glob("*.mp3")) if args.folder is None else [
+            Path(p) for p in predict.expand_inputs([str(folder)])[0] if folder.is_dir()]
+        if not paths:
+            raise SystemExit(f"error: --folder {folder}: not a folder holding audio files "
+                             f"({' '.join(predict.AUDIO_EXTENSIONS)})")
+        hours = sum(soundfile.info(str(p)).duration for p in paths) / 3600
+        print(f"folder: {len(paths)} files, {hours:.2f} h of audio{f' ({LIBRARY_TEXT})' * (not args.folder)}")
+        [(_, stages)] = plumbing.pool_results(stage_seconds, [(paths, checkpoint)], 1)
+        if isinstance(stages, Exception):
+            raise SystemExit(f"error: timing the stages failed: {stages}")
         print("where the time goes, one thread: " + ", ".join(
-            f"{stage} {seconds:.2f} s ({100 * seconds / total:.0f}%)" for stage, seconds in stages.items()),
-            flush=True)
-        results["stages_s"] = stages
-        walls, cpus = ({workers: [] for workers in settings} for _ in range(2))
-        csv_texts = {}
-        for run in range(args.runs):
-            for workers in settings:
-                csv_path = tmp / f"tags_{workers}.csv"
-                seconds, cpu = time_predict_run(folder, checkpoint, workers, csv_path)
-                walls[workers].append(seconds)
-                cpus[workers].append(cpu)
-                csv_texts.setdefault(workers, csv_path.read_text())
-                print(f"  round {run + 1}, --workers {workers}: {seconds:.2f} s wall, {cpu:.2f} s CPU",
-                      flush=True)
-        first = settings[0]
-        results["predict_runs"] = {}
-        for workers in settings:
-            wall = statistics.median(walls[workers])
-            cpu_per_wall = statistics.median(c / w for c, w in zip(cpus[workers], walls[workers]))
-            speedup = statistics.median(w0 / w for w0, w in zip(walls[first], walls[workers]))
-            results["predict_runs"][workers] = dict(wall_s=wall, tracks_per_min=len(paths) / wall * 60,
-                                                    cpu_per_wall=cpu_per_wall, speedup=speedup,
-                                                    walls_s=walls[workers], cpus_s=cpus[workers])
-            print(f"--workers {workers}, median of {args.runs}: {wall:.2f} s, "
-                  f"{len(paths) / wall * 60:.1f} tracks/min, CPU time {cpu_per_wall:.2f} x wall time, "
-                  f"x{speedup:.2f} the speed of --workers {first}", flush=True)
-        same = len(set(csv_texts.values())) == 1
-        results["same_output"] = same
-        print("the CSVs of every setting: " + ("identical" if same else "DIFFERENT"), flush=True)
-        results["peak_mib"] = {}
+            f"{stage} {s:.2f} s ({100 * s / sum(stages.values()):.0f}%)" for stage, s in stages.items()))
+        results = {"stages_s": stages, "predict_runs": {}, "peak_mib": {}}
+        rounds = paired_rounds(settings, args.runs, lambda workers, run: run_predict(
+            f"round {run + 1}, --workers {workers}", folder, "--checkpoint", checkpoint, "--workers", workers,
+            "--csv", Path(tmp) / f"tags_{workers}_{run}.csv"))
+        for workers, runs in rounds.items():
+            (walls, cpus, _), wall = map(list, zip(*runs)), statistics.median(r[0] for r in runs)
+            results["predict_runs"][workers] = row = {
+                "wall_s": wall, "tracks_per_min": len(paths) / wall * 60, "walls_s": walls, "cpus_s": cpus,
+                "cpu_per_wall": statistics.median(c / w for c, w in zip(cpus, walls)),
+                "speedup": statistics.median(r0[0] / r[0] for r0, r in zip(rounds[settings[0]], runs))}
+            print(f"--workers {workers}, median of {args.runs}: {wall:.2f} s, {row['tracks_per_min']:.1f} "
+                  f"tracks/min, CPU time {row['cpu_per_wall']:.2f} x wall time, x{row['speedup']:.2f} the "
+                  f"speed of --workers {settings[0]}", flush=True)
+        results["same_output"] = len({path.read_text() for path in Path(tmp).glob("tags_*.csv")}) == 1
+        print("the CSVs of every setting: " + ("identical" if results["same_output"] else "DIFFERENT"))
         for minutes in args.memory_minutes:
-            long_path = tmp / f"long_{minutes}min.wav"
-            write_track(long_path, args.clip, minutes)
-            peak = peak_memory_mib([sys.executable, str(ROOT / "src" / "predict.py"),
-                                    str(long_path), "--checkpoint", str(checkpoint),
-                                    "--workers", "0"])
-            results["peak_mib"][minutes] = peak
-            print(f"peak memory, one {minutes}-minute 44.1 kHz stereo WAV "
-                  f"({long_path.stat().st_size / 2**20:.0f} MiB), --workers 0: {peak:.0f} MiB",
-                  flush=True)
-            long_path.unlink()
+            write_track(wav := Path(tmp) / f"long_{minutes}min.wav", args.clip, minutes)
+            results["peak_mib"][minutes] = run_predict(
+                f"one {minutes}-minute 44.1 kHz stereo WAV ({wav.stat().st_size >> 20} MiB), --workers 0",
+                wav, "--checkpoint", checkpoint, "--workers", 0)[2]
+            wav.unlink()
     return results
 
 
-# -----------------------------------------------------------------------------
-# The paper's run: trainer.py at full size, timed for a few epochs, projected to 40
+# --- The paper's run: trainer.py at full size, timed for a few epochs, projected to 40
 def write_random_spectrograms(data_dir, n_clips, device, seed=0, chunk_rows=1024):
-    """DATA/spectrograms.npy (+ .json) as gen_spectrograms.py writes them, but random:
-    float16 (n_clips, N_MELS, N_FRAMES), normal with mean -8 and std 2 (about a log-mel's),
-    drawn on `device` chunk by chunk and streamed to disk; and DATA/annotations_final.csv,
-    the real MTAT annotations of tests/fixtures/ (their first n_clips rows label the rows)."""
-    import gzip
-
-    import numpy as np
-    import torch
-
-
-    annotations = Path(os.environ.get("MTAT_FIXTURES", DEFAULT_CLIP.parent)) / "annotations_final.csv.gz"
+    """DATA/spectrograms.npy + .json of random float16 (normal, mean -8, std 2: a log-mel's), drawn on
+    device, and the real MTAT annotations_final.csv (its first n_clips rows label them)."""
+    annotations, csv_path = FIXTURES / "annotations_final.csv.gz", data_dir / "annotations_final.csv"
     if not annotations.is_file():
         raise SystemExit(f"error: {annotations} not found: the real MTAT annotations label the random "
                          "spectrograms; restore tests/fixtures/ from git (or fix $MTAT_FIXTURES)")
     data_dir.mkdir(parents=True, exist_ok=True)
-    with gzip.open(annotations) as src, plumbing.atomic_write(data_dir / "annotations_final.csv", "wb") as dst:
+    with gzip.open(annotations) as src, open(csv_path, "wb") as dst:
         shutil.copyfileobj(src, dst)
-    shape = (n_clips, common.N_MELS, common.N_FRAMES)
-    generator = torch.Generator(device).manual_seed(seed)
-    with plumbing.atomic_write(data_dir / "spectrograms.npy", "wb") as f:
-        np.lib.format.write_array_header_1_0(f, dict(descr=np.lib.format.dtype_to_descr(np.dtype(np.float16)),
-                                                     fortran_order=False, shape=shape))
-        for start in range(0, n_clips, chunk_rows):
-            rows = min(chunk_rows, n_clips - start)
-            chunk = torch.randn((rows,) + shape[1:], generator=generator, device=device)
-            f.write(chunk.mul_(2).sub_(8).half().cpu().numpy().tobytes())
+    shape, generator = (n_clips, common.N_MELS, common.N_FRAMES), torch.Generator(device).manual_seed(seed)
+    spectrograms = np.lib.format.open_memmap(data_dir / "spectrograms.npy", "w+", np.float16, shape)
+    for start in range(0, n_clips, chunk_rows):
+        chunk = torch.randn((min(chunk_rows, n_clips - start), *shape[1:]), generator=generator,
+                            device=device)
+        spectrograms[start:start + chunk_rows] = chunk.mul_(2).sub_(8).half().cpu().numpy()
+    spectrograms.flush()
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the GPU's memory is the run's (the trainer checks what is free)
-    mp3_paths = common.read_annotations(data_dir / "annotations_final.csv")[3]
+    settings = formats.spectrogram_settings(n_clips, "float16", common.read_annotations(csv_path)[3])
     plumbing.write_json(data_dir / "spectrograms.json", formats.spectrogram_meta(
-        formats.spectrogram_settings(n_clips, "float16", mp3_paths),
-        note="random values written by src/benchmark.py --what paper, for timing only"))
-
-
-def project_40_epochs(wall_s, epoch_s):
-    """The 40-epoch time of a run timed for len(epoch_s) epochs: its start-up (the wall
-    time outside the epochs: data, upload, band statistics, checkpoints), its first epoch
-    (which pays cuDNN's autotuning and compilation) and 39 epochs at the median of the
-    others. -> (startup_s, projected_s)."""
-    startup_s = wall_s - sum(epoch_s)
-    return startup_s, startup_s + epoch_s[0] + 39 * statistics.median(epoch_s[1:])
+        settings, note="random values written by src/benchmark.py --what paper, for timing only"))
 
 
 def paper_benchmark(args):
-    """trainer.py with its defaults (the paper's recipe, the device's speed choices) for
-    --epochs epochs on --paper-clips rows, every epoch scored as the paper's run does;
-    seconds per epoch, start-up, and the projected 40 epochs."""
-    import csv
-
-    import trainer
-
-    device = plumbing.resolve_device(args.device)
+    """trainer.main with its defaults for --epochs on --paper-clips rows: seconds per epoch, start-up (wall
+    time outside them), 40 epochs projected (start-up, the first epoch, 39 at the others' median)."""
+    device, flags = plumbing.resolve_device(args.device), shlex.split(args.trainer_flags)
+    if args.paper_clips < common.N_CLIPS:
+        flags = ["--split", "random", "--train-size", str(args.paper_clips * 7 // 10), "--val-size",
+                 str(args.paper_clips // 10), "--batch-size", str(args.batch_size)] + flags
+    flags = ["--epochs", str(args.epochs), "--device", device.type, "--scales", *map(str, args.scales),
+             *flags]
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or Path(tmp) / "data"
         if args.data_dir is None:
@@ -714,22 +421,17 @@ def paper_benchmark(args):
             write_random_spectrograms(data_dir, args.paper_clips, device)
             print(f"random spectrograms: {args.paper_clips:,} rows written in "
                   f"{time.perf_counter() - t0:.1f} s", flush=True)
-        flags = ["--data-dir", str(data_dir), "--out", tmp, "--run", "paper", "--epochs", str(args.epochs),
-                 "--device", device.type, "--scales", *map(str, args.scales)]
-        if args.paper_clips < common.N_CLIPS:
-            flags += ["--split", "random", "--train-size", str(args.paper_clips * 7 // 10),
-                      "--val-size", str(args.paper_clips // 10), "--batch-size", str(args.batch_size)]
-        flags += shlex.split(args.trainer_flags)
         t0 = time.perf_counter()
-        trainer.main(flags)
+        trainer.main(["--data-dir", str(data_dir), "--out", tmp, "--run", "paper"] + flags)
         wall_s = time.perf_counter() - t0
         with open(Path(tmp) / "paper" / "metrics.csv", newline="") as f:
             epoch_s = [float(row["seconds"]) for row in csv.DictReader(f)]
-    startup_s, projected_s = project_40_epochs(wall_s, epoch_s)
-    print(f"trainer.py {' '.join(flags[6:])}: epochs " + ", ".join(f"{s:.1f}" for s in epoch_s)
+    startup_s = wall_s - sum(epoch_s)
+    projected_s = startup_s + epoch_s[0] + 39 * statistics.median(epoch_s[1:])
+    print(f"trainer.py {' '.join(flags)}: epochs " + ", ".join(f"{s:.1f}" for s in epoch_s)
           + f" s, start-up {startup_s:.1f} s; 40 epochs projected {format_duration(projected_s)}", flush=True)
-    return dict(device=str(device), n_clips=args.paper_clips, epoch_s=epoch_s, startup_s=startup_s,
-                projected_40_epochs_s=projected_s)
+    return {"device": str(device), "n_clips": args.paper_clips, "epoch_s": epoch_s, "startup_s": startup_s,
+            "projected_40_epochs_s": projected_s}
 
 
 # what --what can run; each takes the parsed args and returns a dict of figures
@@ -740,9 +442,8 @@ ALL = ("features", "train", "predict")  # --what all: what a CPU can run in minu
 
 def main(argv=None):
     args = parse_args(argv)
-    names = list(ALL) if args.what == "all" else [args.what]
-    print(f"machine: {os.cpu_count()} CPU cores; python {sys.version.split()[0]}")
-    return {name: BENCHMARKS[name](args) for name in names}
+    print(f"machine: {os.cpu_count()} CPU cores; python {sys.version.split()[0]}", flush=True)
+    return {name: BENCHMARKS[name](args) for name in (ALL if args.what == "all" else [args.what])}
 
 
 if __name__ == "__main__":  # SIGTERM and SIGHUP as Ctrl-C: its temporary folders are removed

@@ -150,7 +150,7 @@ def test_flop_count_from_layer_shapes():
              (70, 16, 19, 210 * 9), (70, 16, 19, 70 * 9)]
     expected = sum(2 * c * h * w * fan_in for c, h, w, fan_in in convs) + 2 * (5040 * 500 + 500 * 50)
     assert benchmark.forward_flops() == expected
-    assert 2.1e9 < expected < 2.2e9  # the "about 2.1 GFLOP"
+    assert 2.1e9 < expected < 2.2e9  # about 2.1 GFLOP
 
 
 @pytest.mark.slow

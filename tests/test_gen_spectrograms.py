@@ -279,3 +279,32 @@ def test_benchmark_of_features_runs(mtat_clip, capsys):
     assert all(0 < seconds < 60 for seconds in stages.values())
     assert benchmark.time_extraction(2, 4, mtat_clip, runs=1) > 0
     assert "2 worker(s)" in capsys.readouterr().out
+
+
+def test_benchmark_times_the_pipelines_own_stages(mtat_clip, monkeypatch):
+    """benchmark.py holds no copy of the feature pipeline: each stage it times is common's own
+    function (decode, resample, log_mel_frames, wrapped here to count their calls), and what the
+    stages give is common.log_mel's spectrogram and read_log_mel's duration."""
+    import benchmark
+
+    calls = dict.fromkeys(("decode", "resample", "log_mel_frames"), 0)
+
+    def counting(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    expected, duration_s = common.read_log_mel(mtat_clip)
+    for name in calls:
+        monkeypatch.setattr(common, name, counting(name, getattr(common, name)))
+    seconds, spec, duration = benchmark.pipeline_seconds(mtat_clip)
+    assert set(seconds) == {"decode", "resample", "log-mel"} and all(s > 0 for s in seconds.values())
+    # the Timer runs each stage's statement after its warm-up runs; decode once more for the sample rate
+    assert calls["resample"] == calls["log_mel_frames"] == calls["decode"] - 1 >= 1
+    np.testing.assert_array_equal(spec, expected)
+    assert duration == duration_s
+    stages = benchmark.time_log_mel(mtat_clip, repeats=1)
+    assert list(stages) == ["decode", "resample", "mel", "total"] and calls["resample"] > 3
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--what", "features", "--repeats", "0"])
