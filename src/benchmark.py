@@ -139,7 +139,7 @@ def busy_cpu_seconds():
 
 
 def time_extraction(workers, n_clips, clip_path, runs=3, dtype="float16"):
-    """Clips/s of gen_spectrograms.main (after its warm_up) on n_clips copies of clip_path in MTAT's
+    """Clips/s of gen_spectrograms.main (after common.warm_up) on n_clips copies of clip_path in MTAT's
     layout: the best of `runs` whole runs, each printed with the CPU it and other processes used."""
     rates, paths = [], [f"{i % 16:x}/copy-{i}{Path(clip_path).suffix}" for i in range(n_clips)]
     with tempfile.TemporaryDirectory() as data_dir:
@@ -148,7 +148,7 @@ def time_extraction(workers, n_clips, clip_path, runs=3, dtype="float16"):
             shutil.copyfile(clip_path, Path(data_dir) / "mp3" / path)
         lines = ['"clip_id"\t"tag"\t"mp3_path"'] + [f'"{i}"\t"0"\t"{path}"' for i, path in enumerate(paths)]
         (Path(data_dir) / "annotations_final.csv").write_bytes(("\r\n".join(lines) + "\r\n").encode())
-        gen_spectrograms.warm_up()
+        common.warm_up()
         for _ in range(runs):
             busy0, mine0 = busy_cpu_seconds(), os.times()
             done = gen_spectrograms.main(["--data-dir", data_dir, "--workers", str(workers),
@@ -287,8 +287,10 @@ def random_checkpoint(path, n_tags=50):
     """A checkpoint in trainer.py's format with untrained weights (predict.py's speed is the same)."""
     torch.manual_seed(0)
     norm = torch.full((common.N_MELS,), -8.0), torch.full((common.N_MELS,), 3.0)
+    untrained = dict(data=dict(annotations="none (random weights, for timing)", dataset="other"),
+                     split=dict(name="none", n_train=0, n_val=0, n_test=0))
     formats.save_best_model(path, common.MSCNN(n_tags).state_dict(), [f"tag{i}" for i in range(n_tags)],
-                            norm, args={}, epoch=1, metrics={})
+                            norm, {}, 1, {}, untrained)
 
 
 def stage_seconds(task):
@@ -296,7 +298,7 @@ def stage_seconds(task):
     run each (timed), summed: decode, resample, log-mel (pipeline_seconds), network (predict.score_file)."""
     import predict
     torch.set_num_threads(1)  # BLAS and OpenMP: one thread already (plumbing.start_worker)
-    model, tags, mean, std = predict.load_checkpoint(task[1], torch.device("cpu"))
+    model, tags, mean, std, _ = predict.load_checkpoint(task[1], torch.device("cpu"))
     times = dict.fromkeys(("decode", "resample", "log-mel", "network"), 0.0)
     for path in task[0]:
         stages, spec, duration_s = pipeline_seconds(path)
