@@ -1,24 +1,14 @@
 """Synthetic MTAT-shaped demo data: synthesised music whose tags can be heard.
 
-`write_synthetic_mtat(data_dir, n_clips)` writes data_dir/annotations_final.csv in
-exactly MagnaTagATune's format (the real 188 tag names in MTAT's column order) and one
-16 kHz mono MP3 of 29.15 s per row under data_dir/mp3/<hex folder>/, so the rest of the
-pipeline cannot tell it from MTAT. Each clip is a random arrangement in one of four
-styles (classical, rock, techno, indian) with a random key, tempo and level; a clip is
-tagged only with what can be heard in it:
-
-- timbre and pitch range (the fine spectral scale): piano, guitar, harpsichord, harp,
-  violin, flute, sitar, synth; vocal + male (~110 Hz) or female (~220 Hz), else no singer
-- rhythm and tempo (the long time scales): drum + beat, techno (four-on-the-floor at
-  ~130 bpm), fast (150-180 bpm), slow (50-70 bpm), no beat
-- level: loud (-12 dBFS RMS), quiet (-38 dBFS RMS)
-- style: classical, electro, india
-
-Tags are spelled with MTAT's synonyms at random (drum/drums, no vocals/no voice, ...),
-so only common.merge_synonyms turns them back into one tag each. Clip i depends only on
-(seed, i), not on n_clips.
+`write_synthetic_mtat(data_dir, n_clips)` writes annotations_final.csv in exactly MTAT's format (its 188
+tag names, in order) and a 16 kHz mono 29.15 s MP3 per row under mp3/<hex folder>/, so the pipeline cannot
+tell it from MTAT. Each clip is a random arrangement in one of four styles, with a random key, tempo and
+level, tagged only with what can be heard: instruments and singer (timbre and pitch range: the fine spectral
+scale), drums, beat and tempo (the long time scales), loud or quiet, style. MTAT's synonyms spell the tags
+at random (drum/drums, ...), so only common.merge_synonyms merges them. Clip i depends only on (seed, i).
 """
 import io
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,66 +21,52 @@ from tqdm import tqdm
 import formats
 import plumbing
 
-
-# The header of MTAT's annotations_final.csv between "clip_id" and "mp3_path", in order
-# (taken from the real file, MD5 f04fa01752a8cc64f6e1ca142a0fef1d).
+# MTAT's tag columns, in order (the real annotations_final.csv, MD5 f04fa01752a8cc64f6e1ca142a0fef1d)
 MTAT_TAG_NAMES = [
-    "no voice", "singer", "duet", "plucking", "hard rock", "world", "bongos", "harpsichord",
-    "female singing", "clasical", "sitar", "chorus", "female opera", "male vocal", "vocals",
-    "clarinet", "heavy", "silence", "beats", "men", "woodwind", "funky", "no strings",
-    "chimes", "foreign", "no piano", "horns", "classical", "female", "no voices", "soft rock",
-    "eerie", "spacey", "jazz", "guitar", "quiet", "no beat", "banjo", "electric", "solo",
-    "violins", "folk", "female voice", "wind", "happy", "ambient", "new age", "synth", "funk",
-    "no singing", "middle eastern", "trumpet", "percussion", "drum", "airy", "voice",
-    "repetitive", "birds", "space", "strings", "bass", "harpsicord", "medieval", "male voice",
-    "girl", "keyboard", "acoustic", "loud", "classic", "string", "drums", "electronic",
-    "not classical", "chanting", "no violin", "not rock", "no guitar", "organ", "no vocal",
-    "talking", "choral", "weird", "opera", "soprano", "fast", "acoustic guitar",
-    "electric guitar", "male singer", "man singing", "classical guitar", "country", "violin",
-    "electro", "reggae", "tribal", "dark", "male opera", "no vocals", "irish", "electronica",
-    "horn", "operatic", "arabic", "lol", "low", "instrumental", "trance", "chant", "strange",
-    "drone", "synthesizer", "heavy metal", "modern", "disco", "bells", "man", "deep",
-    "fast beat", "industrial", "hard", "harp", "no flute", "jungle", "pop", "lute",
-    "female vocal", "oboe", "mellow", "orchestral", "viola", "light", "echo", "piano",
-    "celtic", "male vocals", "orchestra", "eastern", "old", "flutes", "punk", "spanish", "sad",
-    "sax", "slow", "male", "blues", "vocal", "indian", "no singer", "scary", "india", "woman",
-    "woman singing", "rock", "dance", "piano solo", "guitars", "no drums", "jazzy", "singing",
-    "cello", "calm", "female vocals", "voices", "different", "techno", "clapping", "house",
-    "monks", "flute", "not opera", "not english", "oriental", "beat", "upbeat", "soft",
-    "noise", "choir", "female singer", "rap", "metal", "hip hop", "quick", "water", "baroque",
-    "women", "fiddle", "english",
+    "no voice", "singer", "duet", "plucking", "hard rock", "world", "bongos", "harpsichord", "female singing",
+    "clasical", "sitar", "chorus", "female opera", "male vocal", "vocals", "clarinet", "heavy", "silence",
+    "beats", "men", "woodwind", "funky", "no strings", "chimes", "foreign", "no piano", "horns", "classical",
+    "female", "no voices", "soft rock", "eerie", "spacey", "jazz", "guitar", "quiet", "no beat", "banjo",
+    "electric", "solo", "violins", "folk", "female voice", "wind", "happy", "ambient", "new age", "synth",
+    "funk", "no singing", "middle eastern", "trumpet", "percussion", "drum", "airy", "voice", "repetitive",
+    "birds", "space", "strings", "bass", "harpsicord", "medieval", "male voice", "girl", "keyboard",
+    "acoustic", "loud", "classic", "string", "drums", "electronic", "not classical", "chanting", "no violin",
+    "not rock", "no guitar", "organ", "no vocal", "talking", "choral", "weird", "opera", "soprano", "fast",
+    "acoustic guitar", "electric guitar", "male singer", "man singing", "classical guitar", "country",
+    "violin", "electro", "reggae", "tribal", "dark", "male opera", "no vocals", "irish", "electronica",
+    "horn", "operatic", "arabic", "lol", "low", "instrumental", "trance", "chant", "strange", "drone",
+    "synthesizer", "heavy metal", "modern", "disco", "bells", "man", "deep", "fast beat", "industrial",
+    "hard", "harp", "no flute", "jungle", "pop", "lute", "female vocal", "oboe", "mellow", "orchestral",
+    "viola", "light", "echo", "piano", "celtic", "male vocals", "orchestra", "eastern", "old", "flutes",
+    "punk", "spanish", "sad", "sax", "slow", "male", "blues", "vocal", "indian", "no singer", "scary",
+    "india", "woman", "woman singing", "rock", "dance", "piano solo", "guitars", "no drums", "jazzy",
+    "singing", "cello", "calm", "female vocals", "voices", "different", "techno", "clapping", "house",
+    "monks", "flute", "not opera", "not english", "oriental", "beat", "upbeat", "soft", "noise", "choir",
+    "female singer", "rap", "metal", "hip hop", "quick", "water", "baroque", "women", "fiddle", "english",
 ]
 
 CLIP_SAMPLE_RATE = 16000  # Hz, as MTAT's MP3s
-# 29.15 s: decodes to 321,379 samples at 11,025 Hz = 628 frames, so no padding is needed
-CLIP_SAMPLES = 466400
-HEX_FOLDERS = "0123456789abcdef"
+CLIP_SAMPLES = 466400  # 29.15 s: decodes to 321,379 samples at 11,025 Hz = 628 frames, no padding needed
 
-# Every tag a clip can get (merged name) -> the MTAT spellings it is written as, at random
-SPELLINGS = {
-    "beat": ["beat", "beats"], "classical": ["classical", "classic", "clasical"],
-    "drum": ["drum", "drums"], "electro": ["electronic", "electronica", "electro"],
-    "fast": ["fast", "quick", "fast beat"], "female": ["female", "woman", "female vocals"],
-    "flute": ["flute", "flutes"], "guitar": ["guitar", "guitars"],
-    "harpsichord": ["harpsichord", "harpsicord"], "india": ["indian", "india"],
-    "male": ["male", "man", "male vocals"], "no beat": ["no beat", "no drums"],
-    "no singer": ["no vocals", "no voice", "instrumental", "no singer"],
-    "synth": ["synth", "synthesizer"], "violin": ["violin", "violins"],
-    "vocal": ["vocal", "vocals", "voice"],
-    "harp": ["harp"], "loud": ["loud"], "piano": ["piano"], "quiet": ["quiet"],
-    "sitar": ["sitar"], "slow": ["slow"], "techno": ["techno"],
+SPELLINGS = {  # every tag a clip can get (merged name) -> the MTAT spellings it is written as, at random
+    "beat": ["beat", "beats"], "classical": ["classical", "classic", "clasical"], "drum": ["drum", "drums"],
+    "electro": ["electronic", "electronica", "electro"], "fast": ["fast", "quick", "fast beat"],
+    "female": ["female", "woman", "female vocals"], "flute": ["flute", "flutes"],
+    "guitar": ["guitar", "guitars"], "harpsichord": ["harpsichord", "harpsicord"],
+    "india": ["indian", "india"], "male": ["male", "man", "male vocals"], "no beat": ["no beat", "no drums"],
+    "no singer": ["no vocals", "no voice", "instrumental", "no singer"], "synth": ["synth", "synthesizer"],
+    "violin": ["violin", "violins"], "vocal": ["vocal", "vocals", "voice"],
+    **{tag: [tag] for tag in ("harp", "loud", "piano", "quiet", "sitar", "slow", "techno")},  # one spelling
 }
 
-# -----------------------------------------------------------------------------
-# Sound: wavetable lines (timbre = harmonic spectra + envelope), a formant voice, drums
+# ---- Sound: wavetable lines (timbre = harmonic spectra + envelope), a formant voice, drums
 TABLE_SIZE = 4096  # samples per wavetable period (a power of two: phase wraps by masking)
 VIBRATO = np.sin(2 * np.pi * 5.5 * np.arange(CLIP_SAMPLES) / CLIP_SAMPLE_RATE)  # 5.5 Hz
 
 
 def wavetable(amplitudes):
     """One period (TABLE_SIZE,) float32 of sum_k amplitudes[k-1] sin(2 pi k x), peak 1."""
-    x = np.arange(TABLE_SIZE) / TABLE_SIZE
-    harmonics = np.arange(1, len(amplitudes) + 1)
+    x, harmonics = np.arange(TABLE_SIZE) / TABLE_SIZE, np.arange(1, len(amplitudes) + 1)
     table = np.asarray(amplitudes) @ np.sin(2 * np.pi * np.outer(harmonics, x))
     return (table / np.abs(table).max()).astype(np.float32)
 
@@ -107,54 +83,46 @@ def plucked(n_harmonics, position):
     return np.abs(np.sin(np.pi * k * position)) / k
 
 
-# spectrum: harmonic amplitudes of the sustained tone; attack_spectrum: those of the
-# attack, fading into spectrum with time constant brightness (s); attack, decay: the
-# envelope (s); vibrato: relative depth; noise: breath, relative to the tone; low, high:
-# the register (MIDI notes), where the harmonics stay below 8 kHz, so nothing aliases.
+def make_timbre(**params):
+    """An entry of TIMBRES: params with their wavetables, table and (given attack_spectrum) attack_table."""
+    params["table"] = wavetable(params["spectrum"])
+    if "attack_spectrum" in params:
+        params["attack_table"] = wavetable(params["attack_spectrum"])
+    return params
+
+
+# spectrum: harmonic amplitudes of the sustained tone; attack_spectrum: those of the attack, fading into
+# spectrum with time constant brightness (s); attack, decay: the envelope (s); vibrato: relative depth;
+# noise: breath, relative to the tone; low, high: the register (MIDI), where harmonics stay below 8 kHz.
 TIMBRES = {
-    "piano": dict(spectrum=power_law(4, 2), attack_spectrum=power_law(10, 1), brightness=0.15,
-                  attack=0.002, decay=0.8, low=48, high=79),
-    "guitar": dict(spectrum=power_law(3, 2), attack_spectrum=plucked(12, 1 / 5), brightness=0.08,
-                   attack=0.002, decay=0.5, low=40, high=71),
-    "harpsichord": dict(spectrum=plucked(10, 1 / 8), attack_spectrum=power_law(10, 0.5),
-                        brightness=0.1, attack=0.001, decay=0.6, low=48, high=79),
-    "harp": dict(spectrum=[1, 0.1], attack_spectrum=[1, 0.3, 0.1, 0.05], brightness=0.2,
-                 attack=0.003, decay=1.2, low=60, high=91),
-    "sitar": dict(spectrum=power_law(13, 0.9), attack_spectrum=power_law(13, 0.4), brightness=0.3,
-                  attack=0.002, decay=1.2, low=50, high=74),
-    "violin": dict(spectrum=power_law(9, 1), attack=0.08, decay=4.0, vibrato=0.006, low=55,
-                   high=81),
-    "flute": dict(spectrum=[1, 0.2, 0.05], attack=0.06, decay=4.0, vibrato=0.004, noise=0.08,
-                  low=72, high=96),
-    "synth": dict(spectrum=power_law(15, 1, odd_only=True), attack=0.005, decay=0.4, low=48,
-                  high=72),
+    "piano": make_timbre(spectrum=power_law(4, 2), attack_spectrum=power_law(10, 1), brightness=0.15,
+                         attack=0.002, decay=0.8, low=48, high=79),
+    "guitar": make_timbre(spectrum=power_law(3, 2), attack_spectrum=plucked(12, 1 / 5), brightness=0.08,
+                          attack=0.002, decay=0.5, low=40, high=71),
+    "harpsichord": make_timbre(spectrum=plucked(10, 1 / 8), attack_spectrum=power_law(10, 0.5),
+                               brightness=0.1, attack=0.001, decay=0.6, low=48, high=79),
+    "harp": make_timbre(spectrum=[1, 0.1], attack_spectrum=[1, 0.3, 0.1, 0.05], brightness=0.2,
+                        attack=0.003, decay=1.2, low=60, high=91),
+    "sitar": make_timbre(spectrum=power_law(13, 0.9), attack_spectrum=power_law(13, 0.4), brightness=0.3,
+                         attack=0.002, decay=1.2, low=50, high=74),
+    "violin": make_timbre(spectrum=power_law(9, 1), attack=0.08, decay=4.0, vibrato=0.006, low=55, high=81),
+    "flute": make_timbre(spectrum=[1, 0.2, 0.05], attack=0.06, decay=4.0, vibrato=0.004, noise=0.08,
+                         low=72, high=96),
+    "synth": make_timbre(spectrum=power_law(15, 1, odd_only=True), attack=0.005, decay=0.4, low=48, high=72),
     # glottal sources, formants come later: a man sings at ~87-165 Hz, a woman ~175-330 Hz
-    "male": dict(spectrum=power_law(45, 1), attack=0.04, decay=5.0, vibrato=0.012, low=41,
-                 high=52),
-    "female": dict(spectrum=power_law(22, 1), attack=0.04, decay=5.0, vibrato=0.012, low=53,
-                   high=64),
+    "male": make_timbre(spectrum=power_law(45, 1), attack=0.04, decay=5.0, vibrato=0.012, low=41, high=52),
+    "female": make_timbre(spectrum=power_law(22, 1), attack=0.04, decay=5.0, vibrato=0.012, low=53, high=64),
 }
-for timbre in TIMBRES.values():
-    timbre["table"] = wavetable(timbre["spectrum"])
-    if "attack_spectrum" in timbre:
-        timbre["attack_table"] = wavetable(timbre["attack_spectrum"])
 
 # Formants F1-F3 (Hz) of a man's a, e, i, o, u (Peterson and Barney); a woman's are ~17% higher
 VOWELS = np.array([[730, 1090, 2440], [530, 1840, 2480], [270, 2290, 3010],
                    [570, 840, 2410], [300, 870, 2240]])
 
 
-def midi_hz(midi):
-    return 440.0 * 2.0 ** ((np.asarray(midi, dtype=np.float64) - 69) / 12)
-
-
 def render_line(onsets, midi, timbre, rng, detune=1.0):
-    """A monophonic line: note i starts at sample onsets[i] (increasing) and sounds until
-    the next onset; midi[i] <= 0 is a rest. Returns float32 (CLIP_SAMPLES,) at 16 kHz.
-
-    Vectorised over samples: envelopes are looked up by the samples since (and until)
-    the note's onset (and the next), the phase is a fixed-point running sum.
-    """
+    """A monophonic line, float32 (CLIP_SAMPLES,) at 16 kHz: note i starts at sample onsets[i] (increasing)
+    and sounds until the next onset; midi[i] <= 0 is a rest. Vectorised over samples: envelopes are looked
+    up by the samples since the note's onset (and until the next), the phase is a fixed-point running sum."""
     sr, keep = CLIP_SAMPLE_RATE, np.asarray(onsets) < CLIP_SAMPLES
     onsets, midi = np.append(0, onsets[keep]), np.append(0, np.asarray(midi)[keep])  # rest first
     durations = np.diff(np.append(onsets, CLIP_SAMPLES))
@@ -164,11 +132,10 @@ def render_line(onsets, midi, timbre, rng, detune=1.0):
     attack_decay = np.minimum(s / timbre["attack"], 1) * np.exp(-s / timbre["decay"])
     release = np.minimum(s / 0.02, 1)  # 20 ms fade before the next note: no clicks
     envelope = attack_decay.astype(np.float32)[since] * release.astype(np.float32)[until]
-
+    hz = 440.0 * 2.0 ** ((midi.astype(np.float64) - 69) / 12)
     # phase in 1/65536ths of a table sample, so the running sum is exact integers
-    step = np.repeat(np.round(midi_hz(midi) * detune / sr * TABLE_SIZE * 65536), durations)
-    if "vibrato" in timbre:
-        step *= 1 + timbre["vibrato"] * VIBRATO
+    step = np.repeat(np.round(hz * detune / sr * TABLE_SIZE * 65536), durations)
+    step *= 1 + timbre.get("vibrato", 0) * VIBRATO  # exactly 1 without vibrato
     index = (np.cumsum(step.astype(np.int64)) >> 16) & (TABLE_SIZE - 1)
     tone = timbre["table"][index]
     if "attack_table" in timbre:
@@ -177,17 +144,16 @@ def render_line(onsets, midi, timbre, rng, detune=1.0):
     if "noise" in timbre:
         tone += timbre["noise"] * np.diff(rng.standard_normal(CLIP_SAMPLES + 1, np.float32))
     line = envelope * tone
-    for start, duration in zip(onsets[midi <= 0], durations[midi <= 0]):
-        line[start:start + duration] = 0
+    line[np.repeat(midi <= 0, durations)] = 0  # the rests
     return line
 
 
 def render_voice(onsets, midi, female, rng):
-    """A sung line: a glottal source through a cascade of 3 formant resonators (F1-F3 of a
-    random vowel per note). Returns float32 (CLIP_SAMPLES,)."""
+    """A sung line, float32 (CLIP_SAMPLES,): a glottal source through a cascade of 3 formant resonators
+    (F1-F3 of a random vowel per note)."""
     source = render_line(onsets, midi, TIMBRES["female" if female else "male"], rng)
     bounds, voice = np.append(onsets, CLIP_SAMPLES), np.zeros(CLIP_SAMPLES, np.float32)
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in itertools.pairwise(bounds):
         formants = VOWELS[rng.integers(len(VOWELS))] * (1.17 if female else 1.0)
         denominator = [1.0]
         for formant, bandwidth in zip(formants, (80, 100, 120)):
@@ -198,30 +164,17 @@ def render_voice(onsets, midi, female, rng):
     return voice
 
 
-def drum_kit(rng):
-    """One-shots (0.4 s at 16 kHz): kick, snare, clap, closed and open hi-hat."""
+def render_drums(pattern, beat_s, rng):
+    """The pattern at beat_s seconds per beat on a kit of 0.4 s one-shots. Returns float32 (CLIP_SAMPLES,)."""
     t = np.arange(int(0.4 * CLIP_SAMPLE_RATE)) / CLIP_SAMPLE_RATE
     noise = np.diff(rng.standard_normal(len(t) + 1))  # a first difference tilts it up
     hiss = np.diff(noise, append=0)  # tilted twice: the hi-hat band
     kick_phase = 50 * t + 3 * (1 - np.exp(-t / 0.03))  # pitch falls from 150 to 50 Hz
-    return {"kick": np.sin(2 * np.pi * kick_phase) * np.exp(-t / 0.12),
-            "snare": (0.6 * np.sin(2 * np.pi * 185 * t) * np.exp(-t / 0.05)
-                      + 0.5 * noise * np.exp(-t / 0.1)),
-            "clap": 0.5 * noise * np.exp(-t / 0.03),
-            "hat": 0.2 * hiss * np.exp(-t / 0.02), "open hat": 0.2 * hiss * np.exp(-t / 0.12)}
-
-
-# (drum, position in beats within a 4-beat bar)
-ROCK = ([("kick", 0), ("kick", 2), ("kick", 2.5), ("snare", 1), ("snare", 3)]
-        + [("hat", b / 2) for b in range(8)])
-FOUR_ON_THE_FLOOR = ([("kick", b) for b in range(4)] + [("open hat", b + 0.5) for b in range(4)]
-                     + [("clap", 1), ("clap", 3)] + [("hat", b / 4) for b in range(1, 16, 2)])
-
-
-def render_drums(pattern, beat_s, rng):
-    """The pattern repeated at beat_s seconds per beat. Returns float32 (CLIP_SAMPLES,)."""
-    kit = drum_kit(rng)
-    drums = np.zeros(CLIP_SAMPLES + len(kit["kick"]), np.float32)
+    kit = {"kick": np.sin(2 * np.pi * kick_phase) * np.exp(-t / 0.12),
+           "snare": 0.6 * np.sin(2 * np.pi * 185 * t) * np.exp(-t / 0.05) + 0.5 * noise * np.exp(-t / 0.1),
+           "clap": 0.5 * noise * np.exp(-t / 0.03),
+           "hat": 0.2 * hiss * np.exp(-t / 0.02), "open hat": 0.2 * hiss * np.exp(-t / 0.12)}
+    drums = np.zeros(CLIP_SAMPLES + len(t), np.float32)
     for bar in range(int(CLIP_SAMPLES / CLIP_SAMPLE_RATE / (4 * beat_s)) + 1):
         for drum, beat in pattern:
             start = int((4 * bar + beat) * beat_s * CLIP_SAMPLE_RATE)
@@ -230,14 +183,17 @@ def render_drums(pattern, beat_s, rng):
     return drums[:CLIP_SAMPLES]
 
 
-# -----------------------------------------------------------------------------
-# Composition: style, tempo, key, a 4-bar chord progression, chord and melody lines, mix
+# ---- Composition: style, tempo, key, a 4-bar chord progression, chord and melody lines, mix
 MAJOR, MINOR = np.array([0, 2, 4, 5, 7, 9, 11]), np.array([0, 2, 3, 5, 7, 8, 10])
 PROGRESSIONS = [[0, 4, 5, 3], [0, 3, 4, 0], [5, 3, 0, 4], [0, 5, 3, 4]]  # scale degree per bar
 BPM = {"slow": (50, 70), "medium": (90, 125), "fast": (150, 180), "techno": (124, 136)}
 STYLE_TAGS = {"classical": {"classical", "no beat"}, "rock": {"drum", "beat"},
               "techno": {"techno", "drum", "beat", "electro"}, "indian": {"india", "no beat"}}
 SINGS = {"classical": 0.15, "rock": 0.6, "techno": 0.3, "indian": 0.3}  # P(vocals)
+ROCK = ([("kick", 0), ("kick", 2), ("kick", 2.5), ("snare", 1), ("snare", 3)]
+        + [("hat", b / 2) for b in range(8)])  # drum patterns: (drum, position in beats in a 4-beat bar)
+FOUR_ON_THE_FLOOR = ([("kick", b) for b in range(4)] + [("open hat", b + 0.5) for b in range(4)]
+                     + [("clap", 1), ("clap", 3)] + [("hat", b / 4) for b in range(1, 16, 2)])
 
 
 def in_key(degrees, tonic, scale):
@@ -254,8 +210,7 @@ def fit_register(midi, low, high):
 
 
 def melody(rng, n_notes, tonic, scale, low, high, sing=False):
-    """A random walk on the scale inside [low, high], one note per beat; a singer
-    breathes (rests) every fourth bar."""
+    """A random walk on the scale in [low, high], a note a beat; a singer breathes (rests) every 4th bar."""
     degrees = np.cumsum(rng.choice([-2, -1, -1, 0, 1, 1, 2], size=n_notes)) + rng.integers(7)
     midi = fit_register(in_key(degrees, tonic, scale), low, high)
     if sing:
@@ -264,32 +219,22 @@ def melody(rng, n_notes, tonic, scale, low, high, sing=False):
 
 
 def synthesise_clip(rng):
-    """One random clip of music.
-
-    Returns:
-        audio: float32 ndarray (CLIP_SAMPLES,) at 16 kHz, in (-1, 1).
-        tags: set of merged tag names (keys of SPELLINGS), all of them audible.
-    """
+    """A random clip -> (float32 (CLIP_SAMPLES,) at 16 kHz in (-1, 1), its audible tags: SPELLINGS keys)."""
     style = str(rng.choice(["classical", "rock", "techno", "indian"], p=[0.3, 0.3, 0.2, 0.2]))
-    tempo = "techno" if style == "techno" else str(
-        rng.choice(["slow", "medium", "fast"], p=[0.3, 0.4, 0.3]))
+    tempo = "techno" if style == "techno" else str(rng.choice(["slow", "medium", "fast"], p=[0.3, 0.4, 0.3]))
     beat_s = 60.0 / rng.uniform(*BPM[tempo])
     n_beats = int(CLIP_SAMPLES / CLIP_SAMPLE_RATE / beat_s) + 1
-    beats = np.arange(n_beats)
+    beats, eighths = np.arange(n_beats), np.arange(2 * n_beats)
     onsets = (beats * beat_s * CLIP_SAMPLE_RATE).astype(np.int64)
-    eighths = np.arange(2 * n_beats)
     eighth_onsets = (eighths * beat_s / 2 * CLIP_SAMPLE_RATE).astype(np.int64)
     tonic, scale = 48 + rng.integers(12), MAJOR if rng.random() < 0.5 else MINOR
     chord_roots = np.array(PROGRESSIONS[rng.integers(len(PROGRESSIONS))])[beats // 4 % 4]
-
     if style == "classical":
-        classical = ["violin", "piano", "flute", "harp", "harpsichord"]
-        instruments = ([i for i in classical if rng.random() < 0.45]
+        instruments = ([i for i in ["violin", "piano", "flute", "harp", "harpsichord"] if rng.random() < 0.45]
                        or [str(rng.choice(["violin", "piano", "harp"]))])
     else:
         instruments = {"rock": ["guitar"] + [i for i in ["piano", "synth"] if rng.random() < 0.25],
-                       "techno": ["synth"],
-                       "indian": ["sitar"] + ["flute"] * (rng.random() < 0.3)}[style]
+                       "techno": ["synth"], "indian": ["sitar"] + ["flute"] * (rng.random() < 0.3)}[style]
     tags = set(instruments) | STYLE_TAGS[style]
     parts = []  # (audio, gain in dB)
     for name in instruments:
@@ -302,8 +247,7 @@ def synthesise_clip(rng):
                 parts.append((render_line(onsets + strum, notes, timbre, rng), -4))
         elif name in ("harp", "harpsichord"):  # arpeggios over two octaves, two notes a beat
             degrees = np.repeat(chord_roots, 2) + 2 * (eighths % 4)
-            notes = in_key(degrees, tonic, scale) + 12 * (eighths % 8 >= 4)
-            notes = fit_register(notes, low, high)
+            notes = fit_register(in_key(degrees, tonic, scale) + 12 * (eighths % 8 >= 4), low, high)
             parts.append((render_line(eighth_onsets, notes, timbre, rng), 0))
         else:  # violin, flute, sitar, synth: a melody
             notes = melody(rng, n_beats, tonic, scale, low, high)
@@ -316,19 +260,16 @@ def synthesise_clip(rng):
             drone = np.where(beats % 2, tonic - 5, tonic - 12)
             parts.append((render_line(onsets, drone, timbre, rng), -6))
     if "drum" in tags:
-        pattern = FOUR_ON_THE_FLOOR if style == "techno" else ROCK
-        parts.append((render_drums(pattern, beat_s, rng), 0))
+        parts.append((render_drums(FOUR_ON_THE_FLOOR if style == "techno" else ROCK, beat_s, rng), 0))
     if rng.random() < SINGS[style]:
-        female = rng.random() < 0.5
-        timbre = TIMBRES["female" if female else "male"]
-        notes = melody(rng, n_beats, tonic, scale, timbre["low"], timbre["high"], sing=True)
-        parts.append((render_voice(onsets, notes, female, rng), 3))
-        tags |= {"vocal", "female" if female else "male"}
+        singer = "female" if rng.random() < 0.5 else "male"
+        notes = melody(rng, n_beats, tonic, scale, TIMBRES[singer]["low"], TIMBRES[singer]["high"], sing=True)
+        parts.append((render_voice(onsets, notes, singer == "female", rng), 3))
+        tags |= {"vocal", singer}
     else:
         tags.add("no singer")
     if tempo in ("slow", "fast"):
         tags.add(tempo)
-
     # Mix each part at its gain (+-2 dB) relative to unit RMS, then set the clip's level
     mix = sum(part / (np.sqrt(np.mean(part ** 2)) + 1e-9) * 10 ** ((gain + rng.uniform(-2, 2)) / 20)
               for part, gain in parts)
@@ -340,11 +281,10 @@ def synthesise_clip(rng):
     return np.tanh(mix).astype(np.float32), tags  # tanh: loud peaks saturate, never clip
 
 
-# -----------------------------------------------------------------------------
-# Writing the data set
+# ---- Writing the data set
 def clip_path(clip_id):
     """mp3_path of a clip, spread over MTAT's 16 folders: 'a/synthetic-000010.mp3'."""
-    return f"{HEX_FOLDERS[clip_id % 16]}/synthetic-{clip_id:06d}.mp3"
+    return f"{clip_id % 16:x}/synthetic-{clip_id:06d}.mp3"
 
 
 def annotation_line(fields):
@@ -369,18 +309,10 @@ def write_clip(data_dir, seed, clip_id):
 
 
 def write_synthetic_mtat(data_dir, n_clips, seed=0, progress=True, workers=None):
-    """Write a synthetic MTAT-shaped data set of n_clips clips into data_dir.
-
-    Writes data_dir/mp3/<mp3_path> (16 kHz mono MP3, 29.15 s) for clip ids 1..n_clips,
-    then data_dir/annotations_final.csv (MTAT's format and 188 tag names). The result
-    depends only on the seed: clip i is the same whatever n_clips and workers are. The
-    annotations are removed first and written last (temp name, then rename), so an
-    interrupted run never looks complete; just before them, data_dir/synthetic.json records
-    their MD5 (formats.mark_synthetic), so that what is trained on them says "synthetic".
-
-    Args:
-        workers: threads (MP3 encoding and numpy release the GIL); None = all cores.
-    """
+    """Write data_dir/mp3/<mp3_path> for clip ids 1..n_clips, then data_dir/annotations_final.csv, removed
+    first and written last (temp name, then rename), so an interrupted run never looks complete; just before
+    it, synthetic.json records its MD5 (formats.mark_synthetic), so what is trained on it says "synthetic".
+    workers: threads (MP3 encoding and numpy release the GIL); None = all cores."""
     data_dir = Path(data_dir)
     csv_path = data_dir / "annotations_final.csv"
     csv_path.unlink(missing_ok=True)

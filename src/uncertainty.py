@@ -1,15 +1,11 @@
-"""How sure a test score is: bootstrap intervals over the test clips, and paired comparisons of
-runs scored on the same clips (the uncertainty sections of report.py; docs/results.md).
+"""How sure a test score is: bootstrap intervals over the test clips, and paired comparisons of runs scored
+on the same clips (the uncertainty sections of report.py; docs/results.md). One set of resamples of the test
+clips (scipy.stats.bootstrap, percentile intervals) serves every run, so a difference between two runs is
+resampled paired: each resample draws clips with replacement and scores every run on that draw. A tag that a
+resample leaves with no positive or no negative clip is left out of its macro averages (the rule of
+common.roc_auc) and gets no interval of its own (NaN).
 
-    result = bootstrap_runs(labels, [scores_a1, scores_a2, scores_b1, scores_b2],
-                            comparisons=[[(0, 2), (1, 3)]])   # a - b, paired by seed
-
-One set of resamples of the test clips (scipy.stats.bootstrap, percentile intervals) serves
-every run scored on those clips, so a difference between two runs is resampled clip by clip,
-paired: each resample draws clips with replacement and scores every run on the same draw.
-A tag that a resample leaves with no positive or no negative clip cannot be scored there:
-the macro averages of that resample leave it out (the rule of common.roc_auc), and the tag
-gets no interval of its own (NaN).
+    result = bootstrap_runs(labels, [a1, a2, b1, b2], comparisons=[[(0, 2), (1, 3)]])  # a - b, paired by seed
 """
 import warnings
 
@@ -23,14 +19,9 @@ BATCH = 50  # resamples scored at once: bounds memory (a few arrays of BATCH x c
 
 
 def tag_orders(labels, scores):
-    """What resampled metrics need of one run, computed once per tag: its negative and its
-    positive clips in order of score, and for each positive where its score falls among
-    the negatives (below, tied) and among the positives (its tie group's first).
-
-    labels: 0/1 ndarray (clips, T); scores: float ndarray (clips, T).
-    Returns a list of T tuples of int ndarrays: negatives (n_neg,), positives (n_pos,),
-    neg_below, neg_up_to, pos_below (n_pos,) (negatives scored lower than, or at most as
-    high as, each positive; positives scored lower than it)."""
+    """What resampled metrics need of one run (labels 0/1, scores float, (clips, T)), computed once: T tuples
+    of int ndarrays, negatives (n_neg,) and positives (n_pos,) in order of score, and per positive (n_pos,):
+    the negatives scored lower (neg_below) or at most as high (neg_up_to), the positives lower (pos_below)."""
     prepared = []
     for tag in range(labels.shape[1]):
         positive = labels[:, tag].astype(bool)
@@ -45,18 +36,13 @@ def tag_orders(labels, scores):
 
 
 def weighted_per_tag(prepared, counts):
-    """ROC-AUC and PR-AUC (average precision) per tag of resampled test sets.
-
-    prepared: tag_orders of one run; counts: int ndarray (B, clips), how often each clip is
-    drawn in each of B resamples. Returns roc, pr: float ndarrays (B, T), NaN where a
-    resample has no positive or no negative clip of the tag. They equal scikit-learn's
-    roc_auc_score and average_precision_score of the resampled clips, ties included
-    (tests/test_uncertainty.py checks it): scikit-learn's functions sort the scores anew
-    per call, which thousands of resamples x 50 tags x several runs cannot afford; here each
-    tag's order is fixed and a resample costs a cumulative sum over its negatives.
-    """
-    roc = np.full((len(counts), len(prepared)), np.nan)
-    pr = np.full_like(roc, np.nan)
+    """ROC-AUC and PR-AUC (average precision) per tag of resampled test sets. prepared: tag_orders of one run;
+    counts: int ndarray (B, clips), how often each of B resamples draws each clip. Returns roc, pr: float
+    ndarrays (B, T), NaN where a resample has no positive or no negative clip of the tag. They equal
+    scikit-learn's roc_auc_score and average_precision_score of the resampled clips, ties included (tests
+    check it), but those sort the scores anew per call, too slow for thousands of resamples x 50 tags x
+    several runs: here each tag's order is fixed and a resample costs a cumulative sum over its negatives."""
+    roc, pr = np.full((2, len(counts), len(prepared)), np.nan)
     zeros = np.zeros((len(counts), 1), dtype=counts.dtype)
     for tag, (negatives, positives, neg_below, neg_up_to, pos_below) in enumerate(prepared):
         cum_neg = np.concatenate([zeros, np.cumsum(counts[:, negatives], axis=1)], axis=1)
@@ -65,15 +51,13 @@ def weighted_per_tag(prepared, counts):
         n_neg, n_pos = cum_neg[:, -1].astype(np.float64), cum_pos[:, -1].astype(np.float64)
         scorable = (n_pos > 0) & (n_neg > 0)
         below, up_to = cum_neg[:, neg_below].astype(np.float64), cum_neg[:, neg_up_to].astype(np.float64)
-        # ROC-AUC: the share of (positive, negative) pairs ranked right, a tie counting half
-        pairs = (pos_weight * (below + up_to) / 2).sum(axis=1)
+        pairs = (pos_weight * (below + up_to) / 2).sum(axis=1)  # ROC-AUC: pairs ranked right, ties count half
         # average precision: each positive's precision at its own score as the threshold
         tp = n_pos[:, None] - cum_pos[:, pos_below]
         called = tp + n_neg[:, None] - below
         precision = np.divide(tp, called, out=np.zeros_like(tp), where=called > 0)
-        precision_sum = (pos_weight * precision).sum(axis=1)
         roc[scorable, tag] = pairs[scorable] / (n_pos[scorable] * n_neg[scorable])
-        pr[scorable, tag] = precision_sum[scorable] / n_pos[scorable]
+        pr[scorable, tag] = (pos_weight * precision).sum(axis=1)[scorable] / n_pos[scorable]
     return roc, pr
 
 
@@ -85,12 +69,10 @@ def nan_mean(values, axis):
 
 
 def bootstrap_p_value(differences):
-    """Two-sided p-value of 'no difference' from the paired bootstrap distribution of a
-    difference (B,): twice the share of resamples at or beyond 0 on the side away from
-    most of them, with the usual +1 (p = 2 (1 + k) / (B + 1), at most 1), resamples with a
-    difference of exactly 0 counting as the far side. So p < 1 - CONFIDENCE goes with a
-    percentile interval that leaves 0 out (up to the +1 and the interpolation of the
-    percentiles). NaN where any resample is NaN."""
+    """Two-sided p-value of 'no difference' from a paired bootstrap distribution (B,): 2 (1 + k) / (B + 1),
+    at most 1, with k the resamples at or beyond 0 on the side away from most of them (0 counts as that side).
+    So p < 1 - CONFIDENCE goes with a percentile interval that leaves 0 out (up to the +1 and the
+    interpolation of the percentiles). NaN if any resample is NaN."""
     differences = np.asarray(differences, dtype=np.float64)
     if np.isnan(differences).any():
         return float("nan")
@@ -99,22 +81,15 @@ def bootstrap_p_value(differences):
 
 
 def bootstrap_runs(labels, run_scores, comparisons=(), n_resamples=N_RESAMPLES, seed=SEED):
-    """Intervals for runs scored on the same test clips, and paired differences between them.
-
-    labels: 0/1 ndarray (clips, T), shared by the runs; run_scores: list of R float
-    ndarrays (clips, T); comparisons: list of lists of (a, b) run indices, each list one
-    comparison of two configurations, its pairs matched by seed: the difference is the mean
-    over its pairs of run a's score minus run b's. One scipy.stats.bootstrap call (method
-    'percentile', CONFIDENCE, n_resamples resamples of the clips, generator seeded with
-    seed) resamples all of it.
-
-    Returns dict:
-        runs: R dicts {'roc', 'pr'}: (point, low, high) of the macro test ROC-AUC / PR-AUC;
-        comparisons: dicts {'roc', 'pr'}: (point, low, high, p) of the mean paired
-            difference of the macro scores, and {'roc_per_tag', 'pr_per_tag'}: the same
-            four as ndarrays (T,) (NaN for a tag that some resample cannot score);
-        n_resamples, confidence.
-    """
+    """Intervals for runs scored on the same test clips, and paired differences between them. labels: 0/1
+    ndarray (clips, T), shared by the runs; run_scores: R float ndarrays (clips, T); comparisons: lists of
+    (a, b) run indices, one list per comparison of two configurations, its pairs matched by seed (the
+    difference: the mean over the pairs of run a's score minus run b's). One scipy.stats.bootstrap call
+    ('percentile', CONFIDENCE, n_resamples resamples of the clips, a generator seeded with seed) does it all.
+    Returns dict: runs: R dicts {'roc', 'pr'}: (point, low, high) of the macro test ROC-AUC / PR-AUC;
+    comparisons: dicts {'roc', 'pr'}: (point, low, high, p) of the mean paired difference of the macro scores,
+    and {'roc_per_tag', 'pr_per_tag'}: those four as ndarrays (T,) (NaN for a tag some resample cannot score);
+    n_resamples, confidence."""
     labels = np.asarray(labels)
     n_clips, n_tags = labels.shape
     prepared = [tag_orders(labels, np.asarray(scores)) for scores in run_scores]
@@ -145,14 +120,13 @@ def bootstrap_runs(labels, run_scores, comparisons=(), n_resamples=N_RESAMPLES, 
                                        confidence_level=CONFIDENCE, random_state=np.random.default_rng(seed))
     distribution = result.bootstrap_distribution
     unscorable = np.isnan(distribution).any(axis=1)
-    low = np.where(unscorable, np.nan, result.confidence_interval.low)
-    high = np.where(unscorable, np.nan, result.confidence_interval.high)
+    low, high = (np.where(unscorable, np.nan, bound) for bound in result.confidence_interval)
 
     def figure(k):
         return float(point[k]), float(low[k]), float(high[k])
 
-    out = dict(runs=[dict(roc=figure(2 * r), pr=figure(2 * r + 1)) for r in range(len(run_scores))],
-               comparisons=[], n_resamples=n_resamples, confidence=CONFIDENCE)
+    out = {"runs": [{"roc": figure(2 * r), "pr": figure(2 * r + 1)} for r in range(len(run_scores))],
+           "comparisons": [], "n_resamples": n_resamples, "confidence": CONFIDENCE}
     k = 2 * len(run_scores)
     for _ in comparisons:
         entry = {}
