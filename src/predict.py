@@ -65,11 +65,9 @@ def window_starts(n_frames, hop_frames, window_frames=common.N_FRAMES):
 
 def score_file(spec, duration_s, model, tag_names, norm_mean, norm_std, hop_frames=common.N_FRAMES // 2,
                batch_size=CPU_BATCH):
-    """Score one file's windows through common.score, batch_size at a time, on the device of
-    norm_mean.
+    """Score one file's windows (spec: float32 (N_MELS, n_frames), from common.read_log_mel)
+    through common.score, batch_size at a time, on the device of norm_mean.
 
-    Args:
-        spec: float32 ndarray (N_MELS, n_frames), as common.read_log_mel gives.
     Returns dict: tags (list of [name, probability], all tags, most probable first;
     probability = mean over windows), windows (K), duration_s, window_probs (K, n_tags),
     starts (K,) start frames, window_start_s (K,), window_embeddings (K, 500), embedding (500,).
@@ -77,7 +75,7 @@ def score_file(spec, duration_s, model, tag_names, norm_mean, norm_std, hop_fram
     starts = window_starts(spec.shape[1], hop_frames)
     probs, embeddings = [], []
     for first in range(0, len(starts), batch_size):  # fit_frames pads a window past the end
-        windows = np.stack([common.fit_frames(spec[:, start:]) for start in starts[first:first + batch_size]])
+        windows = np.stack([common.fit_frames(spec[:, s:]) for s in starts[first:first + batch_size]])
         p, e = common.score(model, torch.from_numpy(windows).to(norm_mean.device), norm_mean, norm_std,
                             embed=True)
         probs.append(p.cpu().numpy())
@@ -149,7 +147,8 @@ def tag_one(path):
         return error
 
 
-def tag_all(paths, workers, model, tag_names, norm_mean, norm_std, hop_frames, batch_size, score_here=None):
+def tag_all(paths, workers, model, tag_names, norm_mean, norm_std, hop_frames, batch_size,
+            score_here=None):
     """(path, score_file's dict or ValueError) for every path, in input order.
 
     On a CPU each worker tags whole files with one thread (scores independent of the number
@@ -165,9 +164,9 @@ def tag_all(paths, workers, model, tag_names, norm_mean, norm_std, hop_frames, b
     on_cpu = not score_here if score_here is not None else norm_mean.device.type == "cpu"
     common.warm_up()  # librosa's imports and numba compilation, once, before the workers fork
     # a tagged file waiting for its turn holds only its scores, a decoded one its spectrogram
-    results = plumbing.pool_results(tag_one if on_cpu else decode_one, paths, min(workers, len(paths)),
-                                    start_scorer if on_cpu else None, settings if on_cpu else (),
-                                    ordered=True, ahead=TAGGED_AHEAD if on_cpu else 2)
+    task, initializer, ahead = (tag_one, start_scorer, TAGGED_AHEAD) if on_cpu else (decode_one, None, 2)
+    results = plumbing.pool_results(task, paths, min(workers, len(paths)), initializer,
+                                    settings if on_cpu else (), ordered=True, ahead=ahead)
     with contextlib.closing(results):
         for index, result in results:
             path = paths[index]
@@ -183,14 +182,11 @@ def tag_all(paths, workers, model, tag_names, norm_mean, norm_std, hop_frames, b
 # -----------------------------------------------------------------------------
 # Inputs and the checkpoint
 def expand_inputs(arguments):
-    """Audio paths from the command line, in order: a file stays itself; a folder becomes
-    the files under it (recursively, through symbolic links too) whose extension is in
-    AUDIO_EXTENSIONS, sorted, hidden files and folders (a leading '.') left out.
-
-    Returns (paths, skipped): list of str; and {path: why it is not tagged}, each said once:
-    a folder holding no audio file, a symbolic link that loops or leads nowhere, a folder
-    that cannot be read.
-    """
+    """Audio paths from the command line, in order: a file stays itself; a folder becomes the
+    files under it (recursively, through symbolic links too) whose extension is in
+    AUDIO_EXTENSIONS, sorted, hidden ones (a leading '.') left out. Returns (paths, skipped):
+    list of str; {path: why it is not tagged} for a folder holding no audio file, a symbolic
+    link that loops or leads nowhere, a folder that cannot be read."""
     paths, skipped = [], {}
     for argument in arguments:
         folder = Path(argument)
@@ -210,8 +206,8 @@ def expand_inputs(arguments):
                     dirs.remove(name)
                 elif real_root == real or real_root.startswith(real.rstrip(os.sep) + os.sep):
                     dirs.remove(name)
-                    skipped[os.path.join(root, name)] = (f"{os.path.join(root, name)}: a symbolic link loop "
-                                                         f"(to {real}, a folder holding it); not followed")
+                    link = os.path.join(root, name)
+                    skipped[link] = f"{link}: a symbolic link loop (to {real}, which holds it); not followed"
             for name in files:
                 path = Path(root) / name
                 if name.startswith(".") or path.suffix.lower() not in AUDIO_EXTENSIONS:
@@ -223,8 +219,8 @@ def expand_inputs(arguments):
                         path.stat()
                         continue  # a link to something other than a file
                     except OSError as error:
-                        why = "a symbolic link loop" if error.errno == errno.ELOOP else "a broken symbolic link"
-                        skipped[str(path)] = f"{path}: {why} ({os.readlink(path)}); nothing to tag"
+                        why = "symbolic link loop" if error.errno == errno.ELOOP else "broken symbolic link"
+                        skipped[str(path)] = f"{path}: a {why} ({os.readlink(path)}); nothing to tag"
         paths += [str(p) for p in sorted(found)]
         if not found:
             skipped[argument] = f"{argument}: a folder with no audio file ({' '.join(AUDIO_EXTENSIONS)})"
@@ -327,9 +323,7 @@ CSV_COLUMNS = ["path", "duration_s", "windows"]  # then one column per tag, then
 CSV_LAST_COLUMNS = ["error", "checkpoint_sha256", "format_version"]
 
 
-def kept(entry):
-    """What the JSON holds of a file."""
-    return {k: v for k, v in entry.items() if k in ("tags", "windows", "duration_s", "error", "checkpoint_sha256")}
+JSON_KEYS = ("tags", "windows", "duration_s", "error", "checkpoint_sha256")  # what the JSON holds of a file
 
 
 def save_outputs(args, results, tag_names):
@@ -337,7 +331,8 @@ def save_outputs(args, results, tag_names):
     output as its last complete save); every entry names its checkpoint (checkpoint_sha256)
     and the format (format_version). Their layouts: docs/predict.md, "Outputs"."""
     if args.json:  # a file a line: readable and diffable
-        lines = [f"{json.dumps(audio)}: {json.dumps(dict(kept(entry), format_version=OUTPUT_FORMAT))}"
+        lines = [json.dumps(audio) + ": " + json.dumps(
+                     dict({k: v for k, v in entry.items() if k in JSON_KEYS}, format_version=OUTPUT_FORMAT))
                  for audio, entry in results.items()]
         with plumbing.atomic_write(args.json) as f:
             f.write("{\n" + ",\n".join(lines) + "\n}\n")
@@ -365,7 +360,7 @@ def save_outputs(args, results, tag_names):
             arrays.update(
                 window_embeddings=np.concatenate([e["window_embeddings"] for _, e in tagged]
                                                  or [np.zeros((0, 500))]).astype(np.float32),
-                window_file=np.repeat(np.arange(len(tagged)), [e["windows"] for _, e in tagged]).astype(np.int64),
+                window_file=np.repeat(np.arange(len(tagged)), [e["windows"] for _, e in tagged]),
                 window_start_s=np.concatenate([e["window_start_s"] for _, e in tagged] or [np.zeros(0)]))
         with plumbing.atomic_write(args.embeddings, "wb") as f:
             np.savez(f, **arrays)
@@ -394,8 +389,8 @@ def read_previous(args, tag_names, checkpoint_sha256):
         other = {entry["checkpoint_sha256"] for entry in entries.values()} - {checkpoint_sha256}
         if other:
             raise SystemExit(f"error: --resume: {path} holds results of another checkpoint (SHA-256 "
-                             f"{sorted(other)[0][:16]}..., this one's is {checkpoint_sha256[:16]}...): one file "
-                             f"would mix two models; resume with the checkpoint that wrote it, or {fix}")
+                             f"{sorted(other)[0][:16]}..., this one's is {checkpoint_sha256[:16]}...): one "
+                             f"file would mix two models; resume with the checkpoint that wrote it, or {fix}")
         for audio, entry in entries.items():
             previous.setdefault(audio, {}).update(entry)
         tagged = {audio for audio, entry in entries.items() if "error" not in entry}
@@ -461,8 +456,8 @@ def read_embeddings_output(path, tag_names, per_window):
             raise ValueError("its tag_names are not this checkpoint's (written with another model?)")
         if per_window and "window_embeddings" not in saved:
             return {}  # written without --per-window: every file is redone
-        entries = {str(audio): dict(embedding=saved["embeddings"][i], duration_s=float(saved["duration_s"][i]),
-                                    windows=int(saved["windows"][i]),
+        entries = {str(audio): dict(embedding=saved["embeddings"][i], windows=int(saved["windows"][i]),
+                                    duration_s=float(saved["duration_s"][i]),
                                     checkpoint_sha256=str(saved["checkpoint_sha256"][i]))
                    for i, audio in enumerate(saved["paths"])}
         if per_window:
@@ -495,8 +490,8 @@ def parse_args(argv=None):
                     "See docs/predict.md.")
     parser.add_argument("audio", nargs="+", help="audio files and folders (searched recursively "
                         f"for {' '.join(AUDIO_EXTENSIONS)}); any sample rate, mono or stereo, any length")
-    parser.add_argument("--checkpoint", default=None, help="best_model.pt written by trainer.py, "
-                        "or its run folder (default: that of the most recently modified run in --experiments)")
+    parser.add_argument("--checkpoint", default=None, help="best_model.pt written by trainer.py, or its "
+                        "run folder (default: that of the most recently modified run in --experiments)")
     parser.add_argument("--experiments", default="experiments",
                         help="folder of runs searched when --checkpoint is not given (default: experiments)")
     parser.add_argument("--top", type=positive_int, default=5, help="tags printed per file (default: 5)")
@@ -516,16 +511,16 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true", help="skip the files that every output given "
                         "(--csv/--json/--embeddings) already holds tagged; failed ones are tried again")
     parser.add_argument("--taggram", default=None, help="save a PNG of tag probability over time (needs "
-                        "matplotlib); with several files, one PNG each, named <stem>_<audio stem>.png beside it")
+                        "matplotlib); with several files, one PNG each, <stem>_<audio stem>.png beside it")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="worker processes; on a CPU each decodes and scores whole files with one "
                         "thread, and any count gives the same output; on a GPU they decode while this "
                         "process scores; 0: all in this process, with its own threads "
                         f"(default: one per CPU core, at most {MAX_WORKERS})")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto, cuda where available)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto: cuda if available)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help=f"windows scored per forward pass (default: {CUDA_BATCH} on a GPU, {CPU_BATCH} "
-                        "on a CPU, where larger batches cost memory and are no faster: docs/predict.md)")
+                        help=f"windows scored per forward pass (default: {CUDA_BATCH} on a GPU, {CPU_BATCH} on "
+                        "a CPU, where larger batches cost memory and are no faster: docs/predict.md)")
     args = parser.parse_args(argv)
     if args.workers < 0:
         parser.error(f"--workers must be 0 or more, got {args.workers}")
@@ -572,7 +567,8 @@ def main(argv=None):
         results = {**previous, **results}
         n_done = len([path for path in paths if path in done])
         paths = [path for path in paths if path not in done]
-        print(f"resuming: {n_done} file(s) already tagged in the outputs, {len(paths)} to tag", file=sys.stderr)
+        print(f"resuming: {n_done} file(s) already tagged in the outputs, {len(paths)} to tag",
+              file=sys.stderr)
     png_paths = dict(zip(paths, taggram_paths(args.taggram, paths))) if args.taggram and paths else {}
 
     tagged = tag_all(paths, args.workers, model, tag_names, norm_mean, norm_std, args.hop_frames, batch_size)
