@@ -517,10 +517,10 @@ def parse_args(argv=None):
                         "thread, and any count gives the same output; on a GPU they decode while this "
                         "process scores; 0: all in this process, with its own threads "
                         f"(default: one per CPU core, at most {MAX_WORKERS})")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto: cuda if available)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto, cuda if there)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help=f"windows scored per forward pass (default: {CUDA_BATCH} on a GPU, {CPU_BATCH} on "
-                        "a CPU, where larger batches cost memory and are no faster: docs/predict.md)")
+                        help=f"windows scored per forward pass (default: {CUDA_BATCH} on a GPU, {CPU_BATCH} "
+                        "on a CPU, where larger batches cost memory and are no faster: docs/predict.md)")
     args = parser.parse_args(argv)
     if args.workers < 0:
         parser.error(f"--workers must be 0 or more, got {args.workers}")
