@@ -19,6 +19,7 @@ so only common.merge_synonyms turns them back into one tag each. Clip i depends 
 (seed, i), not on n_clips.
 """
 import io
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,9 +32,8 @@ from tqdm import tqdm
 import formats
 import plumbing
 
-
 # The header of MTAT's annotations_final.csv between "clip_id" and "mp3_path", in order
-# (taken from the real file, MD5 f04fa01752a8cc64f6e1ca142a0fef1d).
+# (taken from the real file, whose MD5 get_data.py checks).
 MTAT_TAG_NAMES = [
     "no voice", "singer", "duet", "plucking", "hard rock", "world", "bongos", "harpsichord",
     "female singing", "clasical", "sitar", "chorus", "female opera", "male vocal", "vocals",
@@ -112,27 +112,27 @@ def plucked(n_harmonics, position):
 # envelope (s); vibrato: relative depth; noise: breath, relative to the tone; low, high:
 # the register (MIDI notes), where the harmonics stay below 8 kHz, so nothing aliases.
 TIMBRES = {
-    "piano": dict(spectrum=power_law(4, 2), attack_spectrum=power_law(10, 1), brightness=0.15,
-                  attack=0.002, decay=0.8, low=48, high=79),
-    "guitar": dict(spectrum=power_law(3, 2), attack_spectrum=plucked(12, 1 / 5), brightness=0.08,
-                   attack=0.002, decay=0.5, low=40, high=71),
-    "harpsichord": dict(spectrum=plucked(10, 1 / 8), attack_spectrum=power_law(10, 0.5),
-                        brightness=0.1, attack=0.001, decay=0.6, low=48, high=79),
-    "harp": dict(spectrum=[1, 0.1], attack_spectrum=[1, 0.3, 0.1, 0.05], brightness=0.2,
-                 attack=0.003, decay=1.2, low=60, high=91),
-    "sitar": dict(spectrum=power_law(13, 0.9), attack_spectrum=power_law(13, 0.4), brightness=0.3,
-                  attack=0.002, decay=1.2, low=50, high=74),
-    "violin": dict(spectrum=power_law(9, 1), attack=0.08, decay=4.0, vibrato=0.006, low=55,
-                   high=81),
-    "flute": dict(spectrum=[1, 0.2, 0.05], attack=0.06, decay=4.0, vibrato=0.004, noise=0.08,
-                  low=72, high=96),
-    "synth": dict(spectrum=power_law(15, 1, odd_only=True), attack=0.005, decay=0.4, low=48,
-                  high=72),
+    "piano": {"spectrum": power_law(4, 2), "attack_spectrum": power_law(10, 1), "brightness": 0.15,
+              "attack": 0.002, "decay": 0.8, "low": 48, "high": 79},
+    "guitar": {"spectrum": power_law(3, 2), "attack_spectrum": plucked(12, 1 / 5), "brightness": 0.08,
+               "attack": 0.002, "decay": 0.5, "low": 40, "high": 71},
+    "harpsichord": {"spectrum": plucked(10, 1 / 8), "attack_spectrum": power_law(10, 0.5),
+                    "brightness": 0.1, "attack": 0.001, "decay": 0.6, "low": 48, "high": 79},
+    "harp": {"spectrum": [1, 0.1], "attack_spectrum": [1, 0.3, 0.1, 0.05], "brightness": 0.2,
+             "attack": 0.003, "decay": 1.2, "low": 60, "high": 91},
+    "sitar": {"spectrum": power_law(13, 0.9), "attack_spectrum": power_law(13, 0.4), "brightness": 0.3,
+              "attack": 0.002, "decay": 1.2, "low": 50, "high": 74},
+    "violin": {"spectrum": power_law(9, 1), "attack": 0.08, "decay": 4.0, "vibrato": 0.006, "low": 55,
+               "high": 81},
+    "flute": {"spectrum": [1, 0.2, 0.05], "attack": 0.06, "decay": 4.0, "vibrato": 0.004, "noise": 0.08,
+              "low": 72, "high": 96},
+    "synth": {"spectrum": power_law(15, 1, odd_only=True), "attack": 0.005, "decay": 0.4, "low": 48,
+              "high": 72},
     # glottal sources, formants come later: a man sings at ~87-165 Hz, a woman ~175-330 Hz
-    "male": dict(spectrum=power_law(45, 1), attack=0.04, decay=5.0, vibrato=0.012, low=41,
-                 high=52),
-    "female": dict(spectrum=power_law(22, 1), attack=0.04, decay=5.0, vibrato=0.012, low=53,
-                   high=64),
+    "male": {"spectrum": power_law(45, 1), "attack": 0.04, "decay": 5.0, "vibrato": 0.012, "low": 41,
+             "high": 52},
+    "female": {"spectrum": power_law(22, 1), "attack": 0.04, "decay": 5.0, "vibrato": 0.012, "low": 53,
+               "high": 64},
 }
 for timbre in TIMBRES.values():
     timbre["table"] = wavetable(timbre["spectrum"])
@@ -187,7 +187,7 @@ def render_voice(onsets, midi, female, rng):
     random vowel per note). Returns float32 (CLIP_SAMPLES,)."""
     source = render_line(onsets, midi, TIMBRES["female" if female else "male"], rng)
     bounds, voice = np.append(onsets, CLIP_SAMPLES), np.zeros(CLIP_SAMPLES, np.float32)
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in itertools.pairwise(bounds):
         formants = VOWELS[rng.integers(len(VOWELS))] * (1.17 if female else 1.0)
         denominator = [1.0]
         for formant, bandwidth in zip(formants, (80, 100, 120)):

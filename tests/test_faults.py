@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from conftest import SMALL_RUN_ARGS, SRC
 
 import common
 import formats
-import plumbing
 import gen_spectrograms
 import get_data
+import plumbing
 import trainer
-from conftest import SMALL_RUN_ARGS, SRC
 
 N_CLIPS = 16
 CLIP_SECONDS = 29  # as MTAT's
@@ -145,7 +145,7 @@ def test_killed_worker_is_noticed_and_the_run_completes(clips_dir, expected_rows
     assert "a worker process died" in err and "Traceback" not in err
     assert f"{N_CLIPS} clips" in out and "0 failed" in out
     check_rows(data_dir, expected_rows)
-    rerun = subprocess.run(gen_command(data_dir), capture_output=True, text=True, timeout=120)
+    rerun = subprocess.run(gen_command(data_dir), capture_output=True, text=True, timeout=120, check=False)
     assert rerun.returncode == 0 and "already complete" in rerun.stdout
 
 
@@ -168,7 +168,7 @@ gen_spectrograms.main(sys.argv[1:])
 def run_with_killing_log_mel(condition, data_dir):
     code = KILLING_LOG_MEL.format(src=str(SRC), condition=condition)
     return subprocess.run([sys.executable, "-c", code] + gen_command(data_dir)[2:],
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=180, check=False)
 
 
 @pytest.mark.slow
@@ -193,7 +193,7 @@ def test_workers_that_always_die_stop_the_run_in_one_line_and_a_rerun_completes(
     assert "rerun the same command to resume" in line
     progress = json.loads((data_dir / "spectrograms.progress.json").read_text())
     assert progress["done"] == [] and progress["failed"] == []  # no clip blamed for it
-    rerun = subprocess.run(gen_command(data_dir), capture_output=True, text=True, timeout=180)
+    rerun = subprocess.run(gen_command(data_dir), capture_output=True, text=True, timeout=180, check=False)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming" in rerun.stderr
     check_rows(data_dir, expected_rows)
@@ -227,7 +227,7 @@ def test_progress_is_saved_on_a_timer_and_a_killed_run_resumes(clips_dir, expect
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert 3 not in json.loads(progress.read_text())["done"]
-    rerun = subprocess.run(gen_command(data_dir), capture_output=True, text=True, timeout=120)
+    rerun = subprocess.run(gen_command(data_dir), capture_output=True, text=True, timeout=120, check=False)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{N_CLIPS - 1} clips of {N_CLIPS} clips, float32 done" in rerun.stderr
     assert "computed 1 clips" in rerun.stdout
@@ -275,7 +275,7 @@ def small_disk(folder, n_bytes, copied_bytes=0):
     subprocess writes to n_bytes (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG)."""
     folder.mkdir(parents=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={copied_bytes + n_bytes}", "tmpfs",
-                              str(folder)], capture_output=True).returncode == 0
+                              str(folder)], capture_output=True, check=False).returncode == 0
 
     def limit_file_size():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -310,7 +310,8 @@ def main():
 atexit.register(lambda: print('teardown', file=sys.stderr))
 plumbing.run_script(main, 'interrupted', quick_exit=True)
 """)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          check=False)
     assert (done.returncode, done.stderr) == (code, err)
     assert done.stdout.startswith("working")
     assert not (tmp_path / "out.lock").exists()
@@ -322,7 +323,7 @@ def test_full_disk_is_refused_before_spectrograms_are_computed(clips_dir, tmp_pa
     with small_disk(tmp_path / "disk", needed // 2, copied_bytes=clips_bytes) as preexec_fn:
         shutil.copytree(clips_dir, tmp_path / "disk" / "data")
         run = subprocess.run(gen_command(tmp_path / "disk" / "data"), capture_output=True,
-                             text=True, timeout=120, preexec_fn=preexec_fn)
+                             text=True, timeout=120, preexec_fn=preexec_fn, check=False)
         left = sorted(p.name for p in (tmp_path / "disk" / "data").iterdir())
     assert run.returncode == 1
     line = one_line_error(run.stderr)
@@ -337,14 +338,14 @@ def test_full_disk_while_saving_a_checkpoint_is_one_line(small_data_dir, tmp_pat
         run = subprocess.run([sys.executable, str(SRC / "trainer.py"), "--data-dir", str(small_data_dir),
                               "--out", str(tmp_path / "disk"), "--run", "r", "--epochs", "1"]
                              + SMALL_RUN_ARGS, capture_output=True, text=True, timeout=300,
-                             preexec_fn=preexec_fn)
+                             preexec_fn=preexec_fn, check=False)
         left = sorted(p.name for p in (tmp_path / "disk" / "r").iterdir())
-        model, checkpoint = formats.load_model(tmp_path / "disk" / "r" / "best_model.pt")
+        _model, checkpoint = formats.load_model(tmp_path / "disk" / "r" / "best_model.pt")
     assert run.returncode == 1
     line = one_line_error(run.stderr)
     assert line.startswith(f"error: cannot write {tmp_path / 'disk' / 'r' / 'last.pt'}: ")
     assert "the previous last.pt, if any, is unchanged" in line
-    assert left == ["best_model.pt", "test_scores.npz"]  # no last.pt.tmp
+    assert left == ["best_model.pt", "test_scores.npz"]  # no temporary file (last.pt.<random>.tmp)
     assert checkpoint["epoch"] == 1
 
 
@@ -354,7 +355,7 @@ def test_full_disk_while_synthesising_the_demo_set_is_one_line(tmp_path):
     with small_disk(tmp_path / "disk", 300_000) as preexec_fn:
         run = subprocess.run([sys.executable, str(SRC / "get_data.py"), "--synthetic", "12",
                               "--data-dir", str(tmp_path / "disk" / "demo")],
-                             capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
+                             capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn, check=False)
         left = [p.name for p in (tmp_path / "disk" / "demo").rglob("*") if p.is_file()]
     assert run.returncode == 1
     line = one_line_error(run.stderr)
@@ -395,9 +396,9 @@ def test_diverging_run_stops_before_saving_and_says_so(small_data_dir, tmp_path)
 def test_load_model_refuses_a_checkpoint_with_non_finite_tensors(tmp_path):
     state_dict = common.MSCNN(4).state_dict()
     state_dict["head.0.running_var"][7] = float("inf")
-    torch.save(dict(state_dict=state_dict, tag_names=["a", "b", "c", "d"],
-                    norm_mean=torch.zeros(128), norm_std=torch.ones(128),
-                    feature_params=common.feature_params(), args={}, epoch=3, metrics={}),
+    torch.save({"state_dict": state_dict, "tag_names": ["a", "b", "c", "d"],
+                "norm_mean": torch.zeros(128), "norm_std": torch.ones(128),
+                "feature_params": common.feature_params(), "args": {}, "epoch": 3, "metrics": {}},
                tmp_path / "poisoned.pt")
     with pytest.raises(ValueError, match=r"poisoned.pt: holds non-finite values \(NaN or inf\) "
                                          r"in head.0.running_var; the run that wrote it diverged"):
