@@ -583,7 +583,7 @@ def add_speed_flags(p):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (with CUDA graphs on CUDA); off by default "
                         "(docs/performance.md has what it gains and costs)")
-    p.add_argument("--eval-batch-size", type=int, default=256,
+    p.add_argument("--eval-batch-size", type=at_least(1), default=256,
                    help="clips per step when scoring (default: 256)")
 
 

@@ -225,6 +225,16 @@ def test_at_least_checks_an_integer_flag_when_it_is_parsed(value, error, capsys)
     assert capsys.readouterr().err.splitlines()[-1] == f"script.py: error: argument --workers: {error}"
 
 
+def test_trainer_eval_batch_size_is_checked_when_parsed(tmp_path, capsys):
+    import trainer
+
+    with pytest.raises(SystemExit) as stop:  # before the data: the folder does not exist
+        trainer.main(["--data-dir", str(tmp_path / "nowhere"), "--eval-batch-size=0"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        ": error: argument --eval-batch-size: must be at least 1, got 0")
+
+
 def test_file_digest_of_one_file_of_several_and_of_gzip_content(tmp_path, capsys):
     parts = [tmp_path / f"part{i}" for i in range(3)]
     for i, part in enumerate(parts):
