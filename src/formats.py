@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import common
+import get_data
 from plumbing import (atomic_write, check_folder, check_npy, file_digest, hold_lock, is_main, log, on_device,
                       read_json, write_json)
 
@@ -117,7 +118,7 @@ def non_finite_rows(rows, chunk_rows=256):
 # readers. spectrograms.json: the annotation rows (mp3_paths_md5) and file (annotations_md5);
 # best_model.pt, last.pt and results.json: `provenance` (the data, the split); predict.py's
 # outputs: the checkpoint's SHA-256 in every row.
-MTAT_ANNOTATIONS_MD5 = "f04fa01752a8cc64f6e1ca142a0fef1d"  # MTAT's annotations_final.csv, as get_data.py checks
+MTAT_ANNOTATIONS_MD5 = get_data.MD5[get_data.ANNOTATIONS]  # MTAT's annotations_final.csv
 SYNTHETIC_MARKER = "synthetic.json"  # written beside the annotations by get_data.py --synthetic
 DATA_IDENTITY = ("annotations_md5", "n_clips", "dtype", "mp3_paths_md5")  # what --resume compares
 SPLIT_IDENTITY = ("name", "n_train", "n_val", "n_test", "rows_md5")

@@ -13,13 +13,10 @@ it touches no network and says the data are in place.
 import argparse
 import bisect
 import errno
-import hashlib
 import io
-import json
 import re
 import shutil
 import socket
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -27,6 +24,8 @@ from urllib.parse import urlsplit
 
 import requests
 from tqdm import tqdm
+
+import plumbing  # no torch: --help and downloads start at once
 
 # Default host first, the older host (used by the original code) as fallback.
 HOSTS = ["https://mirg.city.ac.uk/datasets/magnatagatune/",
@@ -150,19 +149,6 @@ def download(name, hosts, part):
                      "network or point --base-url at a mirror; a rerun resumes the download")
 
 
-def md5_of(paths):
-    """Hex MD5 of the files `paths` read one after another, streamed in CHUNK_BYTES."""
-    md5 = hashlib.md5()
-    with tqdm(desc="md5 " + paths[0].name, total=sum(p.stat().st_size for p in paths),
-              unit="B", unit_scale=True, unit_divisor=1024) as bar:
-        for path in paths:
-            with open(path, "rb") as f:
-                while chunk := f.read(CHUNK_BYTES):
-                    md5.update(chunk)
-                    bar.update(len(chunk))
-    return md5.hexdigest()
-
-
 def get_annotations(data_dir, hosts, from_dir):
     """Make DATA/annotations_final.csv exist and match MD5; return its path.
 
@@ -171,7 +157,7 @@ def get_annotations(data_dir, hosts, from_dir):
     """
     path = data_dir / ANNOTATIONS
     if path.exists():
-        actual = md5_of([path])
+        actual = plumbing.file_digest(path, progress=f"md5 {path.name}")
         if actual != MD5[ANNOTATIONS]:
             raise SystemExit(f"error: {path} is not MTAT's annotations (MD5 {actual}, expected "
                              f"{MD5[ANNOTATIONS]}; a --synthetic demo set or a damaged copy?): "
@@ -182,7 +168,7 @@ def get_annotations(data_dir, hosts, from_dir):
         shutil.copyfile(from_dir / ANNOTATIONS, part)
     else:
         download(ANNOTATIONS, hosts, part)
-    actual = md5_of([part])
+    actual = plumbing.file_digest(part, progress=f"md5 {part.name}")
     if actual != MD5[ANNOTATIONS]:
         if from_dir:
             part.unlink()
@@ -221,12 +207,12 @@ def get_archive(data_dir, hosts, from_dir):
 
     marker = data_dir / VERIFIED
     try:  # the marker only saves rereading 2.7 GB: a damaged one means "check again"
-        verified = json.loads(marker.read_text()) if marker.exists() else None
+        verified = plumbing.read_json(marker) if marker.exists() else None
     except ValueError:
         verified = None
     if verified == {"md5": MD5[ARCHIVE], "parts": part_stamps(paths)}:
         return paths
-    actual = md5_of(paths)
+    actual = plumbing.file_digest(paths, progress=f"md5 {paths[0].name}")
     if actual != MD5[ARCHIVE]:
         marker.unlink(missing_ok=True)
         ours = [p for p in paths if p.parent == data_dir]
@@ -239,10 +225,7 @@ def get_archive(data_dir, hosts, from_dir):
             f"replace {', '.join(theirs)} with MTAT's parts" if theirs else "")
         raise SystemExit(f"error: MD5 mismatch for {ARCHIVE} ({' + '.join(p.name for p in paths)}"
                          f" concatenated): expected {MD5[ARCHIVE]}, got {actual}; {fix}")
-    import plumbing  # here, not at the top: it loads torch (seconds), --help need not wait
-
-    with plumbing.atomic_write(marker) as f:
-        f.write(json.dumps({"md5": actual, "parts": part_stamps(paths)}))
+    plumbing.write_json(marker, {"md5": actual, "parts": part_stamps(paths)})
     print(f"{ARCHIVE}: MD5 verified")
     return paths
 
@@ -257,7 +240,7 @@ class ConcatenatedFile(io.RawIOBase):
     """
 
     def __init__(self, paths):
-        self.files = [open(p, "rb") for p in paths]
+        self.files = [open(p, "rb") for p in paths]  # noqa: SIM115 (closed by close())
         sizes = [Path(p).stat().st_size for p in paths]
         self.starts = [sum(sizes[:i]) for i in range(len(sizes))]
         self.size = sum(sizes)
@@ -415,7 +398,7 @@ def main(argv=None):
     try:
         if args.synthetic is not None:
             real = Path(args.data_dir) / ANNOTATIONS
-            if real.is_file() and md5_of([real]) == MD5[ANNOTATIONS]:
+            if real.is_file() and plumbing.file_digest(real, progress=f"md5 {real.name}") == MD5[ANNOTATIONS]:
                 raise SystemExit(f"error: {args.data_dir} holds MTAT (its verified {ANNOTATIONS}), "
                                  "which --synthetic would replace; choose another --data-dir "
                                  "(default for --synthetic: data/demo)")
@@ -433,12 +416,8 @@ def main(argv=None):
                              "finished files are kept and downloads resume") from None
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt as interrupt:
-        import plumbing  # here only: it imports torch, which downloading does not need
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        sys.exit(plumbing.exit_code(interrupt))
+        plumbing.exit_interrupted(interrupt, "interrupted: rerun the same command to resume")
 
 
-if __name__ == "__main__":
-    import plumbing
-    plumbing.handle_signals()  # SIGTERM and SIGHUP stop it as Ctrl-C does: downloads resume
-    main()
+if __name__ == "__main__":  # SIGTERM and SIGHUP stop it as Ctrl-C does: downloads resume
+    plumbing.run_script(main, "interrupted: rerun the same command to resume")

@@ -1,21 +1,13 @@
-"""The machinery under the recipe, written once for every script: safe files, signals, the
-worker pool, devices and speed choices, the spectrogram file and the checkpoint format.
+"""The machinery under the recipe, written once for every script: what keeps a long run
+correct when a disk fills, a process is killed or a file is damaged. Not the paper's
+(common.py, trainer.py), nor the files between stages (formats.py). torch is imported where
+it is used, so that get_data.py and every --help start without it.
 
-Nothing here is the paper's (that is common.py and trainer.py); everything here is what
-keeps a long run correct when a disk fills, a process is killed or a file is damaged.
-
-    atomic_write, write_json, read_json      files appear whole or not at all
-    check_folder, check_file                 an output place checked before any work
-    hold_lock, releasing_locks               one writer per output (an OS lock, never stale)
-    check_npy, open_spectrograms             a .npy checked against its header and .json
-    file_digest, provenance, check_made_by   what a derived file was made from, and its check
-    handle_signals, run_script, exit_code    SIGTERM and SIGHUP end a script as Ctrl-C does
-    float_in                                 a numeric flag checked when it is parsed
-    pool_results, usable_cores               worker processes with one policy for deaths
-    resolve_device, resolve_speed_choices    the device and its speed flags, decided once
-    setup_distributed, rank, log, ...        torchrun
-    claim_run, start_run, save_epoch, ...    the run folder: best_model.pt, last.pt,
-                                             metrics.csv, results.json, test_scores.npz
+    atomic_write, hold_lock, check_folder, ...   files whole or not at all; one writer each
+    run_script, exit_interrupted                 SIGTERM and SIGHUP end a script as Ctrl-C does
+    float_in, at_least, import_pyplot            flags checked when parsed; optional matplotlib
+    pool_results                                 worker processes with one policy for deaths
+    resolve_speed_choices, setup_distributed     the device, its speed flags, torchrun
 """
 import argparse
 import atexit
@@ -40,14 +32,13 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.distributed as dist
 from tqdm import tqdm
-
 
 # -----------------------------------------------------------------------------
 # Files: atomic writes, disk errors, output places checked before work, one writer each
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
+UMASK = os.umask(0o022)  # read once, at import: os.umask reads it only by setting it, which
+os.umask(UMASK)          # would race with another thread creating a file
 
 
 def disk_error_text(path, error):
@@ -60,62 +51,51 @@ def disk_error_text(path, error):
     return f"cannot write {path}: {reason}{free}"
 
 
-def disk_error_in(error):
-    """The OSError with a DISK_ERRORS errno in error's chain of causes, or None (torch.save
-    wraps the OSError of a failed write in a RuntimeError)."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in DISK_ERRORS:
-            return error
+def in_chain(error, matches):
+    """The first exception in error's chain of causes for which matches(it), or None:
+    torch.save wraps the OSError of a failed write, or a Ctrl-C, in a RuntimeError."""
+    while error is not None and not matches(error):
         error = error.__cause__ or error.__context__
-    return None
+    return error
+
+
+def disk_error_in(error):
+    """The OSError with a DISK_ERRORS errno in error's chain of causes, or None."""
+    return in_chain(error, lambda e: isinstance(e, OSError) and e.errno in DISK_ERRORS)
 
 
 @contextlib.contextmanager
 def atomic_write(path, mode="w", **open_kwargs):
-    """Open a temporary file beside `path` for writing; on success it replaces `path`.
+    """Write `path` whole or not at all: `with atomic_write(path, "wb") as f: torch.save(x, f)`.
 
-    Nothing half-written is ever left under `path`: the data go to `<path>.tmp`, are
-    flushed to disk, and only then renamed over `path`. On any error (Ctrl-C and
-    SIGTERM included) the temporary file is removed and the previous `path`, if any, stays
-    as it was. A full disk, a file-size limit, a read-only file system or an I/O error
-    (ENOSPC, EDQUOT, EFBIG, EROFS, EIO; also when wrapped, as torch.save wraps them) is
-    raised as SystemExit with one line naming the file and the space left; other errors
-    propagate.
-
-        with atomic_write(run_dir / "results.json") as f:
-            f.write(text)
-        with atomic_write(run_dir / "last.pt", "wb") as f:
-            torch.save(state, f)
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    f is a new temporary file beside path (tempfile.mkstemp: a name of its own, created
+    exclusively, never through a symbolic link), opened with open()'s mode and arguments;
+    on success it is flushed to disk, given the permissions open() gives a new file, and
+    renamed over path. On any error, Ctrl-C and SIGTERM included, it is removed and the
+    previous path stays. A DISK_ERRORS error (also wrapped, as torch.save wraps it) is
+    SystemExit with one line naming the file and the space left; an interrupt wrapped by
+    torch.save is raised as itself; other errors propagate."""
+    path, tmp = Path(path), None
     try:
-        with open(tmp, mode, **open_kwargs) as f:
+        fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+        with open(fd, mode, **open_kwargs) as f:
+            os.fchmod(fd, 0o666 & ~UMASK)  # not mkstemp's 0o600: the file is the user's output
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(fd)
         os.replace(tmp, path)
     except BaseException as error:
-        with contextlib.suppress(OSError):  # the clean-up must not hide the first error
-            tmp.unlink(missing_ok=True)
-        interrupt = interrupt_in(error)
-        if interrupt is not None and interrupt is not error:  # torch.save wraps Ctrl-C in a RuntimeError
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # the clean-up must not hide the first error
+                os.unlink(tmp)
+        interrupt = in_chain(error, lambda e: isinstance(e, KeyboardInterrupt))
+        if interrupt is not None and interrupt is not error:
             raise interrupt from None
         cause = disk_error_in(error)
         if cause is not None:
             raise SystemExit(f"error: {disk_error_text(path, cause)}; the previous "
                              f"{path.name}, if any, is unchanged") from None
         raise
-
-
-def interrupt_in(error):
-    """The KeyboardInterrupt (Ctrl-C, or Interrupted: SIGTERM, SIGHUP) in error's chain of
-    causes, or None: torch.save turns one raised while it writes into a RuntimeError."""
-    while error is not None:
-        if isinstance(error, KeyboardInterrupt):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
 
 
 def write_json(path, obj, indent=1):
@@ -130,16 +110,14 @@ def read_json(path):
         obj = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} is not valid JSON of this project (not an object)")
-    return obj
+    if isinstance(obj, dict):
+        return obj
+    raise ValueError(f"{path} is not valid JSON of this project (not an object)")
 
 
 def check_folder(path, flag):
-    """Check an output folder before any work: it exists or is made now (with its parents),
-    and this process can create files in it. SystemExit with one line naming it and the fix
-    otherwise (a file in its place, a read-only folder or file system, no permission).
-    flag: the command-line flag that named it, for the message. Returns Path(path)."""
+    """Path(path), an output folder checked before any work: made if missing, and this
+    process can create files in it; else SystemExit in one line (flag: the flag naming it)."""
     path = Path(path)
     existing = next((p for p in [path, *path.parents] if p.exists()), path)
     if existing.exists() and not existing.is_dir():
@@ -156,8 +134,7 @@ def check_folder(path, flag):
 
 
 def check_file(path, flag):
-    """Check an output file's place before any work: not a folder, and its folder one this
-    process can write in (made if missing; check_folder). Returns Path(path)."""
+    """Path(path), an output file's place checked: not a folder, in one check_folder passes."""
     path = Path(path)
     if path.is_dir():
         raise SystemExit(f"error: {flag} {path} is a folder; name a file (in it, or anywhere else)")
@@ -165,66 +142,75 @@ def check_file(path, flag):
     return path
 
 
-held_locks = {}  # lock file path -> the open file holding this process's lock on it
+held_locks = {}  # lock file path -> (the descriptor holding this process's lock, remove_empty_folder)
 
 
 def hold_lock(lock_path, what, flag, remove_empty_folder=False):
-    """Make this process the only writer of `what` (a run folder, a data folder's
-    spectrograms, an output file) until it ends or the lock is released (release_lock,
-    releasing_locks): an exclusive flock on lock_path, which names the holder (pid and
-    command) for the message another process gets. The operating system drops the lock when
-    the process ends, even by kill -9, so a lock file left behind is never stale: the next
-    process simply takes it. Taking a lock this process holds already does nothing.
-    remove_empty_folder: on release, also remove the lock's folder if nothing else is in it.
-    Raises SystemExit with one line naming the holder and the fix (flag: what to change)."""
+    """Make this process the only writer of `what` (a run folder, an output file) until it
+    ends or releases it (release_lock, releasing_locks): an exclusive flock on lock_path,
+    which names the holder (pid, command) for the message of another process. The system
+    drops the lock when the process ends, even by kill -9: a lock file left is never stale.
+    Held already by this process: nothing to do; a file system without flock: a note.
+    remove_empty_folder: on release, also remove lock_path's folder if nothing else is in it.
+    SystemExit in one line when another process holds it (flag: what to change), when
+    lock_path is a symbolic link (never followed), or on a DISK_ERRORS error writing the
+    holder's line (then no lock file, nor a folder holding only it, is left)."""
     lock_path = Path(lock_path)
     if lock_path in held_locks:
         return
     while True:
         try:
-            f = open(lock_path, "a+")
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         except OSError as error:
+            if lock_path.is_symlink():
+                raise SystemExit(f"error: {lock_path} is a symbolic link, not a lock file of this "
+                                 "program; remove it") from None
             raise SystemExit(f"error: cannot lock {what}: cannot write {lock_path} "
                              f"({error.strerror or error}); {flag}") from None
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # ENOLCK, ENOTSUP
-                f.close()
+                os.close(fd)
                 print(f"note: {lock_path}: this file system cannot lock ({error.strerror}): make sure no "
                       f"other process writes {what} meanwhile", file=sys.stderr)
                 return
-            f.seek(0)  # held by another process: its pid and command are in the file
-            holder = f.read().strip() or "another process"
-            f.close()
+            holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
             raise SystemExit(f"error: {what} is being written by {holder} (lock {lock_path}); wait for "
                              f"it to finish or stop it, or {flag}") from None
         with contextlib.suppress(OSError):  # its previous holder may have removed it meanwhile
-            if os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino:
+            if os.stat(lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
                 break
-        f.close()
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} ({' '.join([Path(sys.argv[0]).name] + sys.argv[1:])[:300]})\n")
-    f.flush()
-    if not held_locks:
-        atexit.register(release_locks)
-    held_locks[lock_path] = f, remove_empty_folder
+        os.close(fd)
+    held_locks[lock_path] = fd, remove_empty_folder
+    command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])[:300]
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} ({command})\n".encode(errors="replace"))
+    except OSError as error:
+        text = disk_error_text(lock_path, error)  # before release_lock may remove the folder
+        release_lock(lock_path)
+        if error.errno not in DISK_ERRORS:
+            raise
+        raise SystemExit(f"error: cannot lock {what}: {text}; free some space there, or {flag}") from None
 
 
 def release_lock(lock_path):
-    """Release a lock of hold_lock and remove its file (removed first: a process that opened
-    it meanwhile sees that it is gone and opens the new one)."""
-    f, remove_empty_folder = held_locks.pop(Path(lock_path), (None, False))
-    if f is not None:
-        with contextlib.suppress(OSError):
-            os.unlink(lock_path)
-        f.close()
-        if remove_empty_folder:
-            with contextlib.suppress(OSError):  # not empty: it holds what the process wrote
-                Path(lock_path).parent.rmdir()
+    """Release a lock of hold_lock and remove its file (first: a process that opened it
+    meanwhile sees that it is gone, and opens a new one)."""
+    fd, remove_empty_folder = held_locks.pop(Path(lock_path), (None, False))
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(lock_path)
+    os.close(fd)
+    if remove_empty_folder:
+        with contextlib.suppress(OSError):  # not empty: it holds what the process wrote
+            Path(lock_path).parent.rmdir()
 
 
+@atexit.register
 def release_locks():
     for lock_path in list(held_locks):
         release_lock(lock_path)
@@ -245,9 +231,8 @@ def releasing_locks(main):
 
 
 def npy_header(path):
-    """(shape, dtype, fortran_order, data_offset) read from the header of the .npy file at
-    path; data_offset is where the array's bytes start. ValueError naming the file when it
-    has no .npy header."""
+    """(shape, dtype, fortran_order, data_offset) from the header of the .npy file at path;
+    data_offset: where the array's bytes start. ValueError naming the file without one."""
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -260,10 +245,9 @@ def npy_header(path):
 
 
 def check_npy(path, shape, dtype):
-    """Check that the .npy file at path holds a whole C-order array of `shape` and `dtype`:
-    its header says so, and its size is the header's plus shape x itemsize bytes. (A file
-    cut short by a full disk or a broken copy still opens with np.load's memory map, or
-    fails there without naming the file.) Raises ValueError: one line naming the file."""
+    """ValueError (one line naming the file) unless the .npy file at path holds a whole
+    C-order array of `shape` and `dtype`: its header says so, and its size is the header's
+    plus shape x itemsize bytes (np.load's memory map opens a file cut short)."""
     shape, dtype = tuple(shape), np.dtype(dtype)
     found_shape, found_dtype, fortran_order, offset = npy_header(path)
     if found_shape != shape or found_dtype != dtype or fortran_order:
@@ -277,22 +261,29 @@ def check_npy(path, shape, dtype):
                          f"({'cut short' if size < expected else 'extra bytes at the end'})")
 
 
-def file_digest(path, algorithm="md5"):
-    """Hex digest (hashlib's `algorithm`) of a file's bytes, streamed (of its content when
-    the name ends in .gz). predict.py records a checkpoint's SHA-256 in every output row."""
+def file_digest(paths, algorithm="md5", progress=None):
+    """Hex digest (hashlib's `algorithm`) of a file, or of several read one after another
+    (paths: a path or a list of them), streamed; of the content of a file named *.gz.
+    progress: the description of a progress bar of the bytes read (None: no bar)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    gzipped = [str(path).endswith(".gz") for path in paths]
+    total = None if not progress or any(gzipped) else sum(map(os.path.getsize, paths))
     digest = hashlib.new(algorithm)
-    with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    with tqdm(desc=progress, total=total, unit="B", unit_scale=True, unit_divisor=1024,
+              disable=not progress) as bar:
+        for path, gz in zip(paths, gzipped):
+            with (gzip.open if gz else open)(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+                    bar.update(len(chunk))
     return digest.hexdigest()
 
 
 # -----------------------------------------------------------------------------
 # Signals: SIGTERM and SIGHUP end a script the way Ctrl-C does
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised in the main thread by handle_signals. A KeyboardInterrupt,
-    so every clean-up written for Ctrl-C (saving, removing temporary files, stopping
-    workers) runs for them too."""
+    """SIGTERM or SIGHUP, raised by handle_signals: a KeyboardInterrupt, so that every
+    clean-up written for Ctrl-C (saving, removing temporary files, stopping workers) runs."""
 
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)
@@ -300,8 +291,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 def handle_signals():
-    """From now on SIGTERM and SIGHUP raise Interrupted in this process (a kill, a closed
-    terminal, a batch system's time limit), as SIGINT raises KeyboardInterrupt."""
+    """From now on SIGTERM (kill, a batch system's time limit) and SIGHUP (a closed
+    terminal) raise Interrupted in this process, as SIGINT raises KeyboardInterrupt."""
     def interrupt(signum, frame):
         raise Interrupted(signum)
 
@@ -310,36 +301,37 @@ def handle_signals():
 
 
 def exit_code(interrupt):
-    """The exit status of a process ended by this KeyboardInterrupt: 128 + the signal's
-    number, as a shell reports it (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
+    """128 + the number of the interrupt's signal, as a shell reports it: 130 for Ctrl-C,
+    143 for SIGTERM, 129 for SIGHUP."""
     return 128 + getattr(interrupt, "signum", signal.SIGINT)
 
 
-def run_script(main, interrupted, quick_exit=False):
-    """A script's entry point: SIGTERM and SIGHUP handled as Ctrl-C (handle_signals), then
-    main(); an interrupt that main does not end with its own line (it came before, or
-    after, the work that main saves) ends with the line `interrupted` on stderr and exit
-    128 + the signal's number. Temporary files are gone by then (atomic_write).
+def exit_interrupted(interrupt, message):
+    """End a script stopped by this KeyboardInterrupt (Ctrl-C, or Interrupted), once what is
+    finished is saved: the line `message` on stderr, then SystemExit(exit_code(interrupt))."""
+    print(message, file=sys.stderr)
+    raise SystemExit(exit_code(interrupt)) from None
 
-    quick_exit: once main has returned or raised SystemExit, with its outputs written and
-    closed, flush stdout and stderr, release the locks and end the process at once
-    (os._exit), skipping the interpreter's teardown of torch, scipy and numba's modules, a
-    fixed cost that a short run would otherwise pay at its end."""
+
+def run_script(main, interrupted, quick_exit=False):
+    """A script's entry point: handle_signals, then main(); an interrupt that main does not
+    end with a line of its own ends with the line `interrupted` (exit_interrupted).
+    quick_exit: once main has returned or raised SystemExit, its outputs written and closed,
+    flush stdout and stderr, release the locks and end at once (os._exit), skipping the
+    interpreter's teardown of torch, scipy and numba, a fixed cost at the end of a run."""
     handle_signals()
+    code = 0
     try:
         try:
             main()
         except KeyboardInterrupt as interrupt:
-            print(f"\n{interrupted}", file=sys.stderr)
-            raise SystemExit(exit_code(interrupt)) from None
+            exit_interrupted(interrupt, f"\n{interrupted}")
     except SystemExit as stop:
         if not quick_exit:
             raise
         code = stop.code
-    else:
-        if not quick_exit:
-            return
-        code = 0
+    if not quick_exit:
+        return
     if isinstance(code, str):  # what Python does with SystemExit("error: ...")
         print(code, file=sys.stderr)
         code = 1
@@ -351,11 +343,10 @@ def run_script(main, interrupted, quick_exit=False):
 
 
 # -----------------------------------------------------------------------------
-# Command-line values
+# Command-line values (checked at parse time, before any work) and optional matplotlib
 def float_in(low, high, low_closed=False, high_closed=False):
     """An argparse type: a float in the interval from low to high, each end open unless
-    closed; NaN is refused (it is in no interval). A value outside is a usage error at
-    parse time, before any work."""
+    closed; NaN is refused (it is in no interval)."""
     def parse(text):
         try:
             value = float(text)
@@ -368,6 +359,31 @@ def float_in(low, high, low_closed=False, high_closed=False):
             raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
         return value
     return parse
+
+
+def at_least(minimum):
+    """An argparse type: an integer of at least `minimum`."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def import_pyplot():
+    """matplotlib.pyplot drawing into files (the Agg backend: no display needed), or None
+    when matplotlib is not installed: it is optional, for figures only."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    return pyplot
 
 
 # -----------------------------------------------------------------------------
@@ -395,10 +411,10 @@ blas_limit = None  # a worker's one-thread BLAS limit, kept alive as long as the
 
 
 def start_worker(parent_pid, initializer, initargs):
-    """Every worker's start: Ctrl-C ignored and SIGTERM/SIGHUP back to their defaults (the
-    main process stops the pool; a fork inherits its handlers), death with the main
-    process, one BLAS thread (the parallelism is across tasks: W workers x T threads
-    would oversubscribe the cores), then the caller's initializer."""
+    """Every worker's start: Ctrl-C ignored, SIGTERM/SIGHUP back to their defaults (the main
+    process stops the pool; a fork inherits its handlers), death with the main process, one
+    BLAS thread (the parallelism is across tasks: W workers x T threads would oversubscribe
+    the cores), then the caller's initializer."""
     global blas_limit
     from threadpoolctl import threadpool_limits
 
@@ -412,9 +428,8 @@ def start_worker(parent_pid, initializer, initargs):
 
 
 def exit_with(parent_pid):
-    """Have the kernel kill this worker when the main process dies (Linux's
-    PR_SET_PDEATHSIG): after a kill -9 or the OOM killer took the main process, the
-    workers would otherwise wait for work forever, each holding its memory."""
+    """Have the kernel kill this worker when the main process dies (PR_SET_PDEATHSIG): after
+    a kill -9 or the OOM killer, orphans would wait for work forever, holding their memory."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: orphans wait, as they do without this
@@ -423,40 +438,38 @@ def exit_with(parent_pid):
         os._exit(1)
 
 
-def stop_pool(pool):
+def stop_pool(pool, others=()):
     """Kill the pool's workers (they ignore Ctrl-C and would finish their tasks; SIGKILL, as
     one just forked may still hold this process's SIGTERM handler), then shut the pool down
-    and reap them. Python before 3.14 has no public way to reach them."""
+    and reap them. Before Python 3.14's kill_workers, its workers are this process's
+    multiprocessing children but `others` (those alive before the pool was made)."""
     if hasattr(pool, "kill_workers"):
         pool.kill_workers()
     else:
-        for process in list((pool._processes or {}).values()):
-            process.kill()
+        for process in multiprocessing.active_children():
+            if process not in others:
+                process.kill()
     pool.shutdown(wait=True, cancel_futures=True)
 
 
 def pool_results(fn, tasks, workers, initializer=None, initargs=(), ordered=False, ahead=1,
                  tick_s=None, describe=str):
-    """Run fn(task) for every task in `workers` forked worker processes.
+    """Run fn(task) for every task in `workers` worker processes, forked (so that they inherit
+    what this process has loaded). Yields (index, result) as tasks finish, in task order when
+    `ordered`; an exception fn raises is yielded as its result; with tick_s, None whenever
+    tick_s seconds pass without a result (the caller saves its progress). At most ahead x
+    workers tasks are in flight or finished and waiting for their turn.
 
-    Yields (index, result) as tasks finish, in task order when `ordered`; an exception fn
-    raises is yielded as its result. With tick_s, yields None whenever tick_s seconds pass
-    without a result (so that the caller can save its progress). At most ahead x workers
-    tasks are in flight or finished and waiting for their turn.
-
-    The policy for a worker that dies (the OOM killer, kill -9, a crash in a decoder): the
-    pool breaks; the tasks it had in flight are run again one at a time in a fresh pool of
-    one, with one warning line naming them (describe(task)); a task whose worker dies
-    again, alone, yields WorkerDied. Two deaths of full pools with no task finished in
-    between raise WorkersKeepDying. Workers ignore Ctrl-C and die with this process; when
-    the generator ends, fails or is closed (Ctrl-C or SIGTERM in the caller: close it, e.g.
-    with contextlib.closing), its workers are killed and reaped, never left waiting.
-    Forked, so that they inherit what this process has loaded instead of each paying for it.
-    """
+    A worker that dies (OOM killer, kill -9, a crash in a decoder) breaks the pool: its tasks
+    in flight run again one at a time in a fresh pool of one, with a warning naming them
+    (describe(task)); one whose worker dies again, alone, yields WorkerDied. Two deaths of
+    full pools with no task finished in between raise WorkersKeepDying. Workers ignore
+    Ctrl-C and die with this process; when the generator ends, fails or is closed (close it
+    on Ctrl-C, e.g. with contextlib.closing), its workers are killed and reaped."""
     context = multiprocessing.get_context("fork")
     todo, suspects, held = collections.deque(range(len(tasks))), collections.deque(), {}
     next_out, streak, full_deaths = 0, [], 0  # tasks lost, full-pool deaths, since a task finished
-    pool = None
+    pool = others = None
 
     def names(indices):
         indices = sorted(set(indices))
@@ -476,6 +489,7 @@ def pool_results(fn, tasks, workers, initializer=None, initargs=(), ordered=Fals
         while todo or suspects:
             alone = bool(suspects)  # a suspect runs alone: if its worker dies, it did it
             source, limit = (suspects, 1) if alone else (todo, ahead * workers)
+            others = multiprocessing.active_children()  # not this pool's workers (stop_pool)
             pool = ProcessPoolExecutor(1 if alone else workers, mp_context=context,
                                        initializer=start_worker,
                                        initargs=(os.getpid(), initializer, initargs))
@@ -528,13 +542,14 @@ def pool_results(fn, tasks, workers, initializer=None, initargs=(), ordered=Fals
         yield from release()
     finally:
         if pool is not None:  # an error or Ctrl-C on the way out: no worker outlives it
-            stop_pool(pool)
+            stop_pool(pool, others)
 
 
 # -----------------------------------------------------------------------------
 # Devices and speed choices
 def resolve_device(name="auto"):
     """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+    import torch
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -543,10 +558,12 @@ def resolve_device(name="auto"):
     return torch.device(name)
 
 
+GPU_RESERVE_BYTES = 6 * 2 ** 30  # GPU memory left free beside resident data: model, activations
+
+
 def add_speed_flags(p):
-    """trainer.py's speed flags. 'auto' (None) is decided per device by
-    resolve_speed_choices; naming one runs a GPU's choice on the CPU too, which is how the
-    tests check the GPU's path on a CPU."""
+    """trainer.py's speed flags: 'auto' (None) is decided per device by resolve_speed_choices;
+    one named runs a GPU's choice on the CPU too (so the tests check a GPU's path on a CPU)."""
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda when available)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="bf16: the network under bfloat16 autocast (weights, loss and Adam stay fp32); "
@@ -566,24 +583,19 @@ def add_speed_flags(p):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (with CUDA graphs on CUDA); off by default "
                         "(docs/performance.md has what it gains and costs)")
-    p.add_argument("--eval-batch-size", type=int, default=256, help="clips per step when scoring (default: 256)")
-
-
-GPU_RESERVE_BYTES = 6 * 2 ** 30  # GPU memory left free beside resident data: model, activations
+    p.add_argument("--eval-batch-size", type=at_least(1), default=256,
+                   help="clips per step when scoring (default: 256)")
 
 
 def resolve_speed_choices(args, device, data_bytes):
-    """Decide each speed choice left at auto for this device, the one place where they
-    are decided; the result replaces auto in args (so it is printed, and saved with the
-    checkpoints' args). What a CPU run and a GPU run with the same choices differ in is
-    then only the device. Sets cudnn.benchmark; returns the line that states the choices.
-
-    precision: bf16 on CUDA; fp32 on a CPU (exact, and bf16 gives a CPU no speed-up).
+    """Decide, in this one place, each speed choice left at auto for this device, in args (so
+    it is printed and saved with the checkpoints); set cudnn.benchmark; -> the line stating
+    them. precision: bf16 on CUDA, fp32 on a CPU (exact; bf16 does not speed a CPU up).
     fused_adam, cudnn_benchmark: on CUDA. resident: on CUDA when the spectrograms
-    (data_bytes) fit in free GPU memory with GPU_RESERVE_BYTES to spare (else pinned host
-    batches); never by default on a CPU, where the memory map keeps host memory bounded.
-    Raises SystemExit when --resident asks for more than the GPU has free.
-    """
+    (data_bytes) fit in free GPU memory with GPU_RESERVE_BYTES to spare, else pinned host
+    batches; on a CPU the memory map keeps host memory bounded. SystemExit when --resident
+    asks for more than the GPU has free."""
+    import torch
     cuda = device.type == "cuda"
     if args.precision == "auto":
         args.precision = "bf16" if cuda else "fp32"
@@ -613,42 +625,41 @@ def on_off(flag):
 
 
 def on_device(model, device):
-    """The model on device in channels_last layout: the same numbers as the default layout,
-    faster on a CPU (oneDNN) and the layout cuDNN's bf16 convolutions prefer
-    (docs/performance.md)."""
+    """The model on device in channels_last layout: the same numbers, faster on a CPU (oneDNN),
+    and the layout cuDNN's bf16 convolutions prefer."""
+    import torch
     return model.to(device, memory_format=torch.channels_last)
 
 
 def compile_model(model, device):
-    """torch.compile (--compile): inductor's fused kernels and, on CUDA, CUDA graphs that
-    replay each fixed-shape step as one launch ('reduce-overhead')."""
+    """--compile: inductor's fused kernels; on CUDA, CUDA graphs ('reduce-overhead')."""
+    import torch
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
 def to_device_source(spectrograms, device, resident):
-    """Where batches are read from: resident, the whole array as one tensor on device (one
-    upload, then indexing costs nothing); else the host memmap itself."""
+    """Where batches are read from: resident, the array as one tensor on device (one upload,
+    then a batch is an index); else the array itself (a host memmap)."""
     return upload(spectrograms, device) if resident else spectrograms
 
 
 def upload(spectrograms, device, chunk_rows=1024):
-    """A copy of the array (N, N_MELS, N_FRAMES) as a tensor of its dtype on device,
-    made in chunks so host memory stays bounded."""
+    """The array (N, N_MELS, N_FRAMES) as a tensor of its dtype on device, copied in chunks so
+    that host memory stays bounded."""
+    import torch
     resident = torch.empty(spectrograms.shape, dtype=getattr(torch, spectrograms.dtype.name), device=device)
     for start in tqdm(range(0, len(spectrograms), chunk_rows), desc=f"to {device}", unit="chunk",
                       leave=False, disable=not is_main()):
-        chunk = np.array(spectrograms[start:start + chunk_rows])  # writable: torch warns on a read-only memmap
+        chunk = np.array(spectrograms[start:start + chunk_rows])  # writable: torch warns on a read-only map
         resident[start:start + chunk_rows] = torch.from_numpy(chunk)
     return resident
 
 
 def get_batch(source, rows, rows_on_device):
-    """Spectrogram rows -> tensor (B, N_MELS, N_FRAMES) on rows_on_device's device.
-
-    rows: sorted int ndarray, to read a host memmap; rows_on_device: the same rows as a
-    tensor on the device, to index a resident tensor without waiting for the GPU (a
-    host-to-device copy of the indices each step would stall the queue of kernels).
-    """
+    """Spectrogram rows -> tensor (B, N_MELS, N_FRAMES) on rows_on_device's device. rows:
+    sorted int ndarray, to read a host memmap; rows_on_device: the same as a tensor, to index
+    a resident tensor without a host-to-device copy (which would stall the GPU's queue)."""
+    import torch
     if isinstance(source, torch.Tensor):
         return source[rows_on_device]
     batch = torch.from_numpy(np.asarray(source[rows]))
@@ -660,10 +671,12 @@ def get_batch(source, rows, rows_on_device):
 # -----------------------------------------------------------------------------
 # torchrun: one process per GPU (one process without torchrun)
 def rank():
+    import torch.distributed as dist
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def world_size():
+    import torch.distributed as dist
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -679,6 +692,8 @@ def log(message):
 
 def setup_distributed(device_name):
     """Start the process group under torchrun; -> the device this process uses."""
+    import torch
+    import torch.distributed as dist
     device = resolve_device(device_name)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return device
@@ -691,8 +706,9 @@ def setup_distributed(device_name):
 
 def parallel(model, device, args, start_epoch):
     """-> (the model to train: DistributedDataParallel under torchrun, with batch norm over
-    the global batch on CUDA, and torch.compile'd with --compile; the plain model, whose
-    state dict is what is saved)."""
+    the global batch on CUDA, compiled with --compile; the plain model, whose state dict is
+    saved)."""
+    import torch
     plain = model
     if world_size() > 1:
         if device.type == "cuda":  # batch norm over the global batch, as on one GPU
@@ -706,6 +722,6 @@ def parallel(model, device, args, start_epoch):
 
 
 def finish_distributed():
+    import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
-

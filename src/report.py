@@ -21,6 +21,7 @@ What the intervals mean and do not: docs/results.md.
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ import uncertainty
 # Published figures the runs are compared with.
 # Dabral et al. 2018 on the paper split: best validation ROC-AUC 0.904, test 0.900
 # (docs/original.md, "The published result"); no PR-AUC published.
-PAPER_2018 = dict(val_roc_auc=0.904, test_roc_auc=0.900)
+PAPER_2018 = {"val_roc_auc": 0.904, "test_roc_auc": 0.900}
 # Won et al. 2020, "Evaluation of CNN-based automatic music tagging models", on the clean
 # split (50 unmerged tags): model, ROC-AUC, PR-AUC (src/splits/README.md).
 WON_2020 = [("FCN", 0.9005, 0.4295), ("Musicnn", 0.9106, 0.4493), ("Sample-level", 0.9058, 0.4422),
@@ -48,8 +49,8 @@ MARBLE_FOLDER = [("MERT-330M", 0.913), ("MusicFM", 0.913), ("MuQ", 0.914)]
 MARBLE_PR_AUC = 0.40  # "about 0.40" for all three
 SPLIT_ORDER = ("paper", "clean", "folder", "random")
 NEEDED = ("split", "seed", "epochs", "epoch", "val_roc_auc", "val_pr_auc", "test_roc_auc", "test_pr_auc")
-NEEDED_TYPES = dict(split=str, seed=int, epochs=int, epoch=int, val_roc_auc=(int, float),
-                    val_pr_auc=(int, float), test_roc_auc=(int, float), test_pr_auc=(int, float))
+NEEDED_TYPES = {"split": str, "seed": int, "epochs": int, "epoch": int, "val_roc_auc": (int, float),
+                "val_pr_auc": (int, float), "test_roc_auc": (int, float), "test_pr_auc": (int, float)}
 KIND_NAMES = {str: "a string", int: "an integer", (int, float): "a number"}
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_roc_auc", "test_roc_auc")  # what the curves draw
 
@@ -72,7 +73,8 @@ def find_runs(paths):
             continue
         if (path / "last.pt").is_file():
             raise SystemExit(f"error: {path} has no results.json: the run has not finished; finish it with "
-                             f"python src/trainer.py --out {path.parent} --run {path.name} --resume (same flags)")
+                             f"python src/trainer.py --out {path.parent} --run {path.name} --resume "
+                             "(same flags)")
         children = sorted(p for p in path.iterdir() if p.is_dir())
         found = [p for p in children if (p / "results.json").is_file()]
         for unfinished in (p for p in children if (p / "last.pt").is_file() and p not in found):
@@ -98,7 +100,8 @@ def load_run(run_dir):
                          "rerun that run with the current trainer.py")
     for key, kind in NEEDED_TYPES.items():
         value = results[key]
-        if not isinstance(value, kind) or isinstance(value, bool) or value != value:  # NaN != NaN
+        if (not isinstance(value, kind) or isinstance(value, bool)
+                or (isinstance(value, float) and math.isnan(value))):
             raise SystemExit(f"error: {path}: {key} is {json.dumps(value)}, not {KIND_NAMES[kind]}; the file "
                              "is damaged: restore it, or rerun that run with trainer.py")
     history, metrics = [], run_dir / "metrics.csv"
@@ -107,9 +110,10 @@ def load_run(run_dir):
             reader = csv.DictReader(f)
             try:
                 for row in reader:
-                    if None in row or None in row.values() or not set(HISTORY_COLUMNS) <= set(row):
-                        raise ValueError("not the columns of its header" if None in row or None in row.values()
-                                         else f"no column {', '.join(sorted(set(HISTORY_COLUMNS) - set(row)))}")
+                    uneven, lacking = None in row or None in row.values(), set(HISTORY_COLUMNS) - set(row)
+                    if uneven or lacking:
+                        raise ValueError("not the columns of its header" if uneven
+                                         else f"no column {', '.join(sorted(lacking))}")
                     history.append({k: float(v) for k, v in row.items()})
             except (ValueError, csv.Error) as error:
                 raise SystemExit(f"error: {metrics}: line {reader.line_num}: {error}; the file is damaged: "
@@ -186,15 +190,16 @@ def published_references():
     rocs, prs = [m[1] for m in WON_2020], [m[2] for m in WON_2020]
     marble = ", ".join(f"{name} {roc:.3f}" for name, roc in MARBLE_FOLDER)
     return ["", "## Published references, by split", "",
-            "- **paper split** (the original's draw of clips, 18,000 / 2,000 / 5,863; clips of one song "
-            f"on both sides): Dabral et al. 2018, this network: test ROC-AUC {PAPER_2018['test_roc_auc']:.3f} "
-            f"(validation {PAPER_2018['val_roc_auc']:.3f}); no PR-AUC published.",
-            "- **clean split** (Lee et al. 2017's lists, 15,244 / 1,529 / 4,332, the 50 most frequent tags "
-            f"unmerged): Won et al. 2020, {len(WON_2020)} networks trained end to end: ROC-AUC "
-            f"{min(rocs):.4f}–{max(rocs):.4f}, PR-AUC {min(prs):.4f}–{max(prs):.4f}.",
-            "- **folder split** (MTAT's folders 0-b / c / d-f with every usable clip, 18,706 / 1,825 / "
-            "5,329, the same tags): the MARBLE benchmark, probes on frozen self-supervised features: "
-            f"{marble} ROC-AUC, PR-AUC about {MARBLE_PR_AUC:.2f}.",
+            ("- **paper split** (the original's draw of clips, 18,000 / 2,000 / 5,863; clips of one song "
+             "on both sides): Dabral et al. 2018, this network: test ROC-AUC "
+             f"{PAPER_2018['test_roc_auc']:.3f} (validation {PAPER_2018['val_roc_auc']:.3f}); no PR-AUC "
+             "published."),
+            ("- **clean split** (Lee et al. 2017's lists, 15,244 / 1,529 / 4,332, the 50 most frequent tags "
+             f"unmerged): Won et al. 2020, {len(WON_2020)} networks trained end to end: ROC-AUC "
+             f"{min(rocs):.4f}–{max(rocs):.4f}, PR-AUC {min(prs):.4f}–{max(prs):.4f}."),
+            ("- **folder split** (MTAT's folders 0-b / c / d-f with every usable clip, 18,706 / 1,825 / "
+             "5,329, the same tags): the MARBLE benchmark, probes on frozen self-supervised features: "
+             f"{marble} ROC-AUC, PR-AUC about {MARBLE_PR_AUC:.2f}."),
             "", "A figure compares only with runs on its own split: the three differ in their clips."]
 
 
@@ -205,8 +210,8 @@ def format_report(runs):
     runs = sorted(runs, key=run_key)
     lines = ["# Results", "",
              "## Runs", "",
-             "| run | split | seed | epochs | best epoch | val ROC-AUC | val PR-AUC | test ROC-AUC | "
-             "test PR-AUC | test clips sharing a song with training |",
+             ("| run | split | seed | epochs | best epoch | val ROC-AUC | val PR-AUC | test ROC-AUC | "
+              "test PR-AUC | test clips sharing a song with training |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['name']} | {config_name(r)} | {r['seed']} | {r['epochs']} | {r['epoch']} | "
@@ -220,7 +225,8 @@ def format_report(runs):
     for split, scales in configs:
         group = [r for r in runs if r["split"] == split and scales_of(r) == scales]
         epochs = sorted({r["epochs"] for r in group})
-        n_runs = f"{len(group)}" + (f" (epochs differ: {', '.join(map(str, epochs))})" if len(epochs) > 1 else "")
+        n_runs = f"{len(group)}" + (f" (epochs differ: {', '.join(map(str, epochs))})"
+                                    if len(epochs) > 1 else "")
         lines.append(f"| {config_name(group[0])} | {n_runs} | "
                      f"{format_mean_std([r['val_roc_auc'] for r in group])} | "
                      f"{format_mean_std([r['test_roc_auc'] for r in group])} | "
@@ -235,8 +241,8 @@ def format_report(runs):
     folder = [r for r in runs if r["split"] == "folder"]
     if folder:  # MARBLE publishes ROC-AUC per model and PR-AUC only roughly
         table = [(name, roc, None) for name, roc in MARBLE_FOLDER] + project_rows(folder)
-        lines += ["", "## The folder split against the field (MARBLE: probes on frozen self-supervised "
-                  "features), by test ROC-AUC", "", "| model | ROC-AUC | PR-AUC |", "|---|---|---|"]
+        lines += ["", ("## The folder split against the field (MARBLE: probes on frozen self-supervised "
+                       "features), by test ROC-AUC"), "", "| model | ROC-AUC | PR-AUC |", "|---|---|---|"]
         lines += [f"| {name} | {a:.4f} | {b:.4f} |" if b is not None
                   else f"| {name} | {a:.3f} | about {MARBLE_PR_AUC:.2f} |"
                   for name, a, b in sorted(table, key=lambda m: -m[1])]
@@ -259,21 +265,20 @@ def project_rows(runs):
 def plot_curves(runs, path):
     """curves.png: validation ROC-AUC, test ROC-AUC and training loss per epoch, one line
     per run (a colour per run, a line style per split). Returns False when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = plumbing.import_pyplot()
+    if plt is None:
         return False
     splits = sorted({r["split"] for r in runs}, key=split_key)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    panels = (("val_roc_auc", "validation ROC-AUC"), ("test_roc_auc", "test ROC-AUC"), ("train_loss", "training loss"))
+    panels = (("val_roc_auc", "validation ROC-AUC"), ("test_roc_auc", "test ROC-AUC"),
+              ("train_loss", "training loss"))
     for run in runs:
         if not run["history"]:
             print(f"note: {run['run_dir']} has no metrics.csv: no curve for it", file=sys.stderr)
             continue
         epochs = [row["epoch"] for row in run["history"]]
-        style = dict(color=f"C{runs.index(run) % 10}", linestyle=("-", "--", ":", "-.")[splits.index(run["split"]) % 4])
+        style = {"color": f"C{runs.index(run) % 10}",
+                 "linestyle": ("-", "--", ":", "-.")[splits.index(run["split"]) % 4]}
         for ax, (key, _) in zip(axes, panels):
             ax.plot(epochs, [row[key] for row in run["history"]], marker=".", **style,
                     label=f"{run['name']} ({run['split']}, seed {run['seed']})")
@@ -392,8 +397,8 @@ def uncertainty_report(runs, n_resamples):
             compared.append(dict(entry, split=group[0]["split"], scales_a=scales_a, scales_b=scales_b,
                                  pairs=[(group[a], group[b], seed) for a, b, seed in pairs],
                                  tag_names=saved[0]["tag_names"], labels=saved[0]["labels"]))
-    lines = ["", f"## How sure each test score is: {uncertainty.CONFIDENCE:.0%} bootstrap intervals over "
-             "the test clips", "",
+    lines = ["", (f"## How sure each test score is: {uncertainty.CONFIDENCE:.0%} bootstrap intervals "
+                  "over the test clips"), "",
              "| run | split | seed | test clips | test ROC-AUC [95% interval] | test PR-AUC [95% interval] |",
              "|---|---|---|---|---|---|"]
     for run in sorted(runs, key=run_key):
@@ -406,11 +411,11 @@ def uncertainty_report(runs, n_resamples):
         lines.append(start + f"{len(run['scores']['rows']):,} | "
                      + " | ".join(f"{figure[m][0]:.4f} {interval(*figure[m][1:])}" for m in ("roc", "pr"))
                      + " |")
-    lines += ["", f"Percentile intervals of {n_resamples:,} resamples of each run's test clips "
-              "(scipy.stats.bootstrap; a tag that a resample leaves without a positive or a negative clip "
-              "is left out of that resample's macro mean). They say how far this one trained model's score "
-              "could move on another test set drawn like this one, not how far another seed would move it "
-              "(the ± above); see docs/results.md."]
+    lines += ["", (f"Percentile intervals of {n_resamples:,} resamples of each run's test clips "
+                   "(scipy.stats.bootstrap; a tag that a resample leaves without a positive or a negative "
+                   "clip is left out of that resample's macro mean). They say how far this one trained "
+                   "model's score could move on another test set drawn like this one, not how far another "
+                   "seed would move it (the ± above); see docs/results.md.")]
     if compared:
         lines += ["", "## Does multi-scale help? Paired comparisons on the same test clips"]
     for c in compared:
@@ -443,9 +448,10 @@ def comparison_lines(c, n_resamples):
     per_run = [np.mean([common.roc_auc(c["labels"], pair[side]["scores"]["scores"], per_tag=True)
                         for pair in c["pairs"]], axis=0) for side in (0, 1)]
     n_tags, gain, loss = len(point), int(np.sum(low > 0)), int(np.sum(high < 0))
-    lines += ["", f"Per tag, test ROC-AUC (mean over the seed pairs), largest gain first: {gain} of {n_tags} "
-              f"tags gain with an interval above 0, {loss} lose with one below 0 (were no tag really "
-              f"different, about {0.05 * n_tags:.1f} of the {n_tags} would still reach p < 0.05 by chance).",
+    lines += ["", (f"Per tag, test ROC-AUC (mean over the seed pairs), largest gain first: {gain} of "
+                   f"{n_tags} tags gain with an interval above 0, {loss} lose with one below 0 (were no tag "
+                   f"really different, about {0.05 * n_tags:.1f} of the {n_tags} would still reach p < 0.05 "
+                   "by chance)."),
               "", f"| tag | scales {a} | scales {b} | difference | 95% interval | p |",
               "|---|---|---|---|---|---|"]
     for tag in sorted(range(n_tags), key=lambda t: -np.nan_to_num(point[t], nan=-np.inf)):
@@ -459,11 +465,8 @@ def plot_per_tag_gain(compared, path):
     """per_tag_gain.png: per comparison, each tag's test ROC-AUC difference with its 95%
     interval, largest gain first (green: interval above 0, red: below, grey: includes 0).
     Returns False when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = plumbing.import_pyplot()
+    if plt is None:
         return False
     n_tags = max(len(c["tag_names"]) for c in compared)
     fig, axes = plt.subplots(1, len(compared), figsize=(6 * len(compared), 1.2 + 0.2 * n_tags), squeeze=False)
@@ -516,15 +519,13 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=None,
                    help="where report.md and curves.png go (default: the parent folder given, "
                         "else the run folders' common parent)")
-    p.add_argument("--resamples", type=int, default=uncertainty.N_RESAMPLES, metavar="N",
+    p.add_argument("--resamples", type=plumbing.at_least(0), default=uncertainty.N_RESAMPLES, metavar="N",
                    help="resamples of the test clips for the bootstrap intervals and paired comparisons "
                         f"(default: {uncertainty.N_RESAMPLES}; 0 leaves those sections out)")
     p.add_argument("--splits", type=Path, metavar="CSV", default=None,
                    help="instead, print the split table (sizes and leakage audit of the paper, clean "
                         "and folder splits) of this annotations_final.csv (or a gzip of it)")
     args = p.parse_args(argv)
-    if args.resamples < 0:
-        p.error("--resamples must be 0 (no intervals) or more")
     if args.splits is not None:
         try:
             text = split_table(args.splits)
@@ -539,7 +540,8 @@ def main(argv=None):
     out = args.out
     if out is None:
         single_parent = len(args.runs) == 1 and not (args.runs[0] / "results.json").is_file()
-        out = args.runs[0] if single_parent else Path(os.path.commonpath([d.resolve().parent for d in run_dirs]))
+        out = (args.runs[0] if single_parent
+               else Path(os.path.commonpath([d.resolve().parent for d in run_dirs])))
     plumbing.check_folder(out, "--out")  # a file there, or read-only: one line, before the report
     text, written = format_report(runs), []
     if args.resamples > 0:
@@ -563,5 +565,6 @@ def main(argv=None):
     return text
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # SIGTERM and SIGHUP stop it as Ctrl-C does
+    plumbing.run_script(main, "interrupted: each file written is whole; rerun the same command for the "
+                              "report")

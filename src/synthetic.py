@@ -21,7 +21,7 @@ from tqdm import tqdm
 import formats
 import plumbing
 
-# MTAT's tag columns, in order (the real annotations_final.csv, MD5 f04fa01752a8cc64f6e1ca142a0fef1d)
+# MTAT's tag columns, in order (from the real annotations_final.csv, whose MD5 get_data.py checks)
 MTAT_TAG_NAMES = [
     "no voice", "singer", "duet", "plucking", "hard rock", "world", "bongos", "harpsichord", "female singing",
     "clasical", "sitar", "chorus", "female opera", "male vocal", "vocals", "clarinet", "heavy", "silence",

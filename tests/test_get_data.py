@@ -11,6 +11,7 @@ import io
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 
 import common
 import get_data
+import plumbing
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 1024  # get_data.CHUNK_BYTES in these tests, so a drop point can fall on a chunk edge
@@ -281,6 +283,18 @@ def test_second_run_touches_no_network(server, small, tmp_path, capsys):
     assert "in place" in capsys.readouterr().out.splitlines()[-1]
 
 
+def record_hashes(monkeypatch):
+    """The names of the files plumbing.file_digest hashes from now on, one list per call."""
+    hashed, file_digest = [], plumbing.file_digest
+
+    def recording(paths, *args, **kwargs):
+        hashed.append([p.name for p in (paths if isinstance(paths, list) else [paths])])
+        return file_digest(paths, *args, **kwargs)
+
+    monkeypatch.setattr(plumbing, "file_digest", recording)
+    return hashed
+
+
 def test_interrupted_extraction_resumes_without_redoing_verified_work(
         server, small, tmp_path, monkeypatch):
     serve(server, small)
@@ -292,15 +306,26 @@ def test_interrupted_extraction_resumes_without_redoing_verified_work(
     untouched = tmp_path / "mp3" / list(small["clips"])[2]
     mtime_ns = untouched.stat().st_mtime_ns
     server.requests.clear()
-    hashed = []
-    monkeypatch.setattr(get_data, "md5_of", lambda paths, f=get_data.md5_of: hashed.append(
-        [p.name for p in paths]) or f(paths))
+    hashed = record_hashes(monkeypatch)
     assert run(tmp_path, "--base-url", server.url) == ""
     assert_complete(tmp_path, small)
     assert server.requests == []
     assert hashed == [["annotations_final.csv"]]  # the verified archive is not hashed again
     assert untouched.stat().st_mtime_ns == mtime_ns
     assert not (tmp_path / "mp3.zip.001").exists()  # removed after this verified extraction
+
+
+@pytest.mark.parametrize("marker", ["{", "[1, 2]", '{"md5": "0", "parts": []}'])
+def test_a_damaged_or_stale_verified_marker_means_hash_again(server, small, tmp_path, monkeypatch, marker):
+    serve(server, small)
+    assert run(tmp_path, "--base-url", server.url, "--keep-archives") == ""
+    (tmp_path / "mp3" / next(iter(small["clips"]))).unlink()  # the archive is needed again
+    (tmp_path / get_data.VERIFIED).write_text(marker)
+    hashed = record_hashes(monkeypatch)
+    assert run(tmp_path, "--base-url", server.url, "--keep-archives") == ""
+    assert hashed == [["annotations_final.csv"], get_data.PARTS]
+    assert_complete(tmp_path, small)
+    assert plumbing.read_json(tmp_path / get_data.VERIFIED)["md5"] == get_data.MD5["mp3.zip"]
 
 
 def test_foreign_annotations_are_refused_and_left_alone(server, small, tmp_path):
@@ -382,7 +407,8 @@ def test_cli_offline_says_which_host_it_tries_and_fails_fast_in_one_line(tmp_pat
     """By subprocess, as a user without a network: the real retries and back-off."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, str(ROOT / "src" / "get_data.py"), "--base-url", UNRESOLVABLE,
-                           "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+                           "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          check=False)
     seconds = time.perf_counter() - start
     assert done.returncode == 1 and seconds < 20, (done.returncode, seconds)  # was 5 tries, 60 s
     assert done.stdout == f"trying {UNRESOLVABLE}annotations_final.csv\n"
@@ -391,6 +417,27 @@ def test_cli_offline_says_which_host_it_tries_and_fails_fast_in_one_line(tmp_pat
                                   "annotations_final.csv: the host name mtat.invalid does not resolve")
     assert "Check the network" in done.stderr
     assert not (tmp_path / "annotations_final.csv").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_cli_signal_while_waiting_for_a_host_is_one_line_and_its_exit_status(tmp_path, signum):
+    """By subprocess: kill or Ctrl-C while a host accepts the connection and never answers."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # connections wait in its backlog: the request is sent, no reply comes
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/"
+        proc = subprocess.Popen([sys.executable, str(ROOT / "src" / "get_data.py"), "--base-url", url,
+                                 "--data-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        try:
+            assert proc.stdout.readline() == f"trying {url}annotations_final.csv\n"
+            os.kill(proc.pid, signum)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 128 + signum, err  # 143, 130
+    assert err.strip().splitlines() == ["interrupted: rerun the same command to resume"]
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
@@ -428,13 +475,13 @@ def test_cli_help_and_acceptance_real_annotations_with_wrong_parts(
         server, annotations_csv, small, tmp_path):
     """By subprocess, unpatched MD5 table: real annotations pass, the wrong archive fails."""
     script = str(ROOT / "src" / "get_data.py")
-    shown = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    shown = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, check=False)
     assert shown.returncode == 0 and "--from-dir" in shown.stdout and "--synthetic" in shown.stdout
     server.files.update({"annotations_final.csv": annotations_csv.read_bytes(), **small["parts"]})
     data_dir = tmp_path / "D"
     done = subprocess.run([sys.executable, script, "--base-url", server.url,
                            "--data-dir", str(data_dir)], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: MD5 mismatch for mp3.zip") and "f12add0eb4cd6c2a3ab7e4" in last

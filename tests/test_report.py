@@ -1,13 +1,17 @@
 """report.py on real trainer runs: the table, mean ± sample std per split, curves, errors."""
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from conftest import SRC, write_spectrogram_set
 
 import common
 import report
 import trainer
-from conftest import write_spectrogram_set
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +25,9 @@ def two_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     for seed in ("1", "2"):
         trainer.main(["--data-dir", str(data), "--out", str(out), "--run", f"seed{seed}",
-                      "--epochs", "1", "--seed", seed, "--split", "random", "--train-size", "32", "--val-size",
-                      "8", "--batch-size", "32", "--n-tags", "4", "--no-merge", "--device", "cpu"])
+                      "--epochs", "1", "--seed", seed, "--split", "random", "--train-size", "32",
+                      "--val-size", "8", "--batch-size", "32", "--n-tags", "4", "--no-merge",
+                      "--device", "cpu"])
     return out
 
 
@@ -37,21 +42,26 @@ def test_report_table_mean_and_sample_std(two_runs, capsys):
         assert (f"| {name} | random | {r['seed']} | 1 | {r['epoch']} | {r['val_roc_auc']:.4f} | "
                 f"{r['val_pr_auc']:.4f} | {r['test_roc_auc']:.4f} | {r['test_pr_auc']:.4f} |") in text
     # the seeds change the model, not the split: same clips, different scores
-    assert results[0]["n_test"] == results[1]["n_test"] and results[0]["test_roc_auc"] != results[1]["test_roc_auc"]
+    assert results[0]["n_test"] == results[1]["n_test"]
+    assert results[0]["test_roc_auc"] != results[1]["test_roc_auc"]
     row = next(line for line in text.splitlines() if line.startswith("| random | 2 |"))
     for key in ("val_roc_auc", "test_roc_auc", "test_pr_auc"):
         values = [r[key] for r in results]
         assert f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" in row, (key, row)
-    assert f"± {np.std([r['test_roc_auc'] for r in results], ddof=0):.4f}" not in row  # sample std, not population
+    population_std = np.std([r["test_roc_auc"] for r in results], ddof=0)
+    assert f"± {population_std:.4f}" not in row  # the sample standard deviation, not the population's
     assert "none (not a published split)" in row
     assert (two_runs / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_references_and_one_run(tmp_path):
-    runs = [dict(name=f"{split}-seed1", split=split, seed=1, epochs=40, epoch=30, val_roc_auc=0.9, val_pr_auc=0.4,
-                 test_roc_auc=0.905, test_pr_auc=0.45, history=[], run_dir=tmp_path) for split in ("clean", "paper")]
+    runs = [{"name": f"{split}-seed1", "split": split, "seed": 1, "epochs": 40, "epoch": 30,
+             "val_roc_auc": 0.9, "val_pr_auc": 0.4, "test_roc_auc": 0.905, "test_pr_auc": 0.45, "history": [],
+             "run_dir": tmp_path}
+            for split in ("clean", "paper")]
     text = report.format_report(runs)
-    assert "| paper | 1 | 0.9000 ± n/a | 0.9050 ± n/a | 0.4500 ± n/a | Dabral et al. 2018: test ROC-AUC 0.900" in text
+    assert ("| paper | 1 | 0.9000 ± n/a | 0.9050 ± n/a | 0.4500 ± n/a | Dabral et al. 2018: test ROC-AUC "
+            "0.900") in text
     assert "Won et al. 2020, 9 models: ROC-AUC 0.8722–0.9129, PR-AUC 0.3625–0.4614" in text
     # the clean runs' mean takes its place in Won et al.'s table, by ROC-AUC
     rows = [line for line in text.split("against the field")[1].splitlines() if line.startswith("| ")][2:]
@@ -74,10 +84,11 @@ def test_report_errors_are_one_line(tmp_path, mtat_clip):
 
 
 def test_report_names_each_reference_with_its_split_and_keeps_scales_apart(tmp_path):
-    runs = [dict(name=f"folder-{tag}seed{seed}", split="folder", seed=seed, epochs=40, epoch=30, val_roc_auc=0.9,
-                 val_pr_auc=0.4, test_roc_auc=roc, test_pr_auc=0.41, history=[], run_dir=tmp_path, **extra)
+    runs = [{"name": f"folder-{tag}seed{seed}", "split": "folder", "seed": seed, "epochs": 40, "epoch": 30,
+             "val_roc_auc": 0.9, "val_pr_auc": 0.4, "test_roc_auc": roc, "test_pr_auc": 0.41, "history": [],
+             "run_dir": tmp_path, **extra}
             for seed in (1, 2) for tag, roc, extra in (("", 0.912 + seed / 1000, {}),
-                                                       ("scales1-", 0.905, dict(scales=[1])))]
+                                                       ("scales1-", 0.905, {"scales": [1]}))]
     text = report.format_report(runs)
     # runs made before --scales count as the paper's three; --scales 1 is its own group
     assert ("| folder | 2 | 0.9000 ± 0.0000 | 0.9135 ± 0.0007 | 0.4100 ± 0.0000 | MARBLE, frozen features "
@@ -87,10 +98,56 @@ def test_report_names_each_reference_with_its_split_and_keeps_scales_apart(tmp_p
     references = text.split("## Published references, by split")[1]
     assert "**paper split**" in references and "Dabral et al. 2018" in references
     assert "**clean split**" in references and "Won et al. 2020" in references
-    assert "**folder split**" in references and "18,706 / 1,825 / 5,329" in references and "MARBLE" in references
+    assert "**folder split**" in references and "18,706 / 1,825 / 5,329" in references
+    assert "MARBLE" in references
     field = text.split("## The folder split against the field")[1]
     rows = [line for line in field.splitlines() if line.startswith("| ")]
     assert rows[1:] == ["| MuQ | 0.914 | about 0.40 |",
                         "| **this project: multi-scale CNN, mean of 2 run(s)** | 0.9135 | 0.4100 |",
                         "| MERT-330M | 0.913 | about 0.40 |", "| MusicFM | 0.913 | about 0.40 |",
                         "| **this project: --scales 1, mean of 2 run(s)** | 0.9050 | 0.4100 |"]
+
+
+# report.py as a script, its check of --out made slow: the signal comes while it works
+SLOW_REPORT = """
+import runpy, sys, time
+sys.path.insert(0, {src!r})
+import plumbing
+def slow_check_folder(path, flag):
+    print("working", flush=True)
+    time.sleep(60)
+plumbing.check_folder = slow_check_folder
+sys.argv = ["report.py", {run_dir!r}]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_report_in_one_line_with_its_exit_status(tmp_path, signum):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(json.dumps({
+        "split": "random", "seed": 1, "epochs": 1, "epoch": 1, "val_roc_auc": 0.9, "val_pr_auc": 0.4,
+        "test_roc_auc": 0.9, "test_pr_auc": 0.4}))
+    code = SLOW_REPORT.format(src=str(SRC), run_dir=str(run_dir), script=str(SRC / "report.py"))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "working\n"
+        os.kill(proc.pid, signum)  # SIGTERM ended it without a word, Ctrl-C with a traceback
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, err  # 143, 130
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "interrupted: each file written is whole; rerun the same command for the report"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_resamples_below_zero_is_refused_when_parsed(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        report.main([str(tmp_path), "--resamples", "-1"])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith("error: argument --resamples: must be at least 0, got -1")

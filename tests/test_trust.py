@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import SMALL_RUN_ARGS, SRC, write_spectrogram_set
 
 import gen_spectrograms
 import predict
 import report
 import trainer
-from conftest import SMALL_RUN_ARGS, SRC, write_spectrogram_set
 
 
 def one_line(stderr):
@@ -81,7 +81,8 @@ def children(pid):
 @pytest.fixture(scope="module")
 def unshare_works():
     return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True).returncode == 0
+        ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True,
+        check=False).returncode == 0
 
 
 @pytest.fixture
@@ -101,7 +102,7 @@ def read_only(unshare_works):
                        str(folder)] + command
         else:
             pytest.skip("root, and no user namespace to mount a folder read-only in")
-        return subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)
+        return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, **kwargs)
 
     yield run
     for folder, mode in restore:
@@ -238,7 +239,8 @@ def test_predict_resume_refuses_an_output_of_another_checkpoint(checkpoints, son
     with pytest.raises(SystemExit) as stop:  # same tags: it used to mix the two models' rows
         predict.main(songs + ["--checkpoint", str(second), flag, str(output), "--workers", "0", "--resume"])
     message = str(stop.value)
-    assert message.startswith(f"error: --resume: {output} holds results of another checkpoint (SHA-256 "), message
+    assert message.startswith(
+        f"error: --resume: {output} holds results of another checkpoint (SHA-256 "), message
     assert "one file would mix two models" in message
     assert output.read_bytes() == written
     capsys.readouterr()
@@ -252,8 +254,8 @@ def test_predict_says_what_its_model_was_trained_on(checkpoints, songs, tmp_path
     err = capsys.readouterr().err.splitlines()
     state = torch.load(first, weights_only=True)
     metrics = state["metrics"]
-    assert err[0] == (f"model: trained on other data ({state['provenance']['data']['annotations']}), split random "
-                      f"(32 / 8 / 8 clips), epoch {state['epoch']}: validation ROC-AUC "
+    assert err[0] == (f"model: trained on other data ({state['provenance']['data']['annotations']}), split "
+                      f"random (32 / 8 / 8 clips), epoch {state['epoch']}: validation ROC-AUC "
                       f"{metrics['val_roc_auc']:.4f}, test ROC-AUC {metrics['test_roc_auc']:.4f}")
     assert err[1] == "warning: this model was trained on other data than MTAT: its tags are those data's"
     state["format_version"] += 1  # a checkpoint of another format: refused in one line
@@ -299,10 +301,9 @@ def test_two_trainers_on_one_run_folder(small_data_dir, tmp_path):
         first.kill()
         first.communicate()
     assert lock.exists()
+    epochs = torch.load(tmp_path / "r" / "last.pt", weights_only=True)["epoch"] + 1
     results = trainer.main(["--data-dir", str(small_data_dir), "--out", str(tmp_path), "--run", "r",
-                            "--epochs", str(torch.load(tmp_path / "r" / "last.pt", weights_only=True)["epoch"] + 1),
-                            "--resume"]
-                           + SMALL_RUN_ARGS)
+                            "--epochs", str(epochs), "--resume"] + SMALL_RUN_ARGS)
     assert results["epoch"] >= 1 and not lock.exists()
 
 
@@ -334,8 +335,8 @@ def test_two_gen_spectrograms_on_one_data_folder(tmp_path):
         with pytest.raises(SystemExit) as stop:
             gen_spectrograms.main(["--data-dir", str(data_dir), "--workers", "1"])
         message = str(stop.value)
-        assert message.startswith(f"error: {data_dir / 'spectrograms.npy'} is being written by pid {first.pid} "
-                                  "(gen_spectrograms.py --data-dir "), message
+        assert message.startswith(f"error: {data_dir / 'spectrograms.npy'} is being written by pid "
+                                  f"{first.pid} (gen_spectrograms.py --data-dir "), message
         assert message.endswith("use another --data-dir")
         os.kill(first.pid, signal.SIGCONT)
         out, err = first.communicate(timeout=300)
@@ -353,7 +354,7 @@ def test_two_predicts_on_one_output(checkpoints, songs, tmp_path):
     plumbing.hold_lock(f"{csv_path}.lock", csv_path, "pass another --csv")  # as a running predict.py does
     try:
         run = subprocess.run(script("predict.py", *songs, "--checkpoint", checkpoints[0], "--csv", csv_path),
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, text=True, timeout=120, check=False)
     finally:
         plumbing.release_lock(f"{csv_path}.lock")
     assert run.returncode == 1 and run.stdout == ""  # refused before the first file was tagged
@@ -367,14 +368,14 @@ def test_two_predicts_on_one_output(checkpoints, songs, tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_signal_during_a_checkpoint_save(small_data_dir, tmp_path, signum):
     run_dir = tmp_path / "r"
-    proc = subprocess.Popen(script("trainer.py", "--data-dir", small_data_dir, "--out", tmp_path, "--run", "r",
-                                   "--epochs", "40", *SMALL_RUN_ARGS),
+    proc = subprocess.Popen(script("trainer.py", "--data-dir", small_data_dir, "--out", tmp_path,
+                                   "--run", "r", "--epochs", "40", *SMALL_RUN_ARGS),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        temporary = [run_dir / "last.pt.tmp", run_dir / "best_model.pt.tmp"]
-        wait_for(lambda: any(map(os.path.exists, temporary)), proc, poll_s=0.0005)
+        # atomic_write's temporary files: last.pt.<random>.tmp, best_model.pt.<random>.tmp
+        wait_for(lambda: any(run_dir.glob("*.pt.*.tmp")), proc, poll_s=0.0005)
         os.kill(proc.pid, signum)
-        out, err = proc.communicate(timeout=120)
+        _out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 128 + signum, err
@@ -409,9 +410,8 @@ def test_ctrl_c_inside_torch_save_is_an_interrupt_and_leaves_no_temporary_file(t
             self.f.flush()
 
     (tmp_path / "last.pt").write_bytes(b"the previous epoch's")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_write(tmp_path / "last.pt", "wb") as f:
-            torch.save({"weights": torch.zeros(100_000)}, InterruptedAtThirdWrite(f))
+    with pytest.raises(KeyboardInterrupt), atomic_write(tmp_path / "last.pt", "wb") as f:
+        torch.save({"weights": torch.zeros(100_000)}, InterruptedAtThirdWrite(f))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
     assert (tmp_path / "last.pt").read_bytes() == b"the previous epoch's"
 
@@ -431,7 +431,7 @@ def test_signal_to_predict_saves_what_it_tagged_and_ends_its_workers(checkpoints
         workers = children(proc.pid)
         assert workers
         os.kill(proc.pid, signum)
-        out, err = proc.communicate(timeout=120)
+        _out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 128 + signum, err  # 143 for SIGTERM, 130 for Ctrl-C
@@ -450,7 +450,7 @@ def test_signal_to_predict_saves_what_it_tagged_and_ends_its_workers(checkpoints
 def test_predict_saves_every_output_as_it_goes(checkpoints, songs, tmp_path, monkeypatch):
     """SAVE_EVERY_S (a minute) set to 0: when a file is printed, every output already holds
     each file before it, a failed one too."""
-    outputs = dict(csv=tmp_path / "t.csv", json=tmp_path / "t.json", embeddings=tmp_path / "t.npz")
+    outputs = {"csv": tmp_path / "t.csv", "json": tmp_path / "t.json", "embeddings": tmp_path / "t.npz"}
     missing = str(tmp_path / "missing.wav")
     order = [songs[0], missing, songs[1], songs[2]]
     seen, format_tags = {}, predict.format_tags
@@ -478,7 +478,8 @@ def test_predict_saves_every_output_as_it_goes(checkpoints, songs, tmp_path, mon
 def test_predict_output_places_are_checked_before_tagging(checkpoints, songs, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     for flag, path, expected in (
-            ("--csv", tmp_path, f"error: --csv {tmp_path} is a folder; name a file (in it, or anywhere else)"),
+            ("--csv", tmp_path,
+             f"error: --csv {tmp_path} is a folder; name a file (in it, or anywhere else)"),
             ("--json", tmp_path / "a_file" / "t.json",
              f"error: --json {tmp_path / 'a_file'}: {tmp_path / 'a_file'} is a file, not a folder"),
             ("--embeddings", tmp_path / "a_file" / "deeper" / "e.npz", "is a file, not a folder")):
@@ -491,8 +492,8 @@ def test_predict_output_places_are_checked_before_tagging(checkpoints, songs, tm
     assert list(json.loads(made.read_text())) == songs[:1]
 
 
-def test_read_only_output_places_are_one_line_before_any_work(read_only, small_data_dir, small_run, checkpoints,
-                                                            songs, tmp_path):
+def test_read_only_output_places_are_one_line_before_any_work(read_only, small_data_dir, small_run,
+                                                            checkpoints, songs, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     run = read_only(ro, script("trainer.py", "--data-dir", small_data_dir, "--out", ro, "--run", "r",
@@ -533,13 +534,14 @@ def test_trainer_out_naming_a_file(small_data_dir, tmp_path):
     with pytest.raises(SystemExit) as stop:
         trainer.main(["--data-dir", str(small_data_dir), "--out", str(tmp_path / "file"), "--epochs", "1"]
                      + SMALL_RUN_ARGS)
-    assert str(stop.value) == (f"error: --out {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a folder; "
-                               "name a folder (it is created if missing)")
+    assert str(stop.value) == (f"error: --out {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a "
+                               "folder; name a folder (it is created if missing)")
 
 
 @pytest.mark.parametrize("flag, value, interval", [("--lr", "0", "(0, inf)"), ("--lr", "-1e-3", "(0, inf)"),
                                                    ("--lr", "nan", "(0, inf)"), ("--dropout", "1", "[0, 1)"),
-                                                   ("--dropout", "-0.1", "[0, 1)"), ("--dropout", "nan", "[0, 1)")])
+                                                   ("--dropout", "-0.1", "[0, 1)"),
+                                                   ("--dropout", "nan", "[0, 1)")])
 def test_numeric_flags_are_checked_when_parsed(flag, value, interval, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:  # before the data: the folder does not exist
         trainer.main(["--data-dir", str(tmp_path / "nowhere"), f"{flag}={value}"])
@@ -556,7 +558,8 @@ DAMAGED_ANNOTATIONS = {
     "non-numeric id": (lambda lines: lines[:3] + [b'"x' + lines[3][1:]] + lines[4:],
                        r"line 4: clip_id 'x2' is not an integer"),
     "byte-order mark": (lambda lines: [b"\xef\xbb\xbf" + lines[0]] + lines[1:],
-                        r"starts with a byte-order mark \(saved by a spreadsheet\?\); save it as UTF-8 without one"),
+                        (r"starts with a byte-order mark \(saved by a spreadsheet\?\); save it as UTF-8 "
+                         r"without one")),
     "empty file": (lambda lines: [], r"empty file"),
     "value 2": (lambda lines: lines[:5] + [lines[5].replace(b'\t"1"\t', b'\t"2"\t', 1)] + lines[6:],
                 r"line 6: tag 't\d' is '2', not 0 or 1"),
@@ -590,13 +593,14 @@ def test_report_names_damaged_run_files_and_an_out_that_is_a_file(small_run, tmp
     run_dir = tmp_path / "run"
     shutil.copytree(small_run[0], run_dir)
     results = json.loads((run_dir / "results.json").read_text())
-    for key, value, said in (("val_roc_auc", None, "null, not a number"), ("test_roc_auc", "0.9", '"0.9", not a '
-                             "number"), ("seed", "x", '"x", not an integer')):
+    for key, value, said in (("val_roc_auc", None, "null, not a number"),
+                             ("test_roc_auc", "0.9", '"0.9", not a number'),
+                             ("seed", "x", '"x", not an integer')):
         (run_dir / "results.json").write_text(json.dumps(dict(results, **{key: value})))
         with pytest.raises(SystemExit) as stop:
             report.main([str(run_dir)])
-        assert str(stop.value) == (f"error: {run_dir / 'results.json'}: {key} is {said}; the file is damaged: "
-                                   "restore it, or rerun that run with trainer.py")
+        assert str(stop.value) == (f"error: {run_dir / 'results.json'}: {key} is {said}; the file is "
+                                   "damaged: restore it, or rerun that run with trainer.py")
     (run_dir / "results.json").write_text(json.dumps(results))
     metrics = run_dir / "metrics.csv"
     good = metrics.read_text()
@@ -614,8 +618,8 @@ def test_report_names_damaged_run_files_and_an_out_that_is_a_file(small_run, tmp
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit) as stop:
         report.main([str(run_dir), "--out", str(tmp_path / "file")])
-    assert str(stop.value) == (f"error: --out {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a folder; "
-                               "name a folder (it is created if missing)")
+    assert str(stop.value) == (f"error: --out {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a "
+                               "folder; name a folder (it is created if missing)")
 
 
 @pytest.mark.parametrize("cut", ["mid-row", "after the path", "blank line"])
@@ -658,9 +662,9 @@ def test_non_finite_spectrograms_are_called_that_not_divergence(small_data_dir, 
     with pytest.raises(SystemExit) as stop:
         trainer.main(["--data-dir", str(data_dir), "--out", str(tmp_path / "exp"), "--epochs", "1"]
                      + SMALL_RUN_ARGS)
-    assert str(stop.value) == (f"error: {data_dir / 'spectrograms.npy'} holds NaN or inf in 2 row(s) (the first: "
-                               f"row 3, 3/clip-3.mp3): the file is damaged; run python src/gen_spectrograms.py "
-                               f"--data-dir {data_dir}: it computes those rows again")
+    assert str(stop.value) == (f"error: {data_dir / 'spectrograms.npy'} holds NaN or inf in 2 row(s) (the "
+                               "first: row 3, 3/clip-3.mp3): the file is damaged; run python "
+                               f"src/gen_spectrograms.py --data-dir {data_dir}: it computes those rows again")
 
 
 def test_gen_spectrograms_never_calls_a_file_with_nan_complete(tmp_path, capsys):
@@ -678,8 +682,8 @@ def test_gen_spectrograms_never_calls_a_file_with_nan_complete(tmp_path, capsys)
     del rows
     capsys.readouterr()
     assert gen_spectrograms.main(args)["n_computed"] == 1  # it said "already complete; nothing to do"
-    assert (f"{data_dir / 'spectrograms.npy'} holds NaN or inf in 1 row(s) (the first: row 1): computing them "
-            "again") in capsys.readouterr().err
+    assert (f"{data_dir / 'spectrograms.npy'} holds NaN or inf in 1 row(s) (the first: row 1): computing "
+            "them again") in capsys.readouterr().err
     np.testing.assert_array_equal(np.load(data_dir / "spectrograms.npy")[1], expected)
     assert json.loads((data_dir / "spectrograms.json").read_text())["failed"] == meta["failed"]
 
