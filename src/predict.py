@@ -289,13 +289,12 @@ def taggram_paths(taggram, audio_paths):
 
 
 def import_figure():
-    """matplotlib is only needed for --taggram, so it is optional and imported on demand."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
+    """matplotlib's Figure: only --taggram needs matplotlib, so it is optional."""
+    pyplot = plumbing.import_pyplot()
+    if pyplot is None:
         raise SystemExit("error: --taggram needs matplotlib, which is not installed; "
-                         "pip install matplotlib (or leave out --taggram)") from None
-    return Figure
+                         "pip install matplotlib (or leave out --taggram)")
+    return pyplot.Figure
 
 
 def save_taggram(png_path, window_probs, starts, duration_s, tag_names, title):
@@ -477,13 +476,6 @@ def default_workers():
     return min(plumbing.usable_cores(), MAX_WORKERS)
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Tag audio files and folders with a trained multi-scale CNN (Dabral et al. 2018). "
@@ -494,8 +486,8 @@ def parse_args(argv=None):
                         "run folder (default: that of the most recently modified run in --experiments)")
     parser.add_argument("--experiments", default="experiments",
                         help="folder of runs searched when --checkpoint is not given (default: experiments)")
-    parser.add_argument("--top", type=positive_int, default=5, help="tags printed per file (default: 5)")
-    parser.add_argument("--hop-frames", type=positive_int, default=common.N_FRAMES // 2,
+    parser.add_argument("--top", type=plumbing.at_least(1), default=5, help="tags printed per file (default 5)")
+    parser.add_argument("--hop-frames", type=plumbing.at_least(1), default=common.N_FRAMES // 2,
                         help="frames between window starts; the last window is aligned to the end of "
                              f"the audio (default: {common.N_FRAMES // 2}, half a window)")
     parser.add_argument("--json", default=None, help="also write all results to this JSON file: "
@@ -518,7 +510,7 @@ def parse_args(argv=None):
                         "process scores; 0: all in this process, with its own threads "
                         f"(default: one per CPU core, at most {MAX_WORKERS})")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto, cuda if there)")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
+    parser.add_argument("--batch-size", type=plumbing.at_least(1), default=None,
                         help=f"windows scored per forward pass (default: {CUDA_BATCH} on a GPU, {CPU_BATCH} "
                         "on a CPU, where larger batches cost memory and are no faster: docs/predict.md)")
     args = parser.parse_args(argv)
@@ -599,8 +591,7 @@ def main(argv=None):
         if isinstance(stop, plumbing.WorkersKeepDying):
             raise SystemExit(f"error: {stop}: out of memory? The files tagged so far are saved{rest}; "
                              "free memory or lower --workers") from None
-        print(f"interrupted; the files tagged so far are saved{rest}", file=sys.stderr)
-        raise SystemExit(plumbing.exit_code(stop)) from None
+        plumbing.exit_interrupted(stop, f"interrupted; the files tagged so far are saved{rest}")
     finally:
         bar.close()
         tagged.close()  # stops the worker pool
