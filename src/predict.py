@@ -486,7 +486,8 @@ def parse_args(argv=None):
                         "run folder (default: that of the most recently modified run in --experiments)")
     parser.add_argument("--experiments", default="experiments",
                         help="folder of runs searched when --checkpoint is not given (default: experiments)")
-    parser.add_argument("--top", type=plumbing.at_least(1), default=5, help="tags printed per file (default 5)")
+    parser.add_argument("--top", type=plumbing.at_least(1), default=5,
+                        help="tags printed per file (default: 5)")
     parser.add_argument("--hop-frames", type=plumbing.at_least(1), default=common.N_FRAMES // 2,
                         help="frames between window starts; the last window is aligned to the end of "
                              f"the audio (default: {common.N_FRAMES // 2}, half a window)")
