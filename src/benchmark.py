@@ -1,14 +1,8 @@
-"""Speed figures for the docs: one log-mel's stages, gen_spectrograms.py's clips/s by workers,
-trainer.py's training speed (its fast path against a plain port's), predict.py's on a music folder,
-and the paper's run. Each benchmark (BENCHMARKS) returns plain numbers.
+"""Speed figures for the docs, of the scripts' own functions: a log-mel's stages, gen_spectrograms.py's
+clips/s by workers, trainer.py's training (its fast path against a plain port), predict.py's, the paper's run.
 
     python src/benchmark.py                              # features, train, predict
-    python src/benchmark.py --what train --device cuda   # training steps and evaluation
     python src/benchmark.py --what paper --device cuda   # trainer.py at the paper's size
-
-It times the scripts' own functions: common's feature pipeline stage by stage, predict.score_file,
-trainer.train_epoch, train_step and predict_rows with torch.utils.benchmark (timed); gen_spectrograms.main,
-trainer.main and predict.py (a command) as whole runs, the settings compared taking turns (paired_rounds).
 """
 import argparse
 import csv
@@ -26,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import soundfile
 import torch
 from torch.utils.benchmark import Timer
 
@@ -33,6 +28,7 @@ import common
 import formats
 import gen_spectrograms
 import plumbing
+import predict
 import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,17 +37,14 @@ LIBRARY = ((30, 0.5), (10, 4), (1, 1))  # predict's music library in small: (fil
 LIBRARY_TEXT = " + ".join(f"{n} x {m * 60:g} s" for n, m in LIBRARY) + " of 44.1 kHz stereo MP3"
 
 
-def at_least(low):
-    """An argparse type: an int of at least `low`; anything else is refused in one line."""
-    def parse(text):
-        if int(text) < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
-        return int(text)
-    parse.__name__ = "int"  # argparse names the type in its error for a value that is not a number
-    return parse
-
-
 def parse_args(argv=None):
+    def at_least(low):  # an argparse type: an int of at least `low`, anything else refused in one line
+        def parse(text):
+            if int(text) < low:
+                raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+            return int(text)
+        parse.__name__ = "int"  # argparse names the type in its error for a value that is not a number
+        return parse
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add, n = p.add_argument, at_least(1)
     add("--what", choices=[*BENCHMARKS, "all"], default="all",
@@ -60,12 +53,9 @@ def parse_args(argv=None):
         help="audio clip to time; its copies make the data sets (default: the MTAT clip in tests/fixtures/)")
     add("--repeats", type=n, default=20, help="features: timed runs per stage of one log-mel (default: 20)")
     add("--n-clips", type=n, default=200, help="features: clips per extraction run (default: 200)")
-    add("--workers", type=n, nargs="+", default=[1, 2], help="features: worker counts of gen_spectrograms.py "
-        "(default: 1 2)")
-    add("--runs", type=n, default=3, help="rounds of whole runs, the best (features) or median kept "
-        "(default: 3)")
-    add("--cold-start", action="store_true", help="features: also time the first log-mel of a fresh "
-        "process with an empty numba cache (what a fresh install pays once)")
+    add("--workers", type=n, nargs="+", default=[1, 2], help="features: extraction workers (default: 1 2)")
+    add("--runs", type=n, default=3, help="whole-run rounds, the best (features) or median kept (default: 3)")
+    add("--cold-start", action="store_true", help="features: also time a fresh install's first log-mel")
     add("--device", default="auto", help="train, paper: auto | cpu | cuda (default: auto)")
     add("--steps", type=n, default=200, help="train: steps per timed run (default: 200; ~3 on a CPU)")
     add("--batch-size", type=n, default=32, help="train, paper: clips per step (default: 32)")
@@ -79,12 +69,10 @@ def parse_args(argv=None):
         "turns in each round (default: 1 and predict.py's default, one per core)")
     add("--memory-minutes", type=n, nargs="*", default=[10, 30, 60], help="predict: minutes of the 44.1 kHz "
         "stereo WAV files whose peak memory is measured (default: 10 30 60; none: skipped)")
-    add("--epochs", type=at_least(2), default=3, help="paper: epochs of trainer.py timed, then projected "
-        "to 40; the first pays the start-up costs (default: 3)")
+    add("--epochs", type=at_least(2), default=3, help="paper: epochs timed, projected to 40 (default: 3)")
     add("--paper-clips", type=at_least(20), default=common.N_CLIPS, help="paper: spectrogram rows "
         f"(default: {common.N_CLIPS:,}, the paper's split; fewer: --split random, a quick try on a CPU)")
-    add("--data-dir", type=Path, help="paper: time trainer.py on this data folder's spectrograms "
-        "(default: random float16 ones labelled by the real annotations, in a temporary folder)")
+    add("--data-dir", type=Path, help="paper: this data folder's spectrograms (default: random ones)")
     add("--trainer-flags", default="", help="paper: more trainer.py flags in one string, e.g. \"--precision "
         "fp32 --no-fused-adam --no-resident --no-cudnn-benchmark\" (the trainer's fp32 baseline)")
     args = p.parse_args(argv)
@@ -94,9 +82,7 @@ def parse_args(argv=None):
 
 
 def timed(stmt, runs=1, **names):
-    """(seconds per run of the expression stmt, its value in the last run): torch.utils.benchmark's
-    Timer(stmt, globals=names).timeit(runs) at this process's torch threads (its warm-up runs, then
-    one timed block of `runs`, whose median is their mean; a GPU is synchronised)."""
+    """(seconds per run of stmt, its value): torch.utils.benchmark's Timer, warm-up runs then `runs` timed."""
     value = [None]
     timer = Timer(f"_value[0] = {stmt}", globals={**names, "_value": value},
                   num_threads=torch.get_num_threads())
@@ -104,15 +90,12 @@ def timed(stmt, runs=1, **names):
 
 
 def paired_rounds(settings, runs, measure):
-    """{setting: [measure(setting, round) of each round]}: the settings take turns in each round."""
-    rounds = [[measure(setting, run) for setting in settings] for run in range(runs)]
+    rounds = [[measure(setting, run) for setting in settings] for run in range(runs)]  # settings take turns
     return {setting: [measured[i] for measured in rounds] for i, setting in enumerate(settings)}
 
 
-# --- Features
 def pipeline_seconds(path, runs=1, log_mel="log-mel"):
-    """Seconds per run of the feature pipeline's stages on one file, each on the stage before's output:
-    decode, resample, log-mel (common's) -> (seconds by stage, spec float32 (N_MELS, n), duration_s)."""
+    """common's pipeline on one file, stage by stage -> (seconds by stage, spec (N_MELS, n), duration_s)."""
     names = {"common": common, "path": str(path), "rate": common.decode(str(path))[0]}
     decode_s, names["blocks"] = timed("list(common.decode(path)[1])", runs, **names)
     resample_s, names["resampled"] = timed("list(common.resample(rate, blocks))", runs, **names)
@@ -122,25 +105,20 @@ def pipeline_seconds(path, runs=1, log_mel="log-mel"):
 
 
 def time_log_mel(clip_path, repeats=20, blas_threads=1):
-    """Seconds per stage of one log-mel: decode, resample, mel (pipeline_seconds), total (common.log_mel),
-    `repeats` timed runs each, with blas_threads OpenBLAS threads (None: the library's, one per core)."""
+    """Seconds per stage of one log-mel (pipeline_seconds), and in all, at blas_threads (None: one a core)."""
     from threadpoolctl import threadpool_limits
     with threadpool_limits(limits=blas_threads):
         total_s = timed("common.log_mel(path)", repeats, common=common, path=str(clip_path))[0]
         return {**pipeline_seconds(clip_path, repeats, log_mel="mel")[0], "total": total_s}
 
 
-def busy_cpu_seconds():
-    """CPU seconds the whole machine has been busy since boot (Linux's /proc/stat), or None."""
-    if not os.path.exists("/proc/stat"):
-        return None
-    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-
-
 def time_extraction(workers, n_clips, clip_path, runs=3, dtype="float16"):
-    """Clips/s of gen_spectrograms.main (after common.warm_up) on n_clips copies of clip_path in MTAT's
-    layout: the best of `runs` whole runs, each printed with the CPU it and other processes used."""
+    """Clips/s of gen_spectrograms.main on n_clips copies of the clip: the best of `runs`, each printed."""
+    def busy_cpu_seconds():  # the whole machine's since boot (Linux's /proc/stat), or None
+        if not os.path.exists("/proc/stat"):
+            return None
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
     rates, paths = [], [f"{i % 16:x}/copy-{i}{Path(clip_path).suffix}" for i in range(n_clips)]
     with tempfile.TemporaryDirectory() as data_dir:
         for path in paths:
@@ -192,7 +170,6 @@ def features_benchmark(args):
     return results
 
 
-# --- Training and evaluation of the network
 def forward_flops(n_tags=50, scales=common.SCALES):
     """FLOPs of one clip's forward pass (torch.utils.flop_counter: convolutions, dense layers)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -202,9 +179,7 @@ def forward_flops(n_tags=50, scales=common.SCALES):
 
 
 def setup(device, mode, n_clips, scales):
-    """(args, source, model, norm) of the mode on n_clips random log-mels (normal, mean -8, std 2 =
-    norm): 'baseline' a plain port (float32 host array, fp32 MSCNN); 'fast' ('fast+compile') trainer.py's
-    choices for the device (plumbing.resolve_speed_choices), its data (float16) and model."""
+    """(args, source, model, norm) on random log-mels: 'baseline' a plain port's, 'fast' trainer.py's."""
     host = np.random.default_rng(0).normal(-8, 2, (n_clips, common.N_MELS, common.N_FRAMES))
     norm = torch.full((common.N_MELS,), -8.0, device=device), torch.full((common.N_MELS,), 2.0, device=device)
     if mode == "baseline":
@@ -217,9 +192,7 @@ def setup(device, mode, n_clips, scales):
 
 
 def time_mode(device, mode, steps, batch_size, eval_clips, scales=common.SCALES):
-    """(seconds per training step, seconds to score eval_clips) on random data (setup), 3 timed runs
-    of `steps` steps, 2 of scoring: 'baseline' trainer.train_step on host batches, predict_rows by 32;
-    'fast' trainer.train_epoch and predict_rows as trainer.py runs them."""
+    """(seconds per training step, seconds to score eval_clips) of the mode, on setup's data."""
     torch.manual_seed(0)
     n_stored = 4 * batch_size  # a small pool of clips to draw batches from
     labels = torch.from_numpy((np.random.default_rng(1).random((n_stored, 50)) < 0.1).astype(np.float32))
@@ -229,13 +202,11 @@ def time_mode(device, mode, steps, batch_size, eval_clips, scales=common.SCALES)
     optimizer = torch.optim.Adam(model.train().parameters(), lr=1e-3, fused=bool(args and args.fused_adam))
     names = {"trainer": trainer, "model": model, "optimizer": optimizer, "source": source, "norm": norm,
              "batches": batches, "device": device, "bf16": bool(args) and args.precision == "bf16"}
-    if args is None:
-        step_s = timed("[trainer.train_step(model, optimizer, common.normalise(torch.from_numpy(source[rows])"
-                       ".to(device), *norm), labels[rows].to(device), False) for rows in batches]", 3,
-                       common=common, torch=torch, labels=labels, **names)[0] / steps
-    else:
-        step_s = timed("trainer.train_epoch(model, optimizer, source, labels, batches, norm, bf16)", 3,
-                       labels=labels.to(device), **names)[0] / steps
+    step = ("trainer.train_epoch(model, optimizer, source, labels, batches, norm, bf16)" if args else
+            "[trainer.train_step(model, optimizer, common.normalise(torch.from_numpy(source[rows])"
+            ".to(device), *norm), labels[rows].to(device), False) for rows in batches]")
+    names.update(common=common, torch=torch, labels=labels.to(device) if args else labels)
+    step_s = timed(step, 3, **names)[0] / steps
     _, names["source"], names["model"], _ = setup(device, mode, eval_clips, scales)
     names.update(rows=np.arange(eval_clips), batch_size=args.eval_batch_size if args else 32)
     return step_s, timed("trainer.predict_rows(model, source, rows, norm, batch_size, device, bf16)", 2,
@@ -249,8 +220,7 @@ def train_benchmark(args):
     print(f"MSCNN, scales {' '.join(map(str, scales))}, forward: {flops / 1e9:.2f} GFLOP per clip, "
           f"training step ~3x: {3 * flops / 1e9:.2f} GFLOP per clip; device {device}", flush=True)
     results = {"device": str(device), "scales": list(scales), "forward_gflop_per_clip": flops / 1e9}
-    print(f"{'path':12} {'ms/step':>9} {'clips/s':>9} {'TFLOP/s':>8} {'eval clips/s':>13} "
-          f"{'40 epochs':>10} {'speed-up':>8}")
+    print("path           ms/step   clips/s  TFLOP/s  eval clips/s  40 epochs speed-up")
     for mode in ("baseline", "fast") + ("fast+compile",) * args.compile:
         step_s, eval_s = time_mode(device, mode, args.steps, args.batch_size, args.eval_clips, scales)
         eval_rate = args.eval_clips / eval_s
@@ -266,16 +236,13 @@ def train_benchmark(args):
 
 
 def format_duration(seconds):
-    """1234.5 -> '20.6 min'; seconds, minutes or hours, whichever reads best."""
     return f"{seconds:.0f} s" if seconds < 120 else (
         f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h")
 
 
-# --- Tagging a music folder with predict.py
 def write_track(path, clip_path, minutes, sample_rate=44100, format=None):
     """A stereo track `minutes` long of the clip looped, written by blocks (an hour never in memory)."""
     import librosa
-    import soundfile
     clip = librosa.resample(common.load_audio(clip_path), orig_sr=common.SAMPLE_RATE, target_sr=sample_rate)
     stereo, n_samples = np.stack([clip, 0.8 * clip], axis=1), int(minutes * 60 * sample_rate)
     with soundfile.SoundFile(path, "w", sample_rate, 2, format=format) as f:
@@ -283,20 +250,8 @@ def write_track(path, clip_path, minutes, sample_rate=44100, format=None):
             f.write(stereo[:n_samples - start])
 
 
-def random_checkpoint(path, n_tags=50):
-    """A checkpoint in trainer.py's format with untrained weights (predict.py's speed is the same)."""
-    torch.manual_seed(0)
-    norm = torch.full((common.N_MELS,), -8.0), torch.full((common.N_MELS,), 3.0)
-    untrained = dict(data=dict(annotations="none (random weights, for timing)", dataset="other"),
-                     split=dict(name="none", n_train=0, n_val=0, n_test=0))
-    formats.save_best_model(path, common.MSCNN(n_tags).state_dict(), [f"tag{i}" for i in range(n_tags)],
-                            norm, {}, 1, {}, untrained)
-
-
 def stage_seconds(task):
-    """Seconds per stage of tagging task's (paths, checkpoint_path) as predict.py's workers do, one timed
-    run each (timed), summed: decode, resample, log-mel (pipeline_seconds), network (predict.score_file)."""
-    import predict
+    """Seconds per stage of tagging task's (paths, checkpoint) as predict.py's workers do, summed."""
     torch.set_num_threads(1)  # BLAS and OpenMP: one thread already (plumbing.start_worker)
     model, tags, mean, std, _ = predict.load_checkpoint(task[1], torch.device("cpu"))
     times = dict.fromkeys(("decode", "resample", "log-mel", "network"), 0.0)
@@ -310,9 +265,8 @@ def stage_seconds(task):
 
 
 def run_predict(label, *arguments):
-    """(wall seconds, CPU seconds, peak MiB) of `python src/predict.py ARGUMENTS` as a user runs it,
-    printed after label; read by a small process that starts it (the rusage of its children: Linux
-    keeps the maxrss of the process that forked across exec, so this large one must not fork it)."""
+    """(wall s, CPU s, peak MiB) of `python src/predict.py ARGUMENTS`, printed after label."""
+    # started by a small process: Linux keeps the maxrss of a process forked from a large one
     code = ("import resource, subprocess, sys, time; t0 = time.perf_counter(); done = subprocess.run("
             "sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); wall = "
             "time.perf_counter() - t0; use = resource.getrusage(resource.RUSAGE_CHILDREN); print("
@@ -328,15 +282,16 @@ def run_predict(label, *arguments):
 
 
 def predict_benchmark(args):
-    """predict.py on --folder or LIBRARY by --workers: seconds, tracks/min, CPU/wall and speed-up (medians
-    of --runs paired rounds), the same CSV?, seconds per stage; peak MiB of --memory-minutes WAVs."""
-    import soundfile
-
-    import predict
+    """predict.py on --folder or LIBRARY by --workers (medians of --runs), seconds per stage, peak MiB."""
     settings = args.predict_workers or sorted({1, predict.default_workers()})
     with tempfile.TemporaryDirectory() as tmp:
         folder, checkpoint = args.folder or Path(tmp) / "music", Path(tmp) / "best_model.pt"
-        random_checkpoint(checkpoint)
+        torch.manual_seed(0)  # untrained weights in trainer.py's format: predict.py's speed is the same
+        norm = torch.full((common.N_MELS,), -8.0), torch.full((common.N_MELS,), 3.0)
+        untrained = dict(data=dict(annotations="none (random weights, for timing)", dataset="other"),
+                         split=dict(name="none", n_train=0, n_val=0, n_test=0))
+        formats.save_best_model(checkpoint, common.MSCNN(50).state_dict(), [f"tag{i}" for i in range(50)],
+                                norm, {}, 1, {}, untrained)
         if args.folder is None:  # LIBRARY, the lengths shuffled, each written once (write_track), then copied
             folder.mkdir()
             minutes = [m for n_files, m in LIBRARY for _ in range(n_files)]
@@ -382,22 +337,19 @@ def predict_benchmark(args):
     return results
 
 
-# --- The paper's run: trainer.py at full size, timed for a few epochs, projected to 40
 def write_random_spectrograms(data_dir, n_clips, device, seed=0, chunk_rows=1024):
-    """DATA/spectrograms.npy + .json of random float16 (normal, mean -8, std 2: a log-mel's), drawn on
-    device, and the real MTAT annotations_final.csv (its first n_clips rows label them)."""
+    """DATA/spectrograms.npy + .json of random float16 log-mels, labelled by the real MTAT annotations."""
+    t0 = time.perf_counter()
     annotations, csv_path = FIXTURES / "annotations_final.csv.gz", data_dir / "annotations_final.csv"
     if not annotations.is_file():
         raise SystemExit(f"error: {annotations} not found: the real MTAT annotations label the random "
                          "spectrograms; restore tests/fixtures/ from git (or fix $MTAT_FIXTURES)")
     data_dir.mkdir(parents=True, exist_ok=True)
-    with gzip.open(annotations) as src, open(csv_path, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    shape, generator = (n_clips, common.N_MELS, common.N_FRAMES), torch.Generator(device).manual_seed(seed)
+    csv_path.write_bytes(gzip.decompress(annotations.read_bytes()))
+    shape, rng = (n_clips, common.N_MELS, common.N_FRAMES), torch.Generator(device).manual_seed(seed)
     spectrograms = np.lib.format.open_memmap(data_dir / "spectrograms.npy", "w+", np.float16, shape)
     for start in range(0, n_clips, chunk_rows):
-        chunk = torch.randn((min(chunk_rows, n_clips - start), *shape[1:]), generator=generator,
-                            device=device)
+        chunk = torch.randn((min(chunk_rows, n_clips - start), *shape[1:]), generator=rng, device=device)
         spectrograms[start:start + chunk_rows] = chunk.mul_(2).sub_(8).half().cpu().numpy()
     spectrograms.flush()
     if device.type == "cuda":
@@ -405,24 +357,21 @@ def write_random_spectrograms(data_dir, n_clips, device, seed=0, chunk_rows=1024
     settings = formats.spectrogram_settings(n_clips, "float16", common.read_annotations(csv_path)[3])
     plumbing.write_json(data_dir / "spectrograms.json", formats.spectrogram_meta(
         settings, note="random values written by src/benchmark.py --what paper, for timing only"))
+    print(f"random spectrograms: {n_clips:,} rows written in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 def paper_benchmark(args):
-    """trainer.main with its defaults for --epochs on --paper-clips rows: seconds per epoch, start-up (wall
-    time outside them), 40 epochs projected (start-up, the first epoch, 39 at the others' median)."""
-    device, flags = plumbing.resolve_device(args.device), shlex.split(args.trainer_flags)
+    """trainer.main for --epochs on --paper-clips rows: seconds per epoch, start-up, 40 epochs projected."""
+    device = plumbing.resolve_device(args.device)
+    flags = ["--epochs", str(args.epochs), "--device", device.type, "--scales", *map(str, args.scales)]
     if args.paper_clips < common.N_CLIPS:
-        flags = ["--split", "random", "--train-size", str(args.paper_clips * 7 // 10), "--val-size",
-                 str(args.paper_clips // 10), "--batch-size", str(args.batch_size)] + flags
-    flags = ["--epochs", str(args.epochs), "--device", device.type, "--scales", *map(str, args.scales),
-             *flags]
+        flags += ["--split", "random", "--train-size", str(args.paper_clips * 7 // 10), "--val-size",
+                  str(args.paper_clips // 10), "--batch-size", str(args.batch_size)]
+    flags += shlex.split(args.trainer_flags)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or Path(tmp) / "data"
         if args.data_dir is None:
-            t0 = time.perf_counter()
             write_random_spectrograms(data_dir, args.paper_clips, device)
-            print(f"random spectrograms: {args.paper_clips:,} rows written in "
-                  f"{time.perf_counter() - t0:.1f} s", flush=True)
         t0 = time.perf_counter()
         trainer.main(["--data-dir", str(data_dir), "--out", tmp, "--run", "paper"] + flags)
         wall_s = time.perf_counter() - t0
@@ -436,8 +385,7 @@ def paper_benchmark(args):
             "projected_40_epochs_s": projected_s}
 
 
-# what --what can run; each takes the parsed args and returns a dict of figures
-BENCHMARKS = {"features": features_benchmark, "train": train_benchmark,
+BENCHMARKS = {"features": features_benchmark, "train": train_benchmark,  # --what: args -> a dict of figures
               "predict": predict_benchmark, "paper": paper_benchmark}
 ALL = ("features", "train", "predict")  # --what all: what a CPU can run in minutes
 

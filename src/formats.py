@@ -1,8 +1,4 @@
-"""The files passed between the stages, each written and read in one place: the
-spectrogram store (DATA/spectrograms.npy + .json), provenance (what a derived file was made
-from), and the run folder (best_model.pt, last.pt, metrics.csv, results.json,
-test_scores.npz). The mechanisms under them (atomic writes, locks) are plumbing.py's.
-"""
+"""The files passed between the stages, each written and read in one place (atomic writes: plumbing.py)."""
 import contextlib
 import csv
 import hashlib
@@ -21,9 +17,7 @@ import get_data
 from plumbing import (atomic_write, check_folder, check_npy, file_digest, hold_lock, is_main, log, on_device,
                       read_json, write_json)
 
-# -----------------------------------------------------------------------------
-# The spectrogram store: DATA/spectrograms.npy (N, N_MELS, N_FRAMES), row i = annotation row i,
-# and DATA/spectrograms.json (spectrogram_meta), written last: its presence means complete
+# --- The spectrogram store: spectrograms.npy, row i = annotation row i, then .json (there: complete)
 SPECTROGRAMS_FORMAT = 1  # spectrograms.json's format_version; a reader refuses any other
 
 
@@ -34,78 +28,67 @@ def spectrogram_settings(n_clips, dtype, mp3_paths):
 
 
 def spectrogram_meta(settings, failed=(), **facts):
-    """spectrograms.json of a finished file of these settings: its format_version, shape,
-    the clips that failed (their rows are zeros: dicts of row, clip_id, path, error) and
-    `facts` (versions of the libraries, the annotations' MD5, ...)."""
+    """spectrograms.json: settings, format_version, shape, failed (row, clip_id, path, error), `facts`."""
     return dict(settings, format_version=SPECTROGRAMS_FORMAT,
                 shape=[settings["n_clips"], common.N_MELS, common.N_FRAMES],
                 failed=sorted(failed, key=lambda f: f["row"]), **facts)
 
 
 def annotations_path(data_dir):
-    """DATA/annotations_final.csv, or DATA/annotations_final.csv.gz where only that exists
-    (common.read_annotations reads either); the .csv's path when neither does."""
+    """DATA/annotations_final.csv, or its .csv.gz where only that exists (read_annotations reads both)."""
     path = Path(data_dir) / "annotations_final.csv"
     gzipped = path.with_name(path.name + ".gz")
     return gzipped if not path.exists() and gzipped.exists() else path
 
 
 def open_spectrograms(data_dir, mp3_paths=None):
-    """Open DATA/spectrograms.npy memory-mapped after checking it against its .json (the
-    feature parameters of common, the number of rows and the dtype, the file's size). With
-    mp3_paths (the annotations' paths, in order) also check that its rows are those
-    annotation rows' (the annotations may have been reordered or replaced since) and that
-    every value is finite (a damaged file, not a diverging run).
-
-    Returns ndarray (N, N_MELS, N_FRAMES): a read-only memmap, float16 or float32.
-    Raises SystemExit with one line naming the file and the fix.
-    """
+    """DATA/spectrograms.npy, a read-only memmap (N, N_MELS, N_FRAMES) checked against its .json and, given
+    mp3_paths (the annotations', in order), against them and for NaN or inf. SystemExit: one line + fix."""
     npy, meta_path = data_dir / "spectrograms.npy", data_dir / "spectrograms.json"
-    again = f"compute the spectrograms again: python src/gen_spectrograms.py --data-dir {data_dir} --overwrite"
+    rerun = f"python src/gen_spectrograms.py --data-dir {data_dir}"
+    again = f"compute the spectrograms again: {rerun} --overwrite"
     if not npy.is_file() or not meta_path.is_file():
-        raise SystemExit(f"error: {npy} (+ .json) not found or incomplete; "
-                         f"run: python src/gen_spectrograms.py --data-dir {data_dir}")
+        raise SystemExit(f"error: {npy} (+ .json) not found or incomplete; run: {rerun}")
     try:
         meta = read_json(meta_path)
     except ValueError as error:
         raise SystemExit(f"error: {error}; {again}") from None
-    if meta.get("format_version") != SPECTROGRAMS_FORMAT:
-        raise SystemExit(f"error: {meta_path} is of format {meta.get('format_version')}, this code reads "
-                         f"{SPECTROGRAMS_FORMAT}; {again}")
+    if (version := meta.get("format_version")) != SPECTROGRAMS_FORMAT:
+        raise SystemExit(f"error: {meta_path} is of format {version}, this code reads {SPECTROGRAMS_FORMAT}; "
+                         f"{again}")
     wanted = common.feature_params()
     found = {key: meta.get(key) for key in wanted}
     if found != wanted:
         raise SystemExit(f"error: {meta_path} was made with feature parameters {found}, but this code "
-                         f"uses {wanted}; rerun: python src/gen_spectrograms.py --data-dir {data_dir} --overwrite")
-    if not isinstance(meta.get("n_clips"), int) or meta.get("dtype") not in ("float16", "float32"):
+                         f"uses {wanted}; rerun: {rerun} --overwrite")
+    n_clips, dtype = meta.get("n_clips"), meta.get("dtype")
+    if not isinstance(n_clips, int) or dtype not in ("float16", "float32"):
         raise SystemExit(f"error: {meta_path} lacks n_clips or dtype; {again}")
     try:  # its size against its header and its .json: np.load's memory map would not name the file
-        check_npy(npy, (meta["n_clips"], common.N_MELS, common.N_FRAMES), meta["dtype"])
+        check_npy(npy, (n_clips, common.N_MELS, common.N_FRAMES), dtype)
     except ValueError as error:
-        raise SystemExit(f"error: {error} ({meta_path.name} says {meta['n_clips']} clips, {meta['dtype']}); "
-                         f"run python src/gen_spectrograms.py --data-dir {data_dir}: it recomputes "
-                         "the damaged rows (or says to pass --overwrite)") from None
+        raise SystemExit(f"error: {error} ({meta_path.name} says {n_clips} clips, {dtype}); run {rerun}: "
+                         "it recomputes the damaged rows (or says to pass --overwrite)") from None
     spectrograms = np.load(npy, mmap_mode="r")
     if mp3_paths is not None:
         csv_path = annotations_path(data_dir)
         if len(spectrograms) > len(mp3_paths):
-            raise SystemExit(f"error: {npy} has {len(spectrograms)} rows but {csv_path} only {len(mp3_paths)}; "
-                             f"{again}")
-        if meta.get("mp3_paths_md5") != paths_md5(mp3_paths[:meta["n_clips"]]):
-            why = (f"its {meta['n_clips']} rows were made from other annotation rows (reordered or replaced "
-                   "since)" if "mp3_paths_md5" in meta else f"{meta_path.name} does not say which rows it holds")
+            raise SystemExit(f"error: {npy} has {len(spectrograms)} rows but {csv_path} only "
+                             f"{len(mp3_paths)}; {again}")
+        if meta.get("mp3_paths_md5") != paths_md5(mp3_paths[:n_clips]):
+            why = (f"its {n_clips} rows were made from other annotation rows (reordered or replaced since)"
+                   if "mp3_paths_md5" in meta else f"{meta_path.name} does not say which rows it holds")
             raise SystemExit(f"error: {npy} no longer matches {csv_path}: {why}; {again}")
         bad = non_finite_rows(spectrograms)
         if len(bad):
             raise SystemExit(f"error: {npy} holds NaN or inf in {len(bad)} row(s) (the first: row {bad[0]}, "
-                             f"{mp3_paths[bad[0]]}): the file is damaged; run python src/gen_spectrograms.py "
-                             f"--data-dir {data_dir}: it computes those rows again")
+                             f"{mp3_paths[bad[0]]}): the file is damaged; run {rerun}: it computes those "
+                             "rows again")
     return spectrograms
 
 
 def non_finite_rows(rows, chunk_rows=256):
-    """Indices (int ndarray) of the rows of an array (N, ...) holding NaN or inf, read in
-    chunks (a memmap stays out of memory)."""
+    """Indices (int64) of the rows of an array (N, ...) that hold NaN or inf, read by chunks (memmaps too)."""
     bad = [np.zeros(0, np.int64)]
     for start in range(0, len(rows), chunk_rows):
         chunk = np.asarray(rows[start:start + chunk_rows])
@@ -113,11 +96,7 @@ def non_finite_rows(rows, chunk_rows=256):
     return np.concatenate(bad)
 
 
-# -----------------------------------------------------------------------------
-# Provenance: what a derived file was made from, recorded by its writer, checked by its
-# readers. spectrograms.json: the annotation rows (mp3_paths_md5) and file (annotations_md5);
-# best_model.pt, last.pt and results.json: `provenance` (the data, the split); predict.py's
-# outputs: the checkpoint's SHA-256 in every row.
+# --- Provenance: what a derived file was made from, recorded by its writer and checked by its readers
 MTAT_ANNOTATIONS_MD5 = get_data.MD5[get_data.ANNOTATIONS]  # MTAT's annotations_final.csv
 SYNTHETIC_MARKER = "synthetic.json"  # written beside the annotations by get_data.py --synthetic
 DATA_IDENTITY = ("annotations_md5", "n_clips", "dtype", "mp3_paths_md5")  # what --resume compares
@@ -130,15 +109,13 @@ def paths_md5(mp3_paths):
 
 
 def mark_synthetic(data_dir, annotations_bytes, **facts):
-    """Record that the annotations about to be written to data_dir are a synthetic set
-    (their MD5, so that a file replaced later is not taken for it), with `facts`."""
+    """Mark the annotations about to be written to data_dir synthetic (by their MD5), with `facts`."""
     write_json(Path(data_dir) / SYNTHETIC_MARKER,
                dict(facts, annotations_md5=hashlib.md5(annotations_bytes).hexdigest()))
 
 
 def dataset_of(csv_path, annotations_md5):
-    """'MTAT' (its published annotations), 'synthetic' (get_data.py --synthetic's, by the
-    marker beside them) or 'other'."""
+    """'MTAT' (its published annotations), 'synthetic' (get_data.py --synthetic's, by MD5) or 'other'."""
     if annotations_md5 == MTAT_ANNOTATIONS_MD5:
         return "MTAT"
     with contextlib.suppress(OSError, ValueError):
@@ -148,10 +125,8 @@ def dataset_of(csv_path, annotations_md5):
 
 
 def provenance(args, split):
-    """What a run trains on: {'data': the annotations (path, MD5, dataset) and the
-    spectrograms (path, and their identity from spectrograms.json: n_clips, dtype,
-    mp3_paths_md5), 'split': its name, split_seed, sizes and the MD5 of its row indices}.
-    split: (train_idx, val_idx, test_idx). Plain types: checkpoints load with weights_only."""
+    """What a run trains on, for the .pt files and results.json: {'data': the annotations and spectrograms,
+    'split': its name, seed, sizes and the MD5 of its rows}, plain types. split: (train, val, test) rows."""
     csv_path = annotations_path(args.data_dir)
     md5 = file_digest(csv_path)
     meta = read_json(args.data_dir / "spectrograms.json")  # checked by open_spectrograms
@@ -166,27 +141,26 @@ def provenance(args, split):
 
 
 def check_same_provenance(saved, current, run_dir):
-    """--resume: refuse (one line) a run whose last.pt was trained on other data or another
-    split than this command's."""
-    for part, keys, what in (("data", DATA_IDENTITY, "other data"), ("split", SPLIT_IDENTITY, "another split")):
-        differ = [key for key in keys if saved[part].get(key) != current[part].get(key)]
-        if differ:
-            found = ", ".join(f"{key} {saved[part].get(key)} there, {current[part].get(key)} here" for key in differ)
-            where = (f"{saved['data']['annotations']} and {saved['data']['spectrograms']}" if part == "data"
-                     else f"split {saved['split']['name']}")
-            raise SystemExit(f"error: cannot resume {run_dir}: it was trained on {where}, this command "
-                             f"gives it {what} ({found}); pass the --data-dir it was trained on, or start "
-                             "a new --run")
+    """--resume: refuse (one line) a last.pt trained on other data or another split than this command's."""
+    for part, keys, what in (("data", DATA_IDENTITY, "other data"),
+                             ("split", SPLIT_IDENTITY, "another split")):
+        old, new = saved[part], current[part]
+        differ = [key for key in keys if old.get(key) != new.get(key)]
+        if not differ:
+            continue
+        found = ", ".join(f"{key} {old.get(key)} there, {new.get(key)} here" for key in differ)
+        where = (f"{old['annotations']} and {old['spectrograms']}" if part == "data"
+                 else f"split {old['name']}")
+        raise SystemExit(f"error: cannot resume {run_dir}: it was trained on {where}, this command gives it "
+                         f"{what} ({found}); pass the --data-dir it was trained on, or start a new --run")
 
 
 def describe_training(checkpoint):
-    """What a best_model.pt was trained on, for predict.py: (one line: the data set, the
-    split and its sizes, the best epoch's validation and test ROC-AUC; a warning line, or
-    None, when the data set is not MTAT)."""
+    """For predict.py: (a line: its data, split, epoch and scores; a warning line, or None for MTAT)."""
     metrics, prov = checkpoint["metrics"], checkpoint["provenance"]
+    data, split = prov["data"], prov["split"]
     scores = ", ".join(f"{name} ROC-AUC {metrics[key]:.4f}" for name, key in (
         ("validation", "val_roc_auc"), ("test", "test_roc_auc")) if isinstance(metrics.get(key), float))
-    data, split = prov["data"], prov["split"]
     sizes = " / ".join(f"{split[f'n_{part}']:,}" for part in ("train", "val", "test"))
     name = {"MTAT": "MTAT", "synthetic": "a synthetic set"}.get(data["dataset"], "other data")
     line = (f"model: trained on {name} ({data['annotations']}), split {split['name']} ({sizes} "
@@ -198,34 +172,27 @@ def describe_training(checkpoint):
     return line, f"warning: this model was trained on {kind}"
 
 
-# -----------------------------------------------------------------------------
-# Guards of a training run
 def check_finite(model):
-    """Raise FloatingPointError naming the parameters and buffers (batch norm's running
-    statistics too) that hold NaN or inf: the loss is only read every few steps and a
-    finite loss does not mean finite running statistics."""
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    """Raise FloatingPointError naming the weights and buffers with NaN or inf: a finite loss can hide it."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
     if bad:
         raise FloatingPointError(f"the weights became non-finite ({', '.join(bad[:3])}"
                                  f"{' and more' if len(bad) > 3 else ''})")
 
 
 def divergence_message(error, epoch, run_dir, history, best):
-    """The line that stops a diverged run, true about what is on disk: every finished epoch
-    was saved, so last.pt holds the last epoch of history (none: nothing was saved)."""
-    if history:
-        kept = (f"the last good checkpoints in {run_dir} are intact (last.pt: epoch {history[-1]['epoch']}, "
-                f"best_model.pt: epoch {best['epoch']})")
-    else:
-        kept = f"no checkpoint was written to {run_dir}"
+    """The line that stops a diverged run: every finished epoch was saved, last.pt holds history's last."""
+    kept = (f"the last good checkpoints in {run_dir} are intact (last.pt: epoch {history[-1]['epoch']}, "
+            f"best_model.pt: epoch {best['epoch']})" if history
+            else f"no checkpoint was written to {run_dir}")
     return f"error: {error} in epoch {epoch}; stopped before saving it; {kept}. Try a lower --lr"
 
 
-# -----------------------------------------------------------------------------
-# The run folder: best_model.pt (all that inference needs), last.pt (all that resuming
-# needs), metrics.csv (a row per epoch), results.json (the result, for report.py).
-# Both .pt files load with torch.load(..., weights_only=True).
+# --- The run folder: best_model.pt (for inference), last.pt (for --resume), metrics.csv, results.json
 RUN_FORMAT = 1  # format_version of best_model.pt, last.pt and results.json; readers refuse any other
+RUN_LOCK = ".lock"  # in the run folder while a trainer.py writes it (hold_lock)
+TEST_SCORES = "test_scores.npz"  # the best epoch's test scores, beside results.json
+METRICS_COLUMNS = ("val_roc_auc", "test_roc_auc", "val_pr_auc", "test_pr_auc")  # metrics.csv's scores
 CHECKPOINT_KEYS = ("state_dict", "tag_names", "norm_mean", "norm_std", "feature_params", "args", "epoch",
                    "metrics", "provenance")
 LAST_KEYS = ("model", "optimizer", "scheduler", "torch_rng", "cuda_rng", "history", "best", "epoch", "args",
@@ -237,33 +204,28 @@ def json_args(args):
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
-RUN_LOCK = ".lock"  # in the run folder while a trainer.py writes it (hold_lock)
-
-
 def claim_run(args):
-    """The run folder OUT/RUN, claimed before any work (main process only; the others get
-    its path): --out checked (check_folder), the folder made and locked for this process
-    (hold_lock: two trainer.py on one run folder would overwrite each other's checkpoints),
-    and refused when a new run would overwrite one (a last.pt there) or --resume finds none.
-    A folder made here and left empty (an error before the first epoch) is removed again."""
+    """OUT/RUN, claimed and locked by the main process before any work (the others get its path)."""
     run_dir = args.out / (args.run or time.strftime("%Y%m%d-%H%M%S"))
     if not is_main():
         return run_dir
-    if args.resume and (args.run is None or not (run_dir / "last.pt").is_file()):
-        raise SystemExit(f"error: --resume needs --run NAME of a run with a last.pt ({run_dir / 'last.pt'} not found)")
+    last = run_dir / "last.pt"
+    if args.resume and (args.run is None or not last.is_file()):
+        raise SystemExit(f"error: --resume needs --run NAME of a run with a last.pt ({last} not found)")
     check_folder(args.out, "--out")
     made = not run_dir.exists()
     check_folder(run_dir, "--out")
-    hold_lock(run_dir / RUN_LOCK, f"the run folder {run_dir}", "choose another --run", remove_empty_folder=made)
-    if not args.resume and (run_dir / "last.pt").exists():
-        raise SystemExit(f"error: {run_dir} already holds a run; pass --resume to continue it or another --run")
+    hold_lock(run_dir / RUN_LOCK, f"the run folder {run_dir}", "choose another --run",
+              remove_empty_folder=made)  # an error before the first epoch removes the folder made here
+    if not args.resume and last.exists():
+        raise SystemExit(f"error: {run_dir} already holds a run; pass --resume to continue it or another "
+                         "--run")
     return run_dir
 
 
 def read_checkpoint(path, keys, what):
-    """A .pt file of this format read once (torch.load, weights_only=True): its dict, with
-    `sha256` of the bytes loaded added. Raises ValueError naming the file when it is not a
-    PyTorch file, lacks one of `keys` (what: what it should be) or is of another format_version."""
+    """A .pt file read once (weights_only=True) -> its dict, with the `sha256` of its bytes; ValueError naming
+    the file if it is not a PyTorch file, lacks one of `keys` (it should be `what`) or has another format."""
     data = Path(path).read_bytes()
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -274,21 +236,14 @@ def read_checkpoint(path, keys, what):
         best_model = "model" in missing and isinstance(checkpoint, dict) and "state_dict" in checkpoint
         raise ValueError(f"{path}: not {what}{' but a best_model.pt' * best_model} "
                          f"(missing {', '.join(missing)})")
-    if checkpoint.get("format_version") != RUN_FORMAT:
-        raise ValueError(f"{path}: of format {checkpoint.get('format_version')}, this code reads {RUN_FORMAT}")
+    if (version := checkpoint.get("format_version")) != RUN_FORMAT:
+        raise ValueError(f"{path}: of format {version}, this code reads {RUN_FORMAT}")
     return dict(checkpoint, sha256=hashlib.sha256(data).hexdigest())
 
 
 def start_run(args, run_dir, prov, resume_keys, model, optimizer, scheduler, device):
-    """Start a new run, or (--resume) continue the one in run_dir from its last.pt.
-
-    --resume refuses a last.pt that is damaged or not one, a run whose resume_keys (the
-    arguments that define it) differ from this one's, and one trained on other data or
-    another split (prov, provenance()); then restores the weights, Adam's state, the
-    schedule and the random-number generators, so the resumed run is bit-identical to an
-    uninterrupted one.
-    Returns (history, best, start_epoch).
-    """
+    """-> (history, best, start_epoch), or (--resume) those of run_dir's last.pt, refused if damaged or of
+    other resume_keys, data or split (prov), all its state restored: bit-identical to an uninterrupted run."""
     if not args.resume:
         return [], None, 1
     path = run_dir / "last.pt"
@@ -299,7 +254,8 @@ def start_run(args, run_dir, prov, resume_keys, model, optimizer, scheduler, dev
         raise SystemExit(f"error: {error}; {fix}") from None
     changed = [k for k in resume_keys if state["args"].get(k) != json_args(args)[k]]
     if changed:
-        raise SystemExit(f"error: cannot resume {run_dir} with different {', '.join('--' + k.replace('_', '-') for k in changed)}")
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise SystemExit(f"error: cannot resume {run_dir} with different {flags}")
     check_same_provenance(state["provenance"], prov, run_dir)
     try:
         model.load_state_dict(state["model"])
@@ -308,17 +264,15 @@ def start_run(args, run_dir, prov, resume_keys, model, optimizer, scheduler, dev
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state["cuda_rng"] is not None:  # dropout masks on CUDA
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-    except (RuntimeError, ValueError, KeyError, TypeError) as error:  # a state of another network or damaged
-        reason = " ".join(str(error).split())[:300]
-        raise SystemExit(f"error: {path}: its state does not fit this run ({type(error).__name__}: {reason}); "
-                         f"{fix}") from None
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:  # another network's, or damaged
+        reason = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        raise SystemExit(f"error: {path}: its state does not fit this run ({reason}); {fix}") from None
     log(f"resuming {run_dir} after epoch {state['epoch']}")
     return state["history"], state["best"], state["epoch"] + 1
 
 
 def load_optimizer_state(optimizer, saved, fused):
-    """optimizer.load_state_dict(saved), but with this run's --fused-adam: a saved state
-    carries the interrupted run's choice in its parameter groups, and would impose it."""
+    """optimizer.load_state_dict(saved) with this run's --fused-adam, not the one saved in its groups."""
     for group in saved["param_groups"]:
         group["fused"] = fused
     optimizer.load_state_dict(saved)
@@ -326,9 +280,7 @@ def load_optimizer_state(optimizer, saved, fused):
 
 def save_epoch(run_dir, model, optimizer, scheduler, history, best, improved, tag_names, norm, args, device,
                prov):
-    """Save a finished epoch (main process only): best_model.pt when it improved, last.pt,
-    metrics.csv; each through atomic_write, so a full disk is one line and a kill at any
-    moment leaves the previous epoch's files whole. prov: provenance(), in both .pt files."""
+    """Save a finished epoch (main process only), each file atomically: a kill leaves the last one's whole."""
     if not is_main():
         return
     state_dict = {k: v.cpu() for k, v in model.state_dict().items()}
@@ -348,12 +300,8 @@ def save_epoch(run_dir, model, optimizer, scheduler, history, best, improved, ta
 
 
 def save_best_model(path, state_dict, tag_names, norm, args, epoch, metrics, prov):
-    """best_model.pt: state_dict (an MSCNN's: its keys say its scales); tag_names (list of
-    str); norm_mean, norm_std (float32 tensors (N_MELS,), per-band statistics of the training
-    clips' log-mel); feature_params (dict, common.feature_params()); args (the run's
-    arguments, plain types); epoch (int, 1-based); metrics (dict of that epoch's scores);
-    provenance (provenance(): what it was trained on); format_version. load_model reads it,
-    describe_training tells it."""
+    """best_model.pt: state_dict (an MSCNN's: its keys say its scales), tag_names, norm_mean, norm_std
+    (float32 (N_MELS,): the training clips' band statistics), feature_params, args, epoch, metrics, prov."""
     with atomic_write(path, "wb") as f:
         torch.save(dict(state_dict=state_dict, tag_names=list(tag_names), norm_mean=norm[0].cpu(),
                         norm_std=norm[1].cpu(), feature_params=common.feature_params(), args=args,
@@ -361,94 +309,67 @@ def save_best_model(path, state_dict, tag_names, norm, args, epoch, metrics, pro
 
 
 def load_model(checkpoint_path, device="cpu"):
-    """Load a best_model.pt (save_best_model) into a fresh MSCNN, reading the file once.
-
-    Returns:
-        model (MSCNN in eval mode on `device`, channels_last), checkpoint (the dict, with
-        `sha256` of the file's bytes).
-    Raises ValueError naming the file when it is not such a checkpoint, was made with other
-    feature parameters, or holds NaN or inf.
-    """
+    """A best_model.pt read once -> (an MSCNN of its weights on `device`, eval mode, channels_last; its dict
+    with the `sha256` of its bytes). ValueError naming the file: not one, other features, or NaN or inf."""
     checkpoint = read_checkpoint(checkpoint_path, CHECKPOINT_KEYS, "a PyTorch checkpoint of this project")
     if checkpoint["feature_params"] != common.feature_params():
         raise ValueError(f"{checkpoint_path}: trained on features {checkpoint['feature_params']}, "
                          f"but this code computes {common.feature_params()}")
-    tensors = dict(checkpoint["state_dict"], norm_mean=checkpoint["norm_mean"], norm_std=checkpoint["norm_std"])
+    tensors = dict(checkpoint["state_dict"], **{key: checkpoint[key] for key in ("norm_mean", "norm_std")})
     bad = [name for name, t in tensors.items()
            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:  # a diverged run's weights: they would tag every clip with garbage
-        raise ValueError(f"{checkpoint_path}: holds non-finite values (NaN or inf) in "
-                         f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}; the run "
-                         "that wrote it diverged: use a checkpoint of an earlier epoch, or "
-                         "train again with a lower --lr")
+        raise ValueError(f"{checkpoint_path}: holds non-finite values (NaN or inf) in {', '.join(bad[:3])}"
+                         f"{' and more' if len(bad) > 3 else ''}; the run that wrote it diverged: use a "
+                         "checkpoint of an earlier epoch, or train again with a lower --lr")
     scales = sorted({int(key[len("branch")]) for key in checkpoint["state_dict"] if key.startswith("branch")})
-    model = common.MSCNN(n_tags=len(checkpoint["tag_names"]), scales=scales or common.SCALES)
+    n_tags = len(checkpoint["tag_names"])
+    model = common.MSCNN(n_tags=n_tags, scales=scales or common.SCALES)
     try:
         model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:  # keys or shapes of another network
-        reason = " ".join(str(error).split())  # PyTorch lists the problems on several lines
-        raise ValueError(f"{checkpoint_path}: its weights do not fit the MSCNN of "
-                         f"{len(checkpoint['tag_names'])} tags and scales {' '.join(map(str, model.scales))} "
-                         f"({reason})") from None
+    except RuntimeError as error:  # keys or shapes of another network, listed on several lines
+        raise ValueError(f"{checkpoint_path}: its weights do not fit the MSCNN of {n_tags} tags and scales "
+                         f"{' '.join(map(str, model.scales))} ({' '.join(str(error).split())})") from None
     return on_device(model, device).eval(), checkpoint
 
 
 def load_error_reason(error):
-    """Why torch.load failed, in a few whole words: its messages run over many lines and
-    bury the reason (after 'WeightsUnpickler error:') in advice about weights_only."""
+    """Why torch.load failed, in a few words: its messages bury it in lines of advice about weights_only."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # no terminal colour codes
     if "WeightsUnpickler error:" in text:
         reason = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
         return "weights-only loading refused it: " + re.split(r"(?<=\.)\s", reason)[0].rstrip(".")
     if isinstance(error, EOFError) or not text.strip():
         return "the file ends early: truncated?"
-    first = re.split(r"(?<=\.)\s", text.strip().splitlines()[0])[0].rstrip(".")  # a sentence, not its advice
-    return f"{type(error).__name__}: {first}"
-
-
-METRICS_COLUMNS = ("val_roc_auc", "test_roc_auc", "val_pr_auc", "test_pr_auc")  # of metrics.csv, after epoch, lr, train_loss
+    return f"{type(error).__name__}: " + re.split(r"(?<=\.)\s", text.strip().splitlines()[0])[0].rstrip(".")
 
 
 def write_results(run_dir, best, tag_names, args, split, overlap, prov):
-    """results.json: the best epoch's scores (per-tag test ROC-AUC null where the test set
-    cannot score a tag, as NaN is not JSON), what report.py groups and compares runs by, and
-    the provenance (prov). Returns the dict written."""
+    """results.json (returned): the best epoch's scores (NaN as null), the run's settings, provenance."""
     results = {k: best[k] for k in ("epoch", "val_roc_auc", "val_pr_auc", "test_roc_auc", "test_pr_auc")}
     results["test_roc_auc_per_tag"] = {name: None if math.isnan(auc) else auc
                                        for name, auc in zip(tag_names, best["test_roc_auc_per_tag"])}
-    results.update(best_model=str(run_dir / "best_model.pt"), format_version=RUN_FORMAT)
-    results.update(split=args.split, split_seed=args.split_seed if args.split == "random" else None,
-                   scales=list(args.scales), seed=args.seed, epochs=args.epochs, n_tags=len(tag_names),
-                   merge=not args.no_merge,
+    results.update(best_model=str(run_dir / "best_model.pt"), format_version=RUN_FORMAT, split=args.split,
+                   split_seed=args.split_seed if args.split == "random" else None, scales=list(args.scales),
+                   seed=args.seed, epochs=args.epochs, n_tags=len(tag_names), merge=not args.no_merge,
                    **{f"n_{part}": len(rows) for part, rows in zip(("train", "val", "test"), split)},
                    split_overlap=overlap, provenance=prov)
     write_json(run_dir / "results.json", results, indent=2)
     return results
 
 
-TEST_SCORES = "test_scores.npz"  # the best epoch's test scores, beside results.json
-
-
 def save_test_scores(run_dir, scores, labels, rows, tag_names, epoch):
-    """RUN/test_scores.npz (main process only): the best epoch's test scores, so that
-    report.py can say how sure the test ROC-AUC is and compare runs clip by clip.
-    scores: float32 (clips, T) sigmoid outputs; labels: uint8 (clips, T); rows: int64
-    (clips,) annotation rows; tag_names: T str; epoch: 1-based. Written when the best
-    epoch improves, before that epoch's checkpoints: a run killed in between redoes the
-    epoch on --resume and writes both again (read_test_scores checks the epoch)."""
+    """RUN/test_scores.npz (main process only), for report.py: scores float32 (clips, T), labels uint8 (clips,
+    T), rows int64 (clips,), tag_names, epoch. Written before the checkpoints: --resume redoes a cut epoch."""
     if not is_main():
         return
     with atomic_write(run_dir / TEST_SCORES, "wb") as f:
-        np.savez(f, scores=np.asarray(scores, dtype=np.float32), labels=np.asarray(labels, dtype=np.uint8),
-                 rows=np.asarray(rows, dtype=np.int64), tag_names=np.array(tag_names, dtype=str),
-                 epoch=np.int64(epoch))
+        np.savez(f, scores=np.asarray(scores, np.float32), labels=np.asarray(labels, np.uint8),
+                 rows=np.asarray(rows, np.int64), tag_names=np.array(tag_names, str), epoch=np.int64(epoch))
 
 
 def read_test_scores(run_dir, epoch=None):
-    """-> dict of save_test_scores' arrays (scores, labels, rows, tag_names, epoch), or None
-    when the run has no test_scores.npz. Raises ValueError
-    naming the file when it is damaged, its shapes disagree, or it holds another epoch than
-    `epoch` (results.json's best epoch)."""
+    """save_test_scores' arrays, or None; ValueError naming the file if damaged or not of the best `epoch`."""
     path = Path(run_dir) / TEST_SCORES
     if not path.is_file():
         return None
@@ -461,10 +382,10 @@ def read_test_scores(run_dir, epoch=None):
     if (saved["labels"].shape != (n_clips, n_tags) or saved["rows"].shape != (n_clips,)
             or saved["tag_names"].shape != (n_tags,) or not np.isfinite(saved["scores"]).all()):
         raise ValueError(f"{path}: scores {saved['scores'].shape}, labels {saved['labels'].shape}, rows "
-                         f"{saved['rows'].shape} and tag_names {saved['tag_names'].shape} do not fit together")
-    saved["epoch"] = int(saved["epoch"])
-    if epoch is not None and saved["epoch"] != epoch:
+                         f"{saved['rows'].shape} and tag_names {saved['tag_names'].shape} do not fit "
+                         "together")
+    if epoch is not None and int(saved["epoch"]) != epoch:
         raise ValueError(f"{path} holds the test scores of epoch {saved['epoch']}, not of the best epoch "
-                         f"{epoch} (a run stopped between the two files whose resumed epoch scored otherwise)")
-    saved["tag_names"] = [str(name) for name in saved["tag_names"]]
-    return saved
+                         f"{epoch} (a run stopped between the two files whose resumed epoch scored "
+                         "otherwise)")
+    return dict(saved, epoch=int(saved["epoch"]), tag_names=[str(name) for name in saved["tag_names"]])

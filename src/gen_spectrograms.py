@@ -1,27 +1,16 @@
-"""Stage 2: MTAT audio -> log-mel spectrograms, one row per annotation row.
+"""Stage 2: MTAT audio -> log-mel spectrograms, one row per annotation row (docs/gen_spectrograms.md).
 
     python src/gen_spectrograms.py             # all clips of data/, 8 workers (at most the cores)
     python src/gen_spectrograms.py --limit 1000 --workers 2
 
-Reads DATA/annotations_final.csv (or .csv.gz) and the audio at DATA/mp3/<mp3_path>; writes
-DATA/spectrograms.npy, shape (N, N_MELS, N_FRAMES), row i = annotation row i, and
-DATA/spectrograms.json (formats.spectrogram_meta: feature parameters, dtype, library
-versions, N, and the clips that could not be decoded: their rows are zeros, as in the original).
-
-Resumable: while it runs, rows go into DATA/spectrograms.partial.npy and the rows done so far
-into DATA/spectrograms.progress.json (every few seconds); after a crash or Ctrl-C, rerun the
-same command and only the missing rows are computed. A larger --limit than a finished file's
-keeps the finished rows; a finished file found damaged (cut short) gets its lost rows
-computed again; a finished file is otherwise left alone unless --overwrite.
-
-Faults: the output's disk space is reserved before the first clip. A worker process that dies
-(the out-of-memory killer, kill -9) costs a retry of its clips one at a time in a fresh pool,
-and a clip that kills its worker again is listed as failed. One run at a time writes a data
-folder's spectrograms (an OS lock); a row that holds NaN or inf never counts as done.
+Reads DATA/annotations_final.csv (or .csv.gz) and DATA/mp3/; writes DATA/spectrograms.npy (N, N_MELS,
+N_FRAMES) and its .json, which lists the clips that could not be decoded (their rows are zeros, as in the
+original). After a crash or Ctrl-C, the same command computes only the missing rows (docs/faults.md).
 """
 import argparse
 import contextlib
 import errno
+import functools
 import math
 import os
 import shutil
@@ -49,10 +38,8 @@ def parse_args(argv=None):
                    help="folder with annotations_final.csv (or .csv.gz) and mp3/; the outputs go here too "
                         "(default: data)")
     p.add_argument("--workers", type=int, default=None,
-                   help=f"worker processes, one clip at a time each (default: {DEFAULT_WORKERS}, the original's, "
-                        "or the CPU cores this process may use if fewer: more workers than cores is slower, "
-                        "docs/gen_spectrograms.md#speed). More than the cores, given here, is used as given, "
-                        "with a note")
+                   help=f"worker processes (default: {DEFAULT_WORKERS}, the original's, or the usable CPU "
+                        "cores if fewer: more workers than cores is slower, docs/gen_spectrograms.md#speed)")
     p.add_argument("--limit", type=int, default=None, help="only the first N annotation rows (default: all)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                    help="storage type of spectrograms.npy; float16 halves the file, at the precision "
@@ -73,14 +60,12 @@ def parse_args(argv=None):
     return args
 
 
-# -----------------------------------------------------------------------------
-# The workers (plumbing.pool_results): each opens the output memmap once and writes its rows
+# --- The workers (plumbing.pool_results): each opens the output memmap once and writes its rows
 out_rows = None  # the worker's (N, N_MELS, N_FRAMES) memmap of the partial file
 
 
 def init_worker(partial_path):
-    """Quiet librosa's fallback warnings (a failure is reported with its error in the .json
-    and on the console) and open the output file for writing."""
+    """Quiet librosa's fallback warnings (a failure is reported with its error) and open the output."""
     global out_rows
     warnings.filterwarnings("ignore", message="PySoundFile failed", category=UserWarning)
     warnings.filterwarnings("ignore", message=".*audioread", category=FutureWarning)
@@ -88,8 +73,7 @@ def init_worker(partial_path):
 
 
 def extract(task):
-    """(row, audio path) -> (row, None), or (row, why) after writing zeros: a clip that
-    cannot be decoded, or whose log-mel holds NaN or inf (common.read_log_mel refuses it)."""
+    """(row, audio path) -> (row, None), or (row, why) after writing zeros: undecodable, or NaN or inf."""
     row, path = task
     try:
         with warnings.catch_warnings():  # numpy's overflow warnings: the row is reported as failed
@@ -102,15 +86,13 @@ def extract(task):
         return row, message if isinstance(error, ValueError) else f"{type(error).__name__}: {message}"
 
 
-# -----------------------------------------------------------------------------
-# Files and progress
+# --- Files and progress
 def describe(settings):
     return f"{settings.get('n_clips')} clips, {settings.get('dtype')}"
 
 
 def can_carry_over(old, new, mp3_paths):
-    """True when the rows of a file made with settings `old` are valid rows of `new`: same
-    features and dtype, and its clips are the first of the new ones."""
+    """Whether the rows of a file of settings `old` are the first rows of `new` (features, dtype, clips)."""
     return (all(old.get(k) == new[k] for k in list(common.feature_params()) + ["dtype"])
             and isinstance(old.get("n_clips"), int) and 0 < old["n_clips"] <= new["n_clips"]
             and old.get("mp3_paths_md5") == formats.paths_md5(mp3_paths[:old["n_clips"]]))
@@ -120,13 +102,13 @@ def no_space(path, n_bytes, reason):
     """The line that refuses to start when the output does not fit on its disk."""
     def size(n):
         return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
-    return (f"error: cannot reserve {size(n_bytes)} for {path}: {reason}; {size(shutil.disk_usage(path.parent).free)} "
-            "free there. Free some space (or use another --data-dir) and rerun: rows already computed are kept")
+    free = size(shutil.disk_usage(path.parent).free)
+    return (f"error: cannot reserve {size(n_bytes)} for {path}: {reason}; {free} free there. Free some space "
+            "(or use another --data-dir) and rerun: rows already computed are kept")
 
 
 def reserve(path):
-    """Allocate the disk blocks of the file at path now: a memmap on a sparse file reserves
-    nothing, and a full disk would show up later as SIGBUS in a worker writing its row."""
+    """Allocate the file's disk blocks now: a sparse memmap on a full disk is a SIGBUS in a worker, later."""
     fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
@@ -140,16 +122,13 @@ def reserve(path):
 
 
 def leading_rows(path, n_rows):
-    """The first n_rows rows of the .npy file at path, memory-mapped read-only (the file may
-    be cut short after those rows)."""
+    """The first n_rows rows of the .npy at path, a read-only memmap (the file may end after them)."""
     shape, dtype, _, offset = plumbing.npy_header(path)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n_rows,) + shape[1:])
 
 
 def intact_rows(npy, meta):
-    """(n, damage): how many leading rows of the finished file have all their bytes and what
-    is wrong with it (None: nothing). SystemExit when its header describes another array than
-    its .json: then nothing in it can be trusted."""
+    """(n, damage): how many leading rows of the finished file are whole, what is wrong with it (or None)."""
     shape = (meta["n_clips"], common.N_MELS, common.N_FRAMES)
     try:
         plumbing.check_npy(npy, shape, meta["dtype"])
@@ -168,9 +147,7 @@ def intact_rows(npy, meta):
 
 
 def read_progress(files):
-    """(state, None): the settings, done rows and failures of an interrupted run (its progress
-    file, checked in full: a row out of range or of the wrong type makes it unusable); or
-    (None, why it cannot be resumed); (None, None) when there is none."""
+    """(state: an interrupted run's settings, done and failed, checked in full, or None; why not, or None)."""
     if not files["partial"].is_file():
         return None, None
     try:
@@ -188,9 +165,7 @@ def read_progress(files):
 
 
 def create_partial(partial, settings, source_rows=None):
-    """Create the output file for `settings`, all zeros, or starting with the rows `source_rows`
-    (an array (n, N_MELS, N_FRAMES), e.g. a memmap of the file it replaces); its disk space
-    reserved first; made under a temporary name of tempfile's, then renamed."""
+    """The partial file of `settings`: source_rows (n, N_MELS, N_FRAMES) then zeros, its space reserved."""
     shape = (settings["n_clips"], common.N_MELS, common.N_FRAMES)
     n_bytes = math.prod(shape) * np.dtype(settings["dtype"]).itemsize
     if n_bytes > shutil.disk_usage(partial.parent).free:
@@ -208,7 +183,7 @@ def create_partial(partial, settings, source_rows=None):
         os.replace(tmp, partial)
     except BaseException as error:
         os.unlink(tmp)
-        if isinstance(error, OSError) and error.errno in plumbing.DISK_ERRORS:  # a file-size limit, a full disk
+        if isinstance(error, OSError) and error.errno in plumbing.DISK_ERRORS:  # a size limit, a full disk
             raise SystemExit(no_space(partial, n_bytes, os.strerror(error.errno))) from None
         raise
 
@@ -229,16 +204,8 @@ def save_progress(files, settings, done, failed):
 
 
 def prepare(args, settings, mp3_paths, files):
-    """Decide where this run starts: resume an interrupted run, extend a finished file with
-    fewer rows or repair a damaged one, or start afresh; leaves the partial file (its disk
-    space reserved) and the progress file ready.
-
-    Returns (done, failed): bool ndarray (N,) of the rows already computed and the list of
-    failures among them; None when the finished file already matches (nothing to do).
-    """
-    def say(message):
-        print(message, file=sys.stderr)
-
+    """Resume, extend, repair or start afresh -> (done: bool (N,), failed) so far; None: nothing to do."""
+    say = functools.partial(print, file=sys.stderr)
     if args.overwrite:  # earlier partial work goes; a finished pair stays until replaced
         files["partial"].unlink(missing_ok=True)
         files["progress"].unlink(missing_ok=True)
@@ -262,22 +229,22 @@ def prepare(args, settings, mp3_paths, files):
                 finished = plumbing.read_json(files["json"])
             except ValueError as error:
                 raise SystemExit(f"error: {error}; {fix}") from None
-            if finished.get("format_version") != formats.SPECTROGRAMS_FORMAT:
-                raise SystemExit(f"error: {files['json']} is of format {finished.get('format_version')}, this code "
-                                 f"writes {formats.SPECTROGRAMS_FORMAT}; {fix}")
+            if (version := finished.get("format_version")) != formats.SPECTROGRAMS_FORMAT:
+                raise SystemExit(f"error: {files['json']} is of format {version}, this code writes "
+                                 f"{formats.SPECTROGRAMS_FORMAT}; {fix}")
             missing = [key for key in ("n_clips", "dtype", "failed") if key not in finished]
             if missing:
                 raise SystemExit(f"error: {files['json']} lacks {', '.join(missing)}; {fix}")
         if finished is None:
             create_partial(files["partial"], settings)
         elif not can_carry_over(finished, settings, mp3_paths):
-            raise SystemExit(f"error: {files['npy']} is complete with {describe(finished)}; this run asks for "
-                             f"{describe(settings)} (or other features or clips) and would replace it: pass "
-                             "--overwrite to do so, or use another --data-dir")
+            raise SystemExit(f"error: {files['npy']} is complete with {describe(finished)}; this run asks "
+                             f"for {describe(settings)} (or other features or clips) and would replace it: "
+                             "pass --overwrite to do so, or use another --data-dir")
         else:
             n_intact, damage = intact_rows(files["npy"], finished)
-            # a value that is not finite is damage too (failed clips' rows are zeros)
-            bad = formats.non_finite_rows(leading_rows(files["npy"], n_intact)) if n_intact else []
+            intact = leading_rows(files["npy"], n_intact) if n_intact else None
+            bad = formats.non_finite_rows(intact) if n_intact else []  # NaN or inf: damage too
             if damage is not None:
                 say(f"{damage}; its first {n_intact} rows are whole: computing the other "
                     f"{finished['n_clips'] - n_intact} again")
@@ -286,11 +253,11 @@ def prepare(args, settings, mp3_paths, files):
                     "computing them again")
             if damage is None and not len(bad):
                 if {k: finished.get(k) for k in settings} == settings:
-                    print(f"{files['npy']} is already complete ({describe(finished)}, {len(finished['failed'])} "
-                          "failed); nothing to do (--overwrite computes it again)")
+                    print(f"{files['npy']} is already complete ({describe(finished)}, "
+                          f"{len(finished['failed'])} failed); nothing to do (--overwrite computes it again)")
                     return None
                 say(f"extending {files['npy']} ({describe(finished)}) to {describe(settings)}")
-            create_partial(files["partial"], settings, leading_rows(files["npy"], n_intact) if n_intact else None)
+            create_partial(files["partial"], settings, intact)
             done[:n_intact] = True
             done[bad] = False
             failed = [f for f in finished["failed"] if f["row"] < n_intact]
@@ -299,13 +266,9 @@ def prepare(args, settings, mp3_paths, files):
 
 
 def finish(files, settings, done, failed, annotations_md5):
-    """Turn the partial file into the finished pair. The .json is written first and the
-    rows renamed into place after it: a kill in between leaves the partial file and its
-    progress, which a rerun finds complete (and a reader of the .json finds no .npy yet). A
-    row that holds NaN or inf is not complete: it is marked to do again and the run stops."""
+    """The partial file -> the finished pair, the .json first (a rerun completes a kill before the rename)."""
     import librosa
     import soundfile
-
     bad = formats.non_finite_rows(np.load(files["partial"], mmap_mode="r"))
     if len(bad):  # every row was checked as it was computed: damaged on disk since?
         done[bad] = False
@@ -320,13 +283,8 @@ def finish(files, settings, done, failed, annotations_md5):
     files["progress"].unlink(missing_ok=True)
 
 
-# -----------------------------------------------------------------------------
-# The pool
 def run_pool(args, todo, files, settings, done, failed, clip_ids, mp3_paths):
-    """Compute the rows `todo` ((row, audio path) pairs) in plumbing.pool_results's worker
-    processes, marking them in `done` and adding failures to `failed` as they come. Progress
-    is saved every SAVE_EVERY_S and on every exit. Workers that keep dying stop the run (exit
-    1); Ctrl-C or SIGTERM stops it (exit 128 + the signal). A rerun resumes either."""
+    """Compute `todo` ((row, audio path) pairs) into done and failed, saved every SAVE_EVERY_S and on exit."""
     saved_at = time.monotonic()
     bar = tqdm(total=len(done), initial=len(done) - len(todo), desc="log-mel", unit="clip", smoothing=0.05)
     results = plumbing.pool_results(extract, todo, min(args.workers, len(todo)), init_worker,
@@ -349,7 +307,6 @@ def run_pool(args, todo, files, settings, done, failed, clip_ids, mp3_paths):
                     save_progress(files, settings, done, failed)
                     saved_at = time.monotonic()
     except plumbing.WorkersKeepDying as error:  # something kills any worker: none of them is blamed
-        bar.close()
         blamed = {todo[i][0] for i in error.tasks}
         failed[:] = [f for f in failed if f["row"] not in blamed]
         done[list(blamed)] = False
@@ -361,15 +318,14 @@ def run_pool(args, todo, files, settings, done, failed, clip_ids, mp3_paths):
         bar.close()
         save_progress(files, settings, done, failed)
         again = "the same command without --overwrite" if args.overwrite else "the same command"
-        print(f"interrupted: {done.sum()} of {len(done)} clips done, kept in {files['partial']}; rerun {again} "
-              "to resume", file=sys.stderr)
+        print(f"interrupted: {done.sum()} of {len(done)} clips done, kept in {files['partial']}; rerun "
+              f"{again} to resume", file=sys.stderr)
         raise SystemExit(plumbing.exit_code(interrupt)) from None
     finally:
         bar.close()
     save_progress(files, settings, done, failed)  # on disk before the .json says complete
 
 
-# -----------------------------------------------------------------------------
 @plumbing.releasing_locks
 def main(argv=None):
     """Run stage 2. Returns dict(n_clips, n_computed, n_failed, seconds, clips_per_s)."""
@@ -389,7 +345,6 @@ def main(argv=None):
         ("npy", ".npy"), ("json", ".json"), ("partial", ".partial.npy"), ("progress", ".progress.json"))}
     plumbing.check_folder(args.data_dir, "--data-dir")  # the outputs go there: writable, before any clip
     plumbing.hold_lock(args.data_dir / "spectrograms.lock", files["npy"], "use another --data-dir")
-
     try:  # Ctrl-C here loses nothing: files are only ever renamed into place
         start = prepare(args, settings, mp3_paths, files)
         if start is None:
@@ -405,8 +360,8 @@ def main(argv=None):
     seconds = time.perf_counter() - t0
     finish(files, settings, done, failed, plumbing.file_digest(csv_path))
     print(f"wrote {files['npy']}: {n_clips} clips x {common.N_MELS} x {common.N_FRAMES} {args.dtype}, "
-          f"{len(failed)} failed (listed in {files['json'].name}); computed {len(todo)} clips in {seconds:.1f} s "
-          f"with {args.workers} workers: {len(todo) / seconds:.1f} clips/s")
+          f"{len(failed)} failed (listed in {files['json'].name}); computed {len(todo)} clips in "
+          f"{seconds:.1f} s with {args.workers} workers: {len(todo) / seconds:.1f} clips/s")
     return dict(n_clips=n_clips, n_computed=len(todo), n_failed=len(failed), seconds=seconds,
                 clips_per_s=len(todo) / seconds)
 
