@@ -25,6 +25,7 @@ import torch
 from torch.utils.benchmark import Timer
 
 import common
+import devices
 import formats
 import gen_spectrograms
 import plumbing
@@ -186,9 +187,9 @@ def setup(device, mode, n_clips, scales):
         torch.backends.cudnn.benchmark = False
         return None, host.astype(np.float32), common.MSCNN(scales=scales).to(device), norm
     args = trainer.parse_args(["--device", device.type] + ["--compile"] * (mode == "fast+compile"))
-    plumbing.resolve_speed_choices(args, device, host.nbytes // 4)  # float16
-    model = plumbing.parallel(plumbing.on_device(common.MSCNN(scales=scales), device), device, args, 1)[0]
-    return args, plumbing.to_device_source(host.astype(np.float16), device, args.resident), model, norm
+    devices.resolve_speed_choices(args, device, host.nbytes // 4)  # float16
+    model = devices.parallel(devices.on_device(common.MSCNN(scales=scales), device), device, args, 1)[0]
+    return args, devices.to_device_source(host.astype(np.float16), device, args.resident), model, norm
 
 
 def time_mode(device, mode, steps, batch_size, eval_clips, scales=common.SCALES):
@@ -215,7 +216,7 @@ def time_mode(device, mode, steps, batch_size, eval_clips, scales=common.SCALES)
 
 def train_benchmark(args):
     """ms/step, clips/s, TFLOP/s and scoring clips/s of each path; the paper's 40 epochs projected (s)."""
-    device, scales = plumbing.resolve_device(args.device), tuple(sorted(set(args.scales)))
+    device, scales = devices.resolve_device(args.device), tuple(sorted(set(args.scales)))
     flops = forward_flops(scales=scales)
     print(f"MSCNN, scales {' '.join(map(str, scales))}, forward: {flops / 1e9:.2f} GFLOP per clip, "
           f"training step ~3x: {3 * flops / 1e9:.2f} GFLOP per clip; device {device}", flush=True)
@@ -362,7 +363,7 @@ def write_random_spectrograms(data_dir, n_clips, device, seed=0, chunk_rows=1024
 
 def paper_benchmark(args):
     """trainer.main for --epochs on --paper-clips rows: seconds per epoch, start-up, 40 epochs projected."""
-    device = plumbing.resolve_device(args.device)
+    device = devices.resolve_device(args.device)
     flags = ["--epochs", str(args.epochs), "--device", device.type, "--scales", *map(str, args.scales)]
     if args.paper_clips < common.N_CLIPS:
         flags += ["--split", "random", "--train-size", str(args.paper_clips * 7 // 10), "--val-size",

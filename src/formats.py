@@ -14,7 +14,8 @@ import torch
 
 import common
 import get_data
-from plumbing import (atomic_write, check_folder, check_npy, file_digest, hold_lock, is_main, log, on_device,
+from devices import is_main, log, on_device
+from plumbing import (atomic_write, check_folder, check_npy, file_digest, hold_lock,
                       read_json, write_json)
 
 # --- The spectrogram store: spectrograms.npy, row i = annotation row i, then .json (there: complete)

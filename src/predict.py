@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import devices
 import formats
 import plumbing
 
@@ -536,7 +537,7 @@ def main(argv=None):
             plumbing.hold_lock(f"{getattr(args, flag)}.lock", getattr(args, flag), f"pass another --{flag}")
     if args.taggram:
         import_figure()  # fail before the slow part, not after it
-    device = plumbing.resolve_device(args.device)
+    device = devices.resolve_device(args.device)
     checkpoint_path = args.checkpoint
     if checkpoint_path is None:
         checkpoint_path = newest_checkpoint(args.experiments)

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import devices
 import formats
 import plumbing
-from plumbing import is_main, log, world_size
+from devices import is_main, log, world_size
 
 # -----------------------------------------------------------------------------
 # The paper's recipe (docs/original.md): the defaults of the flags below
@@ -101,7 +102,7 @@ def parse_args(argv=None):
                      help="run name, a folder under --out (default: the date and time); under torchrun "
                           "spell it --run-name, as torchrun takes --run for its own --run-path")
     run.add_argument("--resume", action="store_true", help="continue the run --run from its last.pt")
-    plumbing.add_speed_flags(p.add_argument_group("device and speed (the numbers stay the paper's)"))
+    devices.add_speed_flags(p.add_argument_group("device and speed (the numbers stay the paper's)"))
     args = p.parse_args(argv)
     for flag in ("epochs", "batch_size", "eval_batch_size", "n_tags"):
         if getattr(args, flag) < 1:
@@ -214,7 +215,7 @@ def check_split(args, labels, tag_names, train_idx, val_idx, test_idx):
 def band_stats(source, rows, device, chunk_rows=256):
     """Mean and standard deviation per mel band over all frames of the given clips.
 
-    source: what plumbing.to_device_source returned; the sums run where the data lives
+    source: what devices.to_device_source returned; the sums run where the data lives
     (float64, in chunks, so memory stays bounded).
     Returns two float32 tensors (N_MELS,) on device.
     """
@@ -224,7 +225,7 @@ def band_stats(source, rows, device, chunk_rows=256):
     for start in tqdm(range(0, len(rows), chunk_rows), desc="band statistics", unit="chunk",
                       leave=False, disable=not is_main()):
         chunk = slice(start, start + chunk_rows)
-        x = plumbing.get_batch(source, rows[chunk], rows_on_device[chunk]).double()
+        x = devices.get_batch(source, rows[chunk], rows_on_device[chunk]).double()
         total += x.sum(dim=(0, 2))
         total_sq += x.square().sum(dim=(0, 2))
     n = len(rows) * common.N_FRAMES
@@ -245,7 +246,7 @@ def epoch_batches(train_idx, seed, epoch, batch_size):
     order = np.random.default_rng([seed, epoch]).permutation(train_idx)
     global_batch = batch_size * world_size()
     steps = len(order) // global_batch
-    return np.sort(order[:steps * global_batch].reshape(steps, global_batch)[:, plumbing.rank()::world_size()],
+    return np.sort(order[:steps * global_batch].reshape(steps, global_batch)[:, devices.rank()::world_size()],
                    axis=1)
 
 
@@ -265,7 +266,7 @@ def train_step(model, optimizer, x, y, use_bf16):
 def train_epoch(model, optimizer, source, labels, batches, norm, use_bf16, desc=None, check_every=50):
     """Train over one epoch's batches; -> the epoch's mean training loss (all processes).
 
-    source: what plumbing.to_device_source returned; labels: float tensor (N, T) on the
+    source: what devices.to_device_source returned; labels: float tensor (N, T) on the
     device; batches: int ndarray (steps, B) from epoch_batches; norm: (mean, std) from
     band_stats; desc: a progress bar's title (None: no bar). The batch rows go to the
     device once, so no step waits for the GPU; the loss is read back every check_every
@@ -278,7 +279,7 @@ def train_epoch(model, optimizer, source, labels, batches, norm, use_bf16, desc=
               disable=desc is None or not is_main()) as bar:
         for step in range(len(batches)):
             rows_on_device = batches_on_device[step]
-            x = common.normalise(plumbing.get_batch(source, batches[step], rows_on_device), *norm)
+            x = common.normalise(devices.get_batch(source, batches[step], rows_on_device), *norm)
             loss_sum += train_step(model, optimizer, x, labels[rows_on_device], use_bf16)
             bar.update(batches.shape[1] * world_size())
             if (step + 1) % check_every == 0 or step + 1 == len(batches):
@@ -299,12 +300,12 @@ def predict_rows(model, source, rows, norm, batch_size, device, use_bf16):
     common.score (predict.py's scorer). Under torchrun each process scores a share of the
     rows and the shares are gathered."""
     model.eval()
-    my_rows = np.array_split(rows, world_size())[plumbing.rank()]
+    my_rows = np.array_split(rows, world_size())[devices.rank()]
     rows_on_device = torch.from_numpy(my_rows).to(device)
     scores = []
     for start in range(0, len(my_rows), batch_size):
         batch = slice(start, start + batch_size)
-        x = plumbing.get_batch(source, my_rows[batch], rows_on_device[batch])
+        x = devices.get_batch(source, my_rows[batch], rows_on_device[batch])
         scores.append(common.score(model, x, *norm, bf16=use_bf16))  # kept on the device: no wait per batch
     scores = torch.cat(scores).cpu().numpy() if scores else None
     if world_size() > 1:
@@ -334,29 +335,29 @@ def evaluate(model, source, labels, val_idx, test_idx, norm, args, device):
 @plumbing.releasing_locks
 def main(argv=None):
     args = parse_args(argv)
-    device = plumbing.setup_distributed(args.device)
+    device = devices.setup_distributed(args.device)
     run_dir = formats.claim_run(args)  # checked, made and locked before any work
     torch.manual_seed(args.seed)
 
     # data: labels, spectrograms, the split and its audit, per-band statistics of training
     labels, tag_names, clip_ids, mp3_paths, spectrograms = load_data(args)
-    log(plumbing.resolve_speed_choices(args, device, spectrograms.nbytes))  # --precision, --resident, ...
+    log(devices.resolve_speed_choices(args, device, spectrograms.nbytes))  # --precision, --resident, ...
     train_idx, val_idx, test_idx = make_split(args, len(spectrograms), clip_ids, mp3_paths)
     overlap = audit_split(args, mp3_paths, train_idx, val_idx, test_idx)
     check_split(args, labels, tag_names, train_idx, val_idx, test_idx)
     provenance = formats.provenance(args, (train_idx, val_idx, test_idx))  # saved in every checkpoint
-    source = plumbing.to_device_source(spectrograms, device, args.resident)
+    source = devices.to_device_source(spectrograms, device, args.resident)
     norm = band_stats(source, train_idx, device)
     labels_on_device = torch.from_numpy(labels).float().to(device)
 
     # the model, Adam and its step schedule (the loss is train_step's)
     model = common.MSCNN(len(tag_names), args.dropout, args.bn_momentum, args.scales)  # --scales 1: the baseline
-    model = plumbing.on_device(model, device)
+    model = devices.on_device(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=args.fused_adam)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=0.1)
     history, best, start_epoch = formats.start_run(args, run_dir, provenance, RESUME_KEYS, model, optimizer,
                                                     scheduler, device)
-    model, plain_model = plumbing.parallel(model, device, args, start_epoch)  # torchrun, --compile
+    model, plain_model = devices.parallel(model, device, args, start_epoch)  # torchrun, --compile
     log(f"{len(tag_names)} tags, scales {' '.join(map(str, args.scales))}, "
         f"{sum(p.numel() for p in plain_model.parameters()):,} parameters, "
         f"device {device}" + (f" x {world_size()} processes" if world_size() > 1 else ""))
@@ -393,7 +394,7 @@ def main(argv=None):
                                          provenance)
         print(f"best model: {run_dir / 'best_model.pt'}\nbest validation ROC-AUC {best['val_roc_auc']:.4f} at "
               f"epoch {best['epoch']}; test ROC-AUC {best['test_roc_auc']:.4f}, PR-AUC {best['test_pr_auc']:.4f}", flush=True)
-    plumbing.finish_distributed()
+    devices.finish_distributed()
     return results  # None in the processes other than rank 0
 
 

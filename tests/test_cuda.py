@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import common
+import devices
 import formats
-import plumbing
 import trainer
 from conftest import SRC, write_spectrogram_set
 
@@ -95,7 +95,7 @@ def test_fast_path_matches_fp32_eager_on_cuda(record_property):
     x, y = normalised_batch(8, seed=0)
     torch.manual_seed(1)
     reference = common.MSCNN(50, 0.0).to(CUDA)
-    fast = plumbing.on_device(common.MSCNN(50, 0.0), CUDA)
+    fast = devices.on_device(common.MSCNN(50, 0.0), CUDA)
     fast.load_state_dict(reference.state_dict())
     on_cpu = common.MSCNN(50, 0.0)
     on_cpu.load_state_dict(reference.state_dict())
@@ -210,8 +210,8 @@ def test_nccl_ddp_with_sync_batchnorm_in_one_process(tmp_path, record_property):
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         torch.manual_seed(1)
-        plain = plumbing.on_device(common.MSCNN(50, 0.0), device)
-        inner = plumbing.on_device(common.MSCNN(50, 0.0), device)
+        plain = devices.on_device(common.MSCNN(50, 0.0), device)
+        inner = devices.on_device(common.MSCNN(50, 0.0), device)
         inner.load_state_dict(plain.state_dict())
         ddp = torch.nn.parallel.DistributedDataParallel(
             torch.nn.SyncBatchNorm.convert_sync_batchnorm(inner), device_ids=[device])
@@ -292,7 +292,7 @@ def test_benchmark_on_cuda_small(record_property):
 # compilation takes the longest: last, so that a time limit cuts it and not the others
 @pytest.mark.slow
 def test_compiled_reduce_overhead_matches_eager_on_cuda(record_property):
-    """plumbing.compile_model on CUDA (torch.compile, mode reduce-overhead: CUDA graphs)
+    """devices.compile_model on CUDA (torch.compile, mode reduce-overhead: CUDA graphs)
     against eager in exact fp32 (TF32 off) and dropout 0, with the CPU test's tolerances
     (logits 1e-4, loss 1e-5, gradients 1e-3): a scoring pass, then three training steps
     (the graphs are recorded, then replayed), each started from eager's state (weights,
@@ -301,10 +301,10 @@ def test_compiled_reduce_overhead_matches_eager_on_cuda(record_property):
     torch.backends.cudnn.allow_tf32 = False
     batches = [normalised_batch(32, seed) for seed in range(3)]
     torch.manual_seed(1)
-    eager = plumbing.on_device(common.MSCNN(50, 0.0), CUDA)
-    plain = plumbing.on_device(common.MSCNN(50, 0.0), CUDA)
+    eager = devices.on_device(common.MSCNN(50, 0.0), CUDA)
+    plain = devices.on_device(common.MSCNN(50, 0.0), CUDA)
     plain.load_state_dict(eager.state_dict())
-    compiled = plumbing.compile_model(plain, CUDA)
+    compiled = devices.compile_model(plain, CUDA)
     assert type(compiled).__name__ == "OptimizedModule"  # really compiled
     counters = torch._dynamo.utils.counters
     counters.clear()

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import common
+import devices
 import formats
-import plumbing
 import trainer
 from conftest import SMALL_RUN_ARGS, SRC
 
@@ -38,7 +38,7 @@ def test_bf16_forward_matches_fp32(batch):
     x, _ = batch
     torch.manual_seed(1)
     model = common.MSCNN().eval()
-    fast_model = plumbing.on_device(common.MSCNN(50, 0.4), torch.device("cpu")).eval()
+    fast_model = devices.on_device(common.MSCNN(50, 0.4), torch.device("cpu")).eval()
     fast_model.load_state_dict(model.state_dict())
     with torch.no_grad():
         exact = model(x)
@@ -53,7 +53,7 @@ def test_bf16_training_step_matches_fp32(batch):
     x, y = batch
     torch.manual_seed(1)
     reference = common.MSCNN()
-    fast = plumbing.on_device(common.MSCNN(50, 0.4), torch.device("cpu"))  # the trainer's layout
+    fast = devices.on_device(common.MSCNN(50, 0.4), torch.device("cpu"))  # the trainer's layout
     fast.load_state_dict(reference.state_dict())
     reference_init = {n: v.clone() for n, v in reference.state_dict().items()}
     results = {}
@@ -85,10 +85,10 @@ def test_compiled_step_and_forward_match_eager(batch):
     x, y = batch
     cpu = torch.device("cpu")
     torch.manual_seed(1)
-    eager = plumbing.on_device(common.MSCNN(50, 0.0), cpu)
-    plain = plumbing.on_device(common.MSCNN(50, 0.0), cpu)
+    eager = devices.on_device(common.MSCNN(50, 0.0), cpu)
+    plain = devices.on_device(common.MSCNN(50, 0.0), cpu)
     plain.load_state_dict(eager.state_dict())
-    compiled = plumbing.compile_model(plain, cpu)
+    compiled = devices.compile_model(plain, cpu)
     initial = {n: v.clone() for n, v in eager.state_dict().items()}
     results = {}
     for name, model in (("eager", eager), ("compiled", compiled)):
@@ -235,7 +235,7 @@ def test_resident_data_gives_the_same_training_as_the_memmap(small_data_dir):
     read from it by device-side indices), run on the CPU against the host memmap."""
     cpu = torch.device("cpu")
     spectrograms = formats.open_spectrograms(small_data_dir)
-    resident = plumbing.upload(spectrograms, cpu, chunk_rows=20)
+    resident = devices.upload(spectrograms, cpu, chunk_rows=20)
     assert resident.dtype == torch.float16 and torch.equal(resident, torch.from_numpy(np.array(spectrograms)))
     train_idx = np.arange(0, 48, 3)
     norm = trainer.band_stats(spectrograms, train_idx, cpu, chunk_rows=5)
@@ -250,7 +250,7 @@ def test_resident_data_gives_the_same_training_as_the_memmap(small_data_dir):
     results = []
     for source in (spectrograms, resident):
         torch.manual_seed(0)
-        model = plumbing.on_device(common.MSCNN(4, 0.4, 0.1), cpu)
+        model = devices.on_device(common.MSCNN(4, 0.4, 0.1), cpu)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         loss = trainer.train_epoch(model, optimizer, source, labels, batches, norm, False)
         scores = trainer.predict_rows(model, source, np.arange(1, 48, 3), norm, 5, cpu, False)
@@ -269,7 +269,7 @@ def test_speed_choices_resolve_per_device_and_flags_win():
 
     def choices(argv, device):
         args = trainer.parse_args(argv)
-        line = plumbing.resolve_speed_choices(args, device, data_bytes=0)
+        line = devices.resolve_speed_choices(args, device, data_bytes=0)
         assert line.startswith(f"device {device}: precision {args.precision}")
         return args.precision, args.fused_adam, args.resident, args.cudnn_benchmark
 
@@ -309,14 +309,14 @@ def test_gpu_choices_on_the_cpu_match_fp32_step_by_step(small_data_dir):
     """
     cpu = torch.device("cpu")
     spectrograms = formats.open_spectrograms(small_data_dir)
-    resident = plumbing.to_device_source(spectrograms, cpu, resident=True)
+    resident = devices.to_device_source(spectrograms, cpu, resident=True)
     assert isinstance(resident, torch.Tensor) and resident.dtype == torch.float16
     train_idx, val_idx = np.arange(0, 48, 4), np.arange(1, 48, 4)
     norm = trainer.band_stats(resident, train_idx, cpu)
     labels = torch.from_numpy(common.read_annotations(small_data_dir / "annotations_final.csv")[1]).float()
     batches = trainer.epoch_batches(train_idx, 0, 1, 4)  # 3 steps of 4 clips
     torch.manual_seed(0)
-    reference, fast = plumbing.on_device(common.MSCNN(4, 0.4, 0.1), cpu), plumbing.on_device(common.MSCNN(4, 0.4, 0.1), cpu)
+    reference, fast = devices.on_device(common.MSCNN(4, 0.4, 0.1), cpu), devices.on_device(common.MSCNN(4, 0.4, 0.1), cpu)
     reference_adam = torch.optim.Adam(reference.parameters(), lr=1e-3)
     fast_adam = torch.optim.Adam(fast.parameters(), lr=1e-3, fused=True)
     for step in range(len(batches)):
@@ -357,8 +357,8 @@ def test_trainer_runs_the_gpu_choices_on_the_cpu_and_resumes(small_data_dir, sma
                                                              monkeypatch):
     """trainer.py --precision bf16 --fused-adam --resident on the CPU: it states, saves and
     takes the choices, learns as fp32 does, and an interrupted run resumes to the same numbers."""
-    uploads, upload = [], plumbing.upload  # which arrays main makes resident (then uploads them)
-    monkeypatch.setattr(plumbing, "upload", lambda array, *a, **k: uploads.append(array.shape) or upload(array, *a, **k))
+    uploads, upload = [], devices.upload  # which arrays main makes resident (then uploads them)
+    monkeypatch.setattr(devices, "upload", lambda array, *a, **k: uploads.append(array.shape) or upload(array, *a, **k))
 
     def run(name, epochs, *extra):
         return trainer.main(["--data-dir", str(small_data_dir), "--out", str(tmp_path), "--run", name,
