@@ -39,15 +39,9 @@ LIBRARY_TEXT = " + ".join(f"{n} x {m * 60:g} s" for n, m in LIBRARY) + " of 44.1
 
 
 def parse_args(argv=None):
-    def at_least(low):  # an argparse type: an int of at least `low`, anything else refused in one line
-        def parse(text):
-            if int(text) < low:
-                raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
-            return int(text)
-        parse.__name__ = "int"  # argparse names the type in its error for a value that is not a number
-        return parse
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add, n = p.add_argument, at_least(1)
+    add, at_least = p.add_argument, plumbing.at_least
+    n = at_least(1)
     add("--what", choices=[*BENCHMARKS, "all"], default="all",
         help="which benchmark to run (default: all = features, train and predict)")
     add("--clip", type=Path, default=FIXTURES / "joram-moments_of_clarity-08-solipsism-59-88.mp3",

@@ -37,10 +37,11 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", type=Path, default=Path("data"),
                    help="folder with annotations_final.csv (or .csv.gz) and mp3/; the outputs go here too "
                         "(default: data)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=plumbing.at_least(1), default=None,
                    help=f"worker processes (default: {DEFAULT_WORKERS}, the original's, or the usable CPU "
                         "cores if fewer: more workers than cores is slower, docs/gen_spectrograms.md#speed)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N annotation rows (default: all)")
+    p.add_argument("--limit", type=plumbing.at_least(1), default=None,
+                   help="only the first N annotation rows (default: all)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                    help="storage type of spectrograms.npy; float16 halves the file, at the precision "
                         "docs/gen_spectrograms.md states (default: float16)")
@@ -50,13 +51,9 @@ def parse_args(argv=None):
     cores = plumbing.usable_cores()
     if args.workers is None:
         args.workers = min(DEFAULT_WORKERS, cores)
-    elif args.workers < 1:
-        p.error("--workers must be at least 1")
     elif args.workers > cores:  # honoured, so that benchmark.py can measure what it costs
         print(f"note: --workers {args.workers} is more than the {cores} CPU cores this process may use; "
               f"{cores} would be faster", file=sys.stderr)
-    if args.limit is not None and args.limit < 1:
-        p.error("--limit must be at least 1")
     return args
 
 
@@ -318,9 +315,8 @@ def run_pool(args, todo, files, settings, done, failed, clip_ids, mp3_paths):
         bar.close()
         save_progress(files, settings, done, failed)
         again = "the same command without --overwrite" if args.overwrite else "the same command"
-        print(f"interrupted: {done.sum()} of {len(done)} clips done, kept in {files['partial']}; rerun "
-              f"{again} to resume", file=sys.stderr)
-        raise SystemExit(plumbing.exit_code(interrupt)) from None
+        plumbing.exit_interrupted(interrupt, f"interrupted: {done.sum()} of {len(done)} clips done, kept in "
+                                             f"{files['partial']}; rerun {again} to resume")
     finally:
         bar.close()
     save_progress(files, settings, done, failed)  # on disk before the .json says complete
@@ -352,8 +348,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         common.warm_up()  # librosa's imports and numba compilation, once, before the workers fork
     except KeyboardInterrupt as interrupt:
-        print("interrupted before this run computed any clip; nothing lost", file=sys.stderr)
-        raise SystemExit(plumbing.exit_code(interrupt)) from None
+        plumbing.exit_interrupted(interrupt, "interrupted before this run computed any clip; nothing lost")
     done, failed = start
     todo = [(row, str(audio_dir / mp3_paths[row])) for row in np.flatnonzero(~done)]
     run_pool(args, todo, files, settings, done, failed, clip_ids, mp3_paths)
