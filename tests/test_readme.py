@@ -68,7 +68,7 @@ def test_setup_cfg_configures_tools_and_promises_no_package():
     """The scripts run from the clone (python src/x.py); `pip install .` is not offered."""
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
-    assert set(config.sections()) == {"tool:pytest", "flake8"}
+    assert set(config.sections()) == {"tool:pytest"}  # ruff's settings: .ruff.toml
     assert not (ROOT / "setup.py").exists() and not (ROOT / "pyproject.toml").exists()
     assert "`pip install .`" in README
 
