@@ -175,7 +175,7 @@ def test_one_scale_tags_through_predict(one_scale_run, mtat_clip, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     tags = dict(json.loads(json_path.read_text())[str(mtat_clip)]["tags"])
-    model, tag_names, mean, std = predict.load_checkpoint(out / "one", torch.device("cpu"))
+    model, tag_names, mean, std, _ = predict.load_checkpoint(out / "one", torch.device("cpu"))
     x = common.normalise(torch.from_numpy(common.log_mel(mtat_clip))[None], mean, std)
     with torch.no_grad():
         expected = torch.sigmoid(model(x))[0].numpy()
