@@ -97,8 +97,9 @@ def resample(rate, blocks, resampler=None):
         import librosa
 
         audio = np.concatenate([np.zeros(0, np.float32), *blocks])
-        yield librosa.resample(audio, orig_sr=rate, target_sr=SAMPLE_RATE, res_type="kaiser_best") if len(
-            audio) else audio
+        if len(audio):  # resampy refuses an empty signal
+            audio = librosa.resample(audio, orig_sr=rate, target_sr=SAMPLE_RATE, res_type="kaiser_best")
+        yield audio
         return
     stream = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
     n_in, n_out, held = 0, 0, None
