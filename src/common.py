@@ -27,12 +27,15 @@ LOG_FLOOR = 1e-20  # mel power is clipped here before the natural log
 
 
 BLOCK_S = 30  # seconds of source audio decoded, resampled and framed at a time
+PAD_MODE = "reflect"  # the STFT's centring: N_FFT // 2 samples reflected at each end (librosa 2018's default)
+RESAMPLERS = ("soxr_hq", "kaiser_best")  # librosa 0.11's default; resampy's, librosa 2018's (the original's)
+RESAMPLER = "soxr_hq"  # the default of the functions below; a script sets it from its flag or its data
 
 
-def feature_params():
+def feature_params(resampler=None):
     """The feature parameters as a dict; stored with spectrograms and checkpoints."""
-    return dict(sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH,
-                n_mels=N_MELS, n_frames=N_FRAMES, log_floor=LOG_FLOOR)
+    return dict(sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH, n_mels=N_MELS,
+                n_frames=N_FRAMES, log_floor=LOG_FLOOR, pad_mode=PAD_MODE, resampler=resampler or RESAMPLER)
 
 
 # The one feature pipeline, in three stages that pass blocks along, so that memory does not
@@ -80,14 +83,23 @@ def finite_blocks(path, blocks, rate):
         yield block
 
 
-def resample(rate, blocks):
-    """Mono blocks at `rate` -> blocks at SAMPLE_RATE: soxr's streaming resampler at librosa's
-    default quality (soxr_hq; the same samples as its one-shot call), the length fixed to
-    ceil(n * SAMPLE_RATE / rate) samples as librosa.resample does (soxr's is never longer)."""
+def resample(rate, blocks, resampler=None):
+    """Mono blocks at `rate` -> blocks at SAMPLE_RATE, ceil(n * SAMPLE_RATE / rate) samples in
+    all as librosa.resample gives. soxr_hq: soxr's streaming resampler at librosa 0.11's default
+    quality (the same samples as its one-shot call; soxr's output is never longer). kaiser_best:
+    librosa.resample with resampy's filter, which cannot stream: the whole file in one block."""
     import soxr
 
     if rate == SAMPLE_RATE:
         yield from blocks
+        return
+    if (resampler or RESAMPLER) == "kaiser_best":
+        import librosa
+
+        audio = np.concatenate([np.zeros(0, np.float32), *blocks])
+        if len(audio):  # resampy refuses an empty signal
+            audio = librosa.resample(audio, orig_sr=rate, target_sr=SAMPLE_RATE, res_type="kaiser_best")
+        yield audio
         return
     stream = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
     n_in, n_out, held = 0, 0, None
@@ -105,17 +117,23 @@ def resample(rate, blocks):
 
 def log_mel_frames(blocks):
     """Mono blocks at SAMPLE_RATE -> float32 log-mel frames (N_MELS, k), block by block:
-    together librosa's centred mel power spectrogram (N_FFT // 2 zeros before and after the
-    audio, Slaney mel scale, power 2) of the whole waveform, clipped at LOG_FLOOR, natural log.
-    1 + n_samples // HOP_LENGTH frames in all."""
+    together librosa's centred mel power spectrogram (pad_mode PAD_MODE: N_FFT // 2 samples
+    reflected at both ends, as np.pad does; Slaney mel scale, power 2) of the whole waveform,
+    clipped at LOG_FLOOR, natural log. 1 + n_samples // HOP_LENGTH frames in all."""
     import librosa
 
-    pad = np.zeros(N_FFT // 2, np.float32)
+    half, started = N_FFT // 2, False
     blocks = iter(blocks)
-    pending, upcoming = pad, next(blocks, None)
+    pending, upcoming = np.zeros(0, np.float32), next(blocks, None)
     while upcoming is not None:
         block, upcoming = upcoming, next(blocks, None)
-        buffer = np.concatenate([pending, block] + ([pad] if upcoming is None else []))
+        buffer = np.concatenate([pending, block])
+        if not len(buffer) or (not started and upcoming is not None and len(buffer) <= half):
+            pending = buffer  # the start's reflection needs half + 1 samples (or the whole audio)
+            continue
+        # both ends at once where the audio is one buffer: np.pad reflects a short one repeatedly
+        buffer = np.pad(buffer, (0 if started else half, half if upcoming is None else 0), mode=PAD_MODE)
+        started = True
         n_frames = max(0, 1 + (len(buffer) - N_FFT) // HOP_LENGTH)
         pending = buffer[n_frames * HOP_LENGTH:]
         if n_frames:
@@ -125,8 +143,9 @@ def log_mel_frames(blocks):
             yield np.log(np.maximum(mel_power, LOG_FLOOR)).astype(np.float32)
 
 
-def read_log_mel(path, block_s=BLOCK_S):
-    """Every log-mel frame of an audio file (decode -> resample -> log_mel_frames).
+def read_log_mel(path, block_s=BLOCK_S, resampler=None):
+    """Every log-mel frame of an audio file (decode -> resample -> log_mel_frames; resampler:
+    one of RESAMPLERS, None: RESAMPLER).
 
     Returns:
         spec: float32 ndarray (N_MELS, 1 + n_samples // HOP_LENGTH).
@@ -143,7 +162,7 @@ def read_log_mel(path, block_s=BLOCK_S):
             yield block
     try:
         rate, blocks = decode(path, block_s)
-        frames = list(log_mel_frames(counted(resample(rate, blocks))))
+        frames = list(log_mel_frames(counted(resample(rate, blocks, resampler))))
     except ValueError as error:
         if str(error).startswith(str(path)):
             raise
@@ -162,10 +181,10 @@ def read_log_mel(path, block_s=BLOCK_S):
                      f"{': ' + message if message else ''})")
 
 
-def load_audio(path):
+def load_audio(path, resampler=None):
     """The whole file decoded and resampled: float32 ndarray (n_samples,) at SAMPLE_RATE."""
     rate, blocks = decode(path, None)
-    return np.concatenate(list(resample(rate, blocks)))
+    return np.concatenate(list(resample(rate, blocks, resampler)))
 
 
 def warm_up():
@@ -174,13 +193,13 @@ def warm_up():
     list(log_mel_frames(resample(16000, [np.zeros(16000, np.float32)])))
 
 
-def log_mel(path, n_frames=N_FRAMES, block_s=BLOCK_S):
+def log_mel(path, n_frames=N_FRAMES, block_s=BLOCK_S, resampler=None):
     """Log-mel spectrogram of an audio file, as the original computed it (read_log_mel),
     cropped or padded by fit_frames to n_frames (None: every frame).
 
     Returns float32 ndarray (N_MELS, n_frames), or (N_MELS, 1 + n_samples // HOP_LENGTH).
     """
-    spec = read_log_mel(path, block_s)[0]
+    spec = read_log_mel(path, block_s, resampler)[0]
     return spec if n_frames is None else fit_frames(spec, n_frames)
 
 
@@ -352,25 +371,48 @@ PAPER_WEIGHT_SHAPES = [(50, 1, 3, 7), (100, 50, 3, 5), (70, 100, 3, 3), (100, 1,
                        (5040, 500), (500, 50)]
 
 
-def paper_split(n_clips=N_CLIPS, seed=1337):
-    """The original train/validation/test split of MTAT, reproduced exactly.
+def original_draws(rng, shapes=PAPER_WEIGHT_SHAPES):
+    """The original's initial weights, drawn from rng (a numpy RandomState) as it drew them:
+    per shape in turn one normal(0, sqrt(2 / (fan_in + fan_out)), shape) (Glorot; a conv
+    (out, in, kh, kw) has fans in*kh*kw and out*kh*kw, a dense layer (in, out) in and out),
+    times 4 for the last, the sigmoid output layer. -> float64 ndarrays, the original's layouts."""
+    draws = []
+    for i, shape in enumerate(shapes):
+        area = int(np.prod(shape[2:]))
+        fans = (shape[1] * area, shape[0] * area) if len(shape) == 4 else shape
+        gain = 4.0 if i == len(shapes) - 1 else 1.0
+        draws.append(gain * rng.normal(0.0, np.sqrt(2.0 / sum(fans)), size=shape))
+    return draws
 
-    The original drew its weights from one numpy RandomState(1337) before shuffling the
-    row indices, so the same draws are replayed here (their values are discarded):
+
+def original_order(n_clips=N_CLIPS, seed=1337):
+    """The original's random stream after its split: numpy RandomState(seed) after the weight
+    draws of PAPER_WEIGHT_SHAPES and its shuffle of the n_clips rows.
+
+    Returns:
+        rng: that RandomState (the original went on to shuffle its training rows with it).
+        order: int64 ndarray (n_clips,), the shuffled rows: validation its first 2,000, test
+        the next n_clips - 20,000, training the last 18,000, in the order of the first epoch.
+    """
+    rng = np.random.RandomState(seed)
+    original_draws(rng)
+    order = np.arange(n_clips)
+    rng.shuffle(order)
+    return rng, order
+
+
+def paper_split(n_clips=N_CLIPS, seed=1337):
+    """The original train/validation/test split of MTAT, reproduced exactly (original_order):
     validation = the first 2,000 shuffled rows, test = the next 5,863, training = rest.
 
     Returns:
         train_idx, val_idx, test_idx: sorted int64 ndarrays of annotation rows,
         (18000,), (2000,), (5863,) for the full data set; disjoint, covering 0..N-1.
     """
-    rng = np.random.RandomState(seed)
-    for shape in PAPER_WEIGHT_SHAPES:
-        rng.normal(0.0, 1.0, size=shape)
-    order = np.arange(n_clips)
-    rng.shuffle(order)
     n_val, n_test = 2000, n_clips - 2000 - 18000
     if n_test < 0:
         raise ValueError(f"paper_split needs at least 20,000 clips, got {n_clips}")
+    order = original_order(n_clips, seed)[1]
     val, test, train = order[:n_val], order[n_val:n_val + n_test], order[n_val + n_test:]
     return np.sort(train), np.sort(val), np.sort(test)
 
@@ -518,6 +560,24 @@ def conv(in_channels, out_channels, kernel):
 
 
 SCALES = (1, 2, 3)  # the branches: full resolution, average-pooled by (2, 4), by (4, 16)
+# the layers with weights, in the order the original drew them (PAPER_WEIGHT_SHAPES)
+ORIGINAL_LAYERS = ("branch1.0.0", "branch1.2.0", "branch1.4.0", "branch2.0.0", "branch2.2.0", "branch3.0.0",
+                   "merge.0.0", "merge.1.0", "head.2", "head.4")
+
+
+class BatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d whose running variance follows the batch's biased variance (/n), as the
+    original's did (PyTorch's takes the unbiased /(n-1)): running = (1 - m) running + m batch."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        with torch.no_grad():
+            var, mean = torch.var_mean(x.detach().to(self.running_var.dtype), dim=0, correction=0)
+            self.running_mean.mul_(1 - self.momentum).add_(mean, alpha=self.momentum)
+            self.running_var.mul_(1 - self.momentum).add_(var, alpha=self.momentum)
+            self.num_batches_tracked += 1
+        return nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
 
 class MSCNN(nn.Module):
@@ -532,17 +592,16 @@ class MSCNN(nn.Module):
     scales: which branches the network has, any non-empty subset of (1, 2, 3) (the
     ablation of the paper's claim; (1,) is the single-scale baseline); the merge
     convolution then takes 70 x len(scales) channels. Branches not asked for are not built,
-    so the default network, its parameter names and its initial weights are the paper's.
+    so the default network and its parameter names are the paper's. seed: of the initial
+    weights (reset_parameters); 1337 gives the original's, value for value.
     """
 
-    def __init__(self, n_tags=50, dropout=0.4, bn_momentum=0.01, scales=SCALES):
+    def __init__(self, n_tags=50, dropout=0.4, bn_momentum=0.01, scales=SCALES, seed=1337):
         super().__init__()
         if not scales or len(set(scales)) != len(scales) or not set(scales) <= set(SCALES):
             raise ValueError(f"scales must be a non-empty subset of {SCALES} without repeats, "
                              f"got {tuple(scales)}")
         self.scales = tuple(sorted(scales))
-        # built in this order whatever the subset: each layer draws its initial weights from
-        # torch's generator in turn, and the default network must draw exactly the paper's
         if 1 in self.scales:
             self.branch1 = nn.Sequential(
                 conv(1, 50, (3, 7)), nn.MaxPool2d((2, 4)),
@@ -560,21 +619,33 @@ class MSCNN(nn.Module):
         # every branch pools the input by 16 in height and 32 in width, the merge by 2 more
         n_features = 70 * (N_MELS // 16) * (N_FRAMES // 64)
         self.head = nn.Sequential(
-            nn.BatchNorm1d(n_features, eps=1e-3, momentum=bn_momentum),
+            BatchNorm(n_features, eps=1e-3, momentum=bn_momentum),
             nn.Dropout(dropout),
             nn.Linear(n_features, 500), nn.ReLU(inplace=True),
             nn.Linear(500, n_tags))
-        self.reset_parameters()
+        self.reset_parameters(seed)
 
-    def reset_parameters(self):
-        """Glorot-normal weights (conv fans include the kernel area), x4 on the output
-        layer as the original (a sigmoid-layer convention), zero biases, BN 1 and 0."""
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_normal_(module.weight, gain=4.0 if module is self.head[-1] else 1.0)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm1d):
-                module.reset_parameters()
+    def reset_parameters(self, seed=1337):
+        """The original's initial weights (original_draws from numpy RandomState(seed)) in the
+        module's dtype: conv filters flipped on both spatial axes (the original's convolution
+        is a true one), dense weights transposed; biases 0; batch norm 1, 0, fresh statistics.
+        Every layer of a network without some branches is the full network's: the absent
+        branches' layers are drawn and discarded, and the merge convolution keeps its branches'
+        input channels, rescaled to the Glorot std of its own fans."""
+        modules = dict(self.named_modules())
+        shapes = PAPER_WEIGHT_SHAPES[:-2] + [(self.head[2].in_features, 500), (500, self.head[4].out_features)]
+        draws = original_draws(np.random.RandomState(seed), shapes)
+        for name, shape, draw in zip(ORIGINAL_LAYERS, shapes, draws):
+            if name not in modules:
+                continue
+            if name == "merge.0.0" and len(self.scales) < len(SCALES):
+                draw = np.concatenate([draw[:, 70 * (s - 1):70 * s] for s in self.scales], axis=1)
+                draw *= np.sqrt((shape[0] + shape[1]) / (shape[0] + draw.shape[1]))  # std ~ 1/sqrt(fans)
+            weight = draw[:, :, ::-1, ::-1] if draw.ndim == 4 else draw.T
+            with torch.no_grad():
+                modules[name].weight.copy_(torch.from_numpy(weight.copy()))
+                modules[name].bias.zero_()
+        self.head[0].reset_parameters()
 
     def features(self, x):
         """(B, 1, 128, 628) -> the outputs of the network's branches in scale order, each

@@ -43,8 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=plumbing.at_least(1), default=None,
                    help="only the first N annotation rows (default: all)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
-                   help="storage type of spectrograms.npy; float16 halves the file, at the precision "
-                        "docs/gen_spectrograms.md states (default: float16)")
+                   help="storage type of spectrograms.npy; float16 halves the file, at the "
+                        "precision docs/gen_spectrograms.md states (default: float16)")
+    p.add_argument("--resampler", choices=common.RESAMPLERS, default="soxr_hq",
+                   help="to 11,025 Hz: soxr_hq (librosa 0.11's default) or kaiser_best (resampy, librosa's "
+                        "default in 2018: the original's features; slower, and a file is resampled whole) "
+                        "(default: soxr_hq)")
     p.add_argument("--overwrite", action="store_true",
                    help="compute every row again, replacing a finished or partial file")
     args = p.parse_args(argv)
@@ -336,6 +340,7 @@ def main(argv=None):
     except ValueError as error:
         raise SystemExit(f"error: {error}; download it again: python src/get_data.py") from None
     n_clips = len(mp3_paths) if args.limit is None else min(args.limit, len(mp3_paths))
+    common.RESAMPLER = args.resampler  # the workers (forked) compute with it, the settings record it
     settings = formats.spectrogram_settings(n_clips, args.dtype, mp3_paths)
     files = {name: args.data_dir / f"spectrograms{suffix}" for name, suffix in (
         ("npy", ".npy"), ("json", ".json"), ("partial", ".partial.npy"), ("progress", ".progress.json"))}

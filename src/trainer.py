@@ -10,6 +10,7 @@ The recipe reads top to bottom below; the machinery it calls (devices, torchrun,
 folder's files, resuming) is in plumbing.py.
 """
 import argparse
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -29,7 +30,8 @@ from devices import is_main, log, world_size
 # -----------------------------------------------------------------------------
 # The paper's recipe (docs/original.md): the defaults of the flags below
 EPOCHS = 40
-BATCH_SIZE = 32            # clips per step, reshuffled every epoch; the last partial batch dropped
+BATCH_SIZE = 32            # clips per step, reshuffled every epoch (epoch_batches)
+SUPER_BATCH = 3000         # the original cut each epoch into runs of this many clips, then into batches
 LR = 1e-3                  # Adam (betas 0.9, 0.999, eps 1e-8), no weight decay
 MILESTONES = [20, 30, 35]  # the learning rate is divided by 10 after these epochs
 DROPOUT = 0.4              # drop probability before the 500-unit dense layer
@@ -124,7 +126,8 @@ def load_data(args):
     N_FRAMES; memory-mapped) of the data folder: the annotations' tags with synonyms merged
     (unless --no-merge), the --n-tags most frequent kept; spectrograms made with --limit
     cover the first N rows of the annotations (they are refused when they no longer match
-    them, or hold NaN or inf)."""
+    them, or hold NaN or inf). Their resampler becomes common.RESAMPLER, so that the
+    checkpoints record it and predict.py computes the same features."""
     csv_path = formats.annotations_path(args.data_dir)
     if not csv_path.is_file():
         raise SystemExit(f"error: {csv_path} not found; run: python src/get_data.py --data-dir {args.data_dir}")
@@ -133,6 +136,10 @@ def load_data(args):
     except ValueError as error:  # it names the file and what is wrong in it
         raise SystemExit(f"error: {error}; restore the file (python src/get_data.py --data-dir "
                          f"{args.data_dir} for MTAT) or correct it") from None
+    with contextlib.suppress(OSError, ValueError):  # open_spectrograms names what is wrong with the file
+        resampler = plumbing.read_json(args.data_dir / "spectrograms.json").get("resampler")
+        if resampler in common.RESAMPLERS:
+            common.RESAMPLER = resampler
     spectrograms = formats.open_spectrograms(args.data_dir, mp3_paths)  # these annotations' rows, finite
     n = len(spectrograms)
     return labels[:n], tag_names, clip_ids[:n], mp3_paths[:n], spectrograms
@@ -236,18 +243,37 @@ def band_stats(source, rows, device, chunk_rows=256):
 
 # -----------------------------------------------------------------------------
 # Training: binary cross-entropy, Adam, one epoch of shuffled batches
-def epoch_batches(train_idx, seed, epoch, batch_size):
-    """This process's batches for one epoch: int ndarray (steps, batch_size), rows sorted.
+def epoch_order(train_idx, n_clips, seed, epoch):
+    """The training rows in the order of epoch `epoch` (1-based): int64 ndarray (n_train,).
 
-    A fresh permutation per epoch, derived from (seed, epoch) alone so that a resumed run
-    sees the same batches, cut into global batches of batch_size x processes (the last
-    partial one dropped); each process takes every world_size()-th clip of each.
+    The original's rule, for any split: the stream is common.original_order(n_clips, seed)'s
+    RandomState; epoch 1 takes the rows in the order of its shuffle of all n_clips rows (for
+    the paper split and seed 1337 the original's own), and after each epoch the stream
+    shuffles the order in place. Replayed from the seed, so a resumed run sees the same.
     """
-    order = np.random.default_rng([seed, epoch]).permutation(train_idx)
-    global_batch = batch_size * world_size()
-    steps = len(order) // global_batch
-    return np.sort(order[:steps * global_batch].reshape(steps, global_batch)[:, devices.rank()::world_size()],
-                   axis=1)
+    rng, shuffled = common.original_order(n_clips, seed)
+    order = shuffled[np.isin(shuffled, train_idx)]
+    for _ in range(epoch - 1):
+        rng.shuffle(order)
+    return order
+
+
+def epoch_batches(order, batch_size):
+    """This process's batches of one epoch: a list of int ndarrays, rows sorted.
+
+    As the original: the epoch's order cut into runs of SUPER_BATCH rows (the last may be
+    shorter), each into consecutive global batches of batch_size x processes, the last of a
+    run shorter. A run's last batch that would give a process fewer than 2 clips (batch norm
+    cannot train on 1) joins the batch before it. Each process takes every world_size()-th
+    clip of each global batch.
+    """
+    global_batch, batches = batch_size * world_size(), []
+    for start in range(0, len(order), SUPER_BATCH):
+        run = order[start:start + SUPER_BATCH]
+        batches += [run[i:i + global_batch] for i in range(0, len(run), global_batch)]
+        if len(batches) > 1 and len(batches[-1]) < 2 * world_size():
+            batches[-2:] = [np.concatenate(batches[-2:])]
+    return [np.sort(batch[devices.rank()::world_size()]) for batch in batches]
 
 
 def train_step(model, optimizer, x, y, use_bf16):
@@ -267,21 +293,22 @@ def train_epoch(model, optimizer, source, labels, batches, norm, use_bf16, desc=
     """Train over one epoch's batches; -> the epoch's mean training loss (all processes).
 
     source: what devices.to_device_source returned; labels: float tensor (N, T) on the
-    device; batches: int ndarray (steps, B) from epoch_batches; norm: (mean, std) from
+    device; batches: list of int ndarrays from epoch_batches; norm: (mean, std) from
     band_stats; desc: a progress bar's title (None: no bar). The batch rows go to the
     device once, so no step waits for the GPU; the loss is read back every check_every
     steps, to show it and to stop (FloatingPointError) when it is not finite.
     """
     model.train()
-    batches_on_device = torch.from_numpy(batches).to(labels.device)
+    all_rows_on_device = torch.from_numpy(np.concatenate(batches)).to(labels.device)
+    ends = np.cumsum([len(batch) for batch in batches])
     loss_sum = torch.zeros((), device=labels.device)
-    with tqdm(total=batches.size * world_size(), desc=desc, unit="clip", unit_scale=True, leave=False,
+    with tqdm(total=int(ends[-1]) * world_size(), desc=desc, unit="clip", unit_scale=True, leave=False,
               disable=desc is None or not is_main()) as bar:
         for step in range(len(batches)):
-            rows_on_device = batches_on_device[step]
+            rows_on_device = all_rows_on_device[ends[step] - len(batches[step]):ends[step]]
             x = common.normalise(devices.get_batch(source, batches[step], rows_on_device), *norm)
             loss_sum += train_step(model, optimizer, x, labels[rows_on_device], use_bf16)
-            bar.update(batches.shape[1] * world_size())
+            bar.update(len(batches[step]) * world_size())
             if (step + 1) % check_every == 0 or step + 1 == len(batches):
                 mean_loss = loss_sum.clone()
                 if world_size() > 1:
@@ -351,7 +378,8 @@ def main(argv=None):
     labels_on_device = torch.from_numpy(labels).float().to(device)
 
     # the model, Adam and its step schedule (the loss is train_step's)
-    model = common.MSCNN(len(tag_names), args.dropout, args.bn_momentum, args.scales)  # --scales 1: the baseline
+    model = common.MSCNN(len(tag_names), args.dropout, args.bn_momentum, args.scales,  # --scales 1: the baseline
+                         args.seed)
     model = devices.on_device(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=args.fused_adam)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=0.1)
@@ -364,7 +392,7 @@ def main(argv=None):
 
     for epoch in range(start_epoch, args.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        batches = epoch_batches(train_idx, args.seed, epoch, args.batch_size)
+        batches = epoch_batches(epoch_order(train_idx, len(spectrograms), args.seed, epoch), args.batch_size)
         started = time.time()
         try:  # a diverged epoch stops the run before anything of it is saved
             mean_loss = train_epoch(model, optimizer, source, labels_on_device, batches, norm,

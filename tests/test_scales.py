@@ -55,8 +55,7 @@ def test_a_branch_sees_its_own_scale_whichever_others_are_built():
 
 class PaperMSCNN(nn.Module):
     """The network as it was written before --scales existed, kept to check that the default
-    MSCNN is still it: the same parameter names, created and initialised in the same order,
-    so a default run draws exactly the same initial weights."""
+    MSCNN is still it: the same modules and parameter names, in the same order."""
 
     def __init__(self, n_tags=50, dropout=0.4, bn_momentum=0.01):
         super().__init__()
@@ -71,12 +70,6 @@ class PaperMSCNN(nn.Module):
                                    nn.MaxPool2d((2, 2)), nn.Flatten())
         self.head = nn.Sequential(nn.BatchNorm1d(5040, eps=1e-3, momentum=bn_momentum), nn.Dropout(dropout),
                                   nn.Linear(5040, 500), nn.ReLU(inplace=True), nn.Linear(500, n_tags))
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_normal_(module.weight, gain=4.0 if module is self.head[-1] else 1.0)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm1d):
-                module.reset_parameters()
 
     def forward(self, x):
         half = self.subsample(x)
@@ -84,23 +77,34 @@ class PaperMSCNN(nn.Module):
         return self.head(self.merge(torch.cat(branches, 1)))
 
 
-@pytest.mark.parametrize("seed", [0, 1337])
-def test_default_network_draws_todays_weights(seed):
-    torch.manual_seed(seed)
-    before = PaperMSCNN(50, 0.4, 0.01)
-    torch.manual_seed(seed)
-    now = common.MSCNN(50, 0.4, 0.01)
-    after_now = torch.get_rng_state()
-    torch.manual_seed(seed)
-    PaperMSCNN()
-    assert torch.equal(after_now, torch.get_rng_state())  # the same draws, so what follows is the same too
+def test_default_network_is_the_paper_network():
+    before, now = PaperMSCNN(50, 0.4, 0.01), common.MSCNN(50, 0.4, 0.01)
     assert now.scales == (1, 2, 3)
-    old_state, new_state = before.state_dict(), now.state_dict()
-    assert list(new_state) == list(old_state)  # names and order
-    assert all(torch.equal(new_state[k], old_state[k]) for k in old_state)
+    shapes = lambda model: [(k, v.shape) for k, v in model.state_dict().items()]  # names and order
+    assert shapes(now) == shapes(before)
+    before.load_state_dict(now.state_dict())
     x = torch.randn(2, 1, common.N_MELS, common.N_FRAMES)
     with torch.no_grad():
         assert torch.equal(now.eval()(x), before.eval()(x))
+
+
+@pytest.mark.parametrize("seed", [0, 1337])
+def test_every_subset_starts_from_the_full_networks_weights(seed):
+    """The initial weights come from numpy's RandomState(seed) (not torch's generator), drawn for
+    the full network whatever the branches: every layer of a subset network is the full
+    network's, the merge convolution its branches' input channels rescaled to its own Glorot std."""
+    full = common.MSCNN(seed=seed).state_dict()
+    torch.manual_seed(seed + 1)  # plays no part
+    assert all(torch.equal(v, full[k]) for k, v in common.MSCNN(seed=seed).state_dict().items())
+    assert not torch.equal(common.MSCNN(seed=seed + 1).state_dict()["head.4.weight"], full["head.4.weight"])
+    for scales in SUBSETS:
+        for name, value in common.MSCNN(seed=seed, scales=scales).state_dict().items():
+            if name == "merge.0.0.weight":
+                blocks = torch.cat([full[name][:, 70 * (s - 1):70 * s] for s in scales], dim=1)
+                glorot = (2 / (9 * 70 * (len(scales) + 1))) ** 0.5  # fans 70 x branches x 9, 70 x 9
+                torch.testing.assert_close(value, blocks * glorot / (2 / (9 * 280)) ** 0.5, rtol=1e-6, atol=0)
+            else:
+                assert torch.equal(value, full[name]), (scales, name)
 
 
 def test_scales_that_are_not_a_subset_are_refused():
