@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import common
-import plumbing
+import devices
 import trainer
 from conftest import FIXTURES
 
@@ -130,7 +130,7 @@ def test_batches_of_other_splits_sizes_and_processes(monkeypatch):
     monkeypatch.setattr(trainer, "world_size", lambda: 4)
     shares, short = [], []  # global batches of 128: 3,000 = 23 x 128 + 56; 2,946 = 23 x 128 + 2
     for rank in range(4):
-        monkeypatch.setattr(plumbing, "rank", lambda rank=rank: rank)
+        monkeypatch.setattr(devices, "rank", lambda rank=rank: rank)
         shares.append(trainer.epoch_batches(first[:3000], 32))
         short.append(sizes(trainer.epoch_batches(first[:2946], 32)))
     assert [sizes(s) for s in shares] == [[32] * 23 + [14]] * 4
