@@ -81,7 +81,8 @@ def write_spectrogram_set(data_dir, n_clips, n_tags=4, seed=0, dtype="float16"):
     data_dir.mkdir(parents=True, exist_ok=True)
     np.save(data_dir / "spectrograms.npy", spectrograms.astype(dtype))
     mp3_paths = [f"{i % 16:x}/clip-{i}.mp3" for i in range(n_clips)]
-    meta = formats.spectrogram_meta(formats.spectrogram_settings(n_clips, dtype, mp3_paths))  # as stage 2 writes it
+    meta = formats.spectrogram_meta(
+        formats.spectrogram_settings(n_clips, dtype, mp3_paths))  # as stage 2 writes it
     (data_dir / "spectrograms.json").write_text(json.dumps(meta))
     header = ["clip_id"] + [f"t{k}" for k in range(n_tags)] + ["mp3_path"]
     lines = ["\t".join(f'"{v}"' for v in header)]

@@ -23,9 +23,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-import common
-import gen_spectrograms
-import trainer
+import common  # noqa: E402
+import gen_spectrograms  # noqa: E402
+import trainer  # noqa: E402
 
 CLIP = ROOT / "tests" / "fixtures" / "joram-moments_of_clarity-08-solipsism-59-88.mp3"
 DEMO_ARGS = ["--split", "random", "--train-size", "192", "--val-size", "32", "--epochs", "6",

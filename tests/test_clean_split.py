@@ -45,7 +45,8 @@ def test_clean_lists_follow_the_rule_of_their_readme(annotations):
     top50, _ = common.top_tags(tags, tag_names, 50)
     tagged = top50.sum(axis=1) > 0
     folder = np.array([int(path.split("/")[0], 16) for path in mp3_paths])
-    rule = {"train": tagged & (folder <= 0xb), "valid": tagged & (folder == 0xc), "test": tagged & (folder >= 0xd)}
+    rule = {"train": tagged & (folder <= 0xb), "valid": tagged & (folder == 0xc),
+            "test": tagged & (folder >= 0xd)}
     for part, selected in rule.items():
         listed = np.loadtxt(common.SPLITS_DIR / f"mtat_clean_{part}.txt", dtype=np.int64)
         assert np.all(np.diff(listed) > 0)  # ascending, no repeats
@@ -83,14 +84,16 @@ def test_seed_never_moves_the_split(annotations):
     paper = common.paper_split()
     for seed in ("1337", "5"):
         args = trainer.parse_args(["--seed", seed])
-        assert all(np.array_equal(a, b) for a, b in zip(trainer.make_split(args, common.N_CLIPS, clip_ids), paper))
+        assert all(np.array_equal(a, b)
+                   for a, b in zip(trainer.make_split(args, common.N_CLIPS, clip_ids), paper))
         args = trainer.parse_args(["--split", "clean", "--seed", seed])
         assert all(np.array_equal(a, b) for a, b in zip(trainer.make_split(args, common.N_CLIPS, clip_ids),
                                                         common.clean_split(clip_ids)))
     random_args = ["--split", "random", "--train-size", "70", "--val-size", "10"]
     default = trainer.make_split(trainer.parse_args(random_args), 100)
     assert np.array_equal(default[1], common.random_split(100, 70, 10, seed=1337)[1])  # what demo.sh draws
-    assert np.array_equal(trainer.make_split(trainer.parse_args(random_args + ["--seed", "5"]), 100)[1], default[1])
+    assert np.array_equal(trainer.make_split(trainer.parse_args(random_args + ["--seed", "5"]), 100)[1],
+                          default[1])
     moved = trainer.make_split(trainer.parse_args(random_args + ["--split-seed", "5"]), 100)
     assert not np.array_equal(moved[1], default[1])
 

@@ -121,7 +121,8 @@ def test_fast_path_matches_fp32_eager_on_cuda(record_property):
     (loss, grads, after), (fast_loss, fast_grads, fast_after) = results["fp32"], results["fast"]
     assert fast_loss == pytest.approx(loss, rel=1e-2)
     cosines = {n: cosine(fast_grads[n], grad) for n, grad in grads.items()}
-    agreement = {n: (torch.sign(fast_after[n] - initial[n]) == torch.sign(value - initial[n])).float().mean().item()
+    agreement = {n: (torch.sign(fast_after[n] - initial[n])
+                     == torch.sign(value - initial[n])).float().mean().item()
                  for n, value in after.items() if n.endswith("weight") and value.dim() > 1}
     record_property("bf16_step_min_gradient_cosine", min(cosines.values()))
     record_property("bf16_step_min_adam_sign_agreement", min(agreement.values()))
@@ -163,7 +164,8 @@ def test_resume_on_cuda_matches_uninterrupted(cuda_data_dir, tmp_path, record_pr
     run("full", 2)
     run("resumed", 1)
     run("resumed", 2, "--resume")
-    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    def drop_time(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     full_rows = read_rows(tmp_path / "full" / "metrics.csv")
     assert drop_time(read_rows(tmp_path / "resumed" / "metrics.csv")) == drop_time(full_rows)
     resumed, full = (torch.load(tmp_path / name / "last.pt", map_location="cpu", weights_only=True)["model"]
@@ -221,7 +223,8 @@ def test_nccl_ddp_with_sync_batchnorm_in_one_process(tmp_path, record_property):
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
             loss = trainer.train_step(model.train(), optimizer, x, y, True).item()
             torch.cuda.synchronize()
-            results[name] = loss, {n.removeprefix("module."): p.grad.clone() for n, p in model.named_parameters()}
+            results[name] = loss, {n.removeprefix("module."): p.grad.clone()
+                                   for n, p in model.named_parameters()}
     finally:
         dist.destroy_process_group()
     (loss, grads), (ddp_loss, ddp_grads) = results["plain"], results["ddp"]
@@ -264,13 +267,15 @@ def test_predict_on_cuda_matches_cpu(cuda_run, mtat_clip, tmp_path, record_prope
     for device in ("cpu", "cuda"):
         result = subprocess.run(
             [sys.executable, str(SRC / "predict.py"), str(mtat_clip), "--checkpoint",
-             str(cuda_run[0] / "best_model.pt"), "--device", device, "--json", str(tmp_path / f"{device}.json")],
+             str(cuda_run[0] / "best_model.pt"), "--device", device, "--json",
+             str(tmp_path / f"{device}.json")],
             capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         (entry,) = json.loads((tmp_path / f"{device}.json").read_text()).values()
         probabilities[device] = dict(entry["tags"])
     assert sorted(probabilities["cuda"]) == sorted(probabilities["cpu"]) == ["t0", "t1", "t2", "t3"]
-    cpu, cuda = (np.array([probabilities[d][tag] for tag in ("t0", "t1", "t2", "t3")]) for d in ("cpu", "cuda"))
+    cpu, cuda = (np.array([probabilities[d][tag] for tag in ("t0", "t1", "t2", "t3")])
+                 for d in ("cpu", "cuda"))
     record_property("predict_max_abs_difference", float(np.abs(cuda - cpu).max()))
     assert np.abs(cuda - cpu).max() < 1e-2
 
@@ -323,7 +328,8 @@ def test_compiled_reduce_overhead_matches_eager_on_cuda(record_property):
         loss = trainer.train_step(eager.train(), eager_adam, x, y, False).item()
         grads = {n: p.grad.clone() for n, p in eager.named_parameters()}
         compiled_loss = trainer.train_step(compiled.train(), compiled_adam, x, y, False).item()
-        compiled_grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in compiled.named_parameters()}
+        compiled_grads = {n.removeprefix("_orig_mod."): p.grad.clone()
+                          for n, p in compiled.named_parameters()}
         loss_errors.append(abs(compiled_loss - loss) / loss)
         assert compiled_loss == pytest.approx(loss, rel=1e-5), step
         for n, grad in grads.items():

@@ -25,7 +25,8 @@ def test_synthetic_data_to_trained_model(tmp_path, mtat_clip):
                         "--train-size", "64", "--val-size", "24", "--epochs", "4", "--batch-size", "8",
                         "--bn-momentum", "0.1", "--device", "cpu", cwd=tmp_path)
     run_dir = tmp_path / "experiments" / "demo"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["best_model.pt", "last.pt", "metrics.csv", "results.json",
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best_model.pt", "last.pt", "metrics.csv",
+                                                        "results.json",
                                                         "test_scores.npz"]
     results = json.loads((run_dir / "results.json").read_text())
     assert result.stdout.splitlines()[-1].startswith("best validation ROC-AUC")

@@ -168,7 +168,8 @@ def test_training_benchmark_runs_on_cpu(capsys):
     for mode in ("baseline", "fast", "fast+compile"):
         row = results[mode]
         assert row["ms_per_step"] > 0 and row["clips_per_s"] == pytest.approx(2000 / row["ms_per_step"])
-        assert row["tflops"] == pytest.approx(3 * results["forward_gflop_per_clip"] * 1e9 * row["clips_per_s"] / 1e12)
+        assert row["tflops"] == pytest.approx(
+            3 * results["forward_gflop_per_clip"] * 1e9 * row["clips_per_s"] / 1e12)
         # 40 epochs of 18,000 clips in steps of 2, plus 7,863 clips scored per epoch
         assert row["projected_40_epochs_s"] == pytest.approx(
             40 * (9000 * row["ms_per_step"] / 1000 + 7863 / row["eval_clips_per_s"]))
@@ -226,7 +227,8 @@ def test_trainer_compile_flag(small_data_dir, small_run, tmp_path):
                             "--epochs", "2", "--compile"] + SMALL_RUN_ARGS)
     model, checkpoint = formats.load_model(tmp_path / "compiled" / "best_model.pt")
     assert not any(key.startswith("_orig_mod.") for key in checkpoint["state_dict"])
-    compiled, eager = read_rows(tmp_path / "compiled" / "metrics.csv"), read_rows(small_run[0] / "metrics.csv")
+    compiled, eager = (read_rows(tmp_path / "compiled" / "metrics.csv"),
+                       read_rows(small_run[0] / "metrics.csv"))
     # inductor draws other dropout masks than eager, so near, not equal
     assert float(compiled[0]["train_loss"]) == pytest.approx(float(eager[0]["train_loss"]), rel=0.05)
     assert results["val_roc_auc"] == pytest.approx(small_run[1]["val_roc_auc"], abs=0.1)
@@ -320,7 +322,8 @@ def test_gpu_choices_on_the_cpu_match_fp32_step_by_step(small_data_dir):
     labels = torch.from_numpy(common.read_annotations(small_data_dir / "annotations_final.csv")[1]).float()
     batches = trainer.epoch_batches(trainer.epoch_order(train_idx, 48, 0, 1), 4)  # 3 steps of 4 clips
     torch.manual_seed(0)
-    reference, fast = devices.on_device(common.MSCNN(4, 0.4, 0.1), cpu), devices.on_device(common.MSCNN(4, 0.4, 0.1), cpu)
+    reference, fast = (devices.on_device(common.MSCNN(4, 0.4, 0.1), cpu),
+                       devices.on_device(common.MSCNN(4, 0.4, 0.1), cpu))
     reference_adam = torch.optim.Adam(reference.parameters(), lr=1e-3)
     fast_adam = torch.optim.Adam(fast.parameters(), lr=1e-3, fused=True)
     for step in range(len(batches)):
@@ -362,7 +365,8 @@ def test_trainer_runs_the_gpu_choices_on_the_cpu_and_resumes(small_data_dir, sma
     """trainer.py --precision bf16 --fused-adam --resident on the CPU: it states, saves and
     takes the choices, learns as fp32 does, and an interrupted run resumes to the same numbers."""
     uploads, upload = [], devices.upload  # which arrays main makes resident (then uploads them)
-    monkeypatch.setattr(devices, "upload", lambda array, *a, **k: uploads.append(array.shape) or upload(array, *a, **k))
+    monkeypatch.setattr(devices, "upload",
+                        lambda array, *a, **k: uploads.append(array.shape) or upload(array, *a, **k))
 
     def run(name, epochs, *extra):
         return trainer.main(["--data-dir", str(small_data_dir), "--out", str(tmp_path), "--run", name,
@@ -372,7 +376,8 @@ def test_trainer_runs_the_gpu_choices_on_the_cpu_and_resumes(small_data_dir, sma
     assert uploads == [(48, common.N_MELS, common.N_FRAMES)]
     assert "precision bf16, fused Adam on, resident data on, cudnn.benchmark off" in capsys.readouterr().out
     _, checkpoint = formats.load_model(tmp_path / "full" / "best_model.pt")
-    assert {k: checkpoint["args"][k] for k in ("precision", "fused_adam", "resident", "cudnn_benchmark")} == dict(
+    assert {k: checkpoint["args"][k]
+            for k in ("precision", "fused_adam", "resident", "cudnn_benchmark")} == dict(
         precision="bf16", fused_adam=True, resident=True, cudnn_benchmark=False)
     fast, exact = read_rows(tmp_path / "full" / "metrics.csv"), read_rows(small_run[0] / "metrics.csv")
     # the first epoch's two steps are close to fp32's; then the runs part (see the test above).
@@ -383,8 +388,10 @@ def test_trainer_runs_the_gpu_choices_on_the_cpu_and_resumes(small_data_dir, sma
     assert results["val_roc_auc"] >= 0.95 and results["test_roc_auc"] >= 0.95  # as the fp32 run
     run("resumed", 1)
     run("resumed", 2, "--resume")
-    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    def drop_time(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert drop_time(read_rows(tmp_path / "resumed" / "metrics.csv")) == drop_time(fast)
-    resumed, full = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("resumed", "full"))
+    resumed, full = (torch.load(tmp_path / name / "last.pt", weights_only=True)
+                     for name in ("resumed", "full"))
     assert all(torch.equal(resumed["model"][k], full["model"][k]) for k in full["model"])
     assert resumed["optimizer"]["param_groups"][0]["fused"] is True

@@ -40,13 +40,15 @@ def test_another_front_end_runs_end_to_end(tmp_path):
     assert spectrograms.shape == (12, 96, 1256)
     meta = json.loads((data / "spectrograms.json").read_text())
     assert (meta["n_mels"], meta["hop_length"], meta["n_frames"]) == (96, 256, 1256)
-    run("trainer.py", "--data-dir", data, "--out", out, "--run", "r", "--split", "random", "--train-size", "8",
+    run("trainer.py", "--data-dir", data, "--out", out, "--run", "r", "--split", "random",
+        "--train-size", "8",
         "--val-size", "2", "--epochs", "1", "--batch-size", "4", "--device", "cpu")
     clip = sorted((data / "mp3").glob("*/*.mp3"))[0]
     run("predict.py", clip, "--checkpoint", out / "r" / "best_model.pt", "--csv", tmp_path / "tags.csv")
     with open(tmp_path / "tags.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [row["path"] for row in rows] == [str(clip)] and rows[0]["error"] == "" and rows[0]["windows"] == "1"
+    assert ([row["path"] for row in rows] == [str(clip)] and rows[0]["error"] == ""
+            and rows[0]["windows"] == "1")
     # the unchanged code refuses what the changed one made, in one line
     refused = subprocess.run([sys.executable, str(ROOT / "src" / "trainer.py"), "--data-dir", str(data),
                               "--out", str(out), "--run", "s", "--device", "cpu", "--split", "random",

@@ -230,7 +230,8 @@ def test_ctrl_c_or_sigterm_stops_workers_and_keeps_progress(tmp_path, annotation
     csv_path = data_dir / "annotations_final.csv"
     lines = csv_path.read_bytes().split(b"\r\n")
     csv_path.write_bytes(b"\r\n".join(lines[:1] + lines[1:8] * 6) + b"\r\n")
-    command = [sys.executable, str(SRC / "gen_spectrograms.py"), "--data-dir", str(data_dir), "--workers", "2"]
+    command = [sys.executable, str(SRC / "gen_spectrograms.py"), "--data-dir", str(data_dir),
+               "--workers", "2"]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
     seen, workers = [], []
     for line in proc.stderr:  # tqdm redraws with '\r'; failures come as whole lines

@@ -35,7 +35,8 @@ def test_pooling_kinds_per_branch(model):
     assert isinstance(model.subsample, nn.AvgPool2d) and model.subsample.kernel_size == (2, 4)
     for branch in (model.branch1, model.branch2, model.branch3, model.merge):
         assert not any(isinstance(m, nn.AvgPool2d) for m in branch.modules())
-    pools = lambda seq: [m.kernel_size for m in seq if isinstance(m, nn.MaxPool2d)]
+    def pools(seq):
+        return [m.kernel_size for m in seq if isinstance(m, nn.MaxPool2d)]
     assert pools(model.branch1) == [(2, 4), (2, 4), (2, 2)]
     assert pools(model.branch2) == [(2, 4), (2, 2)]
     assert pools(model.branch3) == [(2, 2)]
@@ -91,5 +92,6 @@ def test_forward_returns_logits_trained_with_bce_with_logits(model):
         logits = model(x)
     y = (torch.rand(3, 50) < 0.3).float()
     manual = -(y * torch.log(torch.sigmoid(logits)) + (1 - y) * torch.log(1 - torch.sigmoid(logits))).mean()
-    assert nn.functional.binary_cross_entropy_with_logits(logits, y).item() == pytest.approx(manual.item(), rel=1e-4)
+    assert nn.functional.binary_cross_entropy_with_logits(logits, y).item() == pytest.approx(
+        manual.item(), rel=1e-4)
     assert logits.min() < 0 < logits.max()  # logits, not probabilities

@@ -122,7 +122,8 @@ def test_batches_of_other_splits_sizes_and_processes(monkeypatch):
     assert not np.array_equal(trainer.epoch_order(train, 4000, 7, 2), first)
     assert not np.array_equal(trainer.epoch_order(train, 4000, 8, 1), first)
     assert np.array_equal(trainer.epoch_order(train, 4000, 7, 1), first)  # replayed: a resumed run's
-    sizes = lambda batches: [len(b) for b in batches]
+    def sizes(batches):
+        return [len(b) for b in batches]
     # 3,000 = 187 x 16 + 8, then a run of 1 clip: it joins the batch before it
     assert sizes(trainer.epoch_batches(first, 16)) == [16] * 187 + [8 + 1]
     assert sizes(trainer.epoch_batches(first[:3000], 2999)) == [3000]  # 2,999 + 1

@@ -27,7 +27,8 @@ def test_reproduce_runs_skips_finished_and_resumes_interrupted(tmp_path):
     assert sorted(p.name for p in study.iterdir()) == [
         "curves.png", "per_tag_gain.png", "random-scales1-seed1", "random-scales1-seed2", "random-seed1",
         "random-seed2", "report.md"]
-    results = {seed: json.loads((study / f"random-seed{seed}" / "results.json").read_text()) for seed in (1, 2)}
+    results = {seed: json.loads((study / f"random-seed{seed}" / "results.json").read_text())
+               for seed in (1, 2)}
     assert [results[s]["seed"] for s in (1, 2)] == [1, 2] and results[1]["split"] == "random"
     assert results[1]["n_train"] == 12 and results[1]["epochs"] == 1
     report = (study / "report.md").read_text()

@@ -60,7 +60,8 @@ class PaperMSCNN(nn.Module):
     def __init__(self, n_tags=50, dropout=0.4, bn_momentum=0.01):
         super().__init__()
         self.branch1 = nn.Sequential(
-            common.conv(1, 50, (3, 7)), nn.MaxPool2d((2, 4)), common.conv(50, 100, (3, 5)), nn.MaxPool2d((2, 4)),
+            common.conv(1, 50, (3, 7)), nn.MaxPool2d((2, 4)), common.conv(50, 100, (3, 5)),
+            nn.MaxPool2d((2, 4)),
             common.conv(100, 70, (3, 3)), nn.MaxPool2d((2, 2)))
         self.subsample = nn.AvgPool2d((2, 4))
         self.branch2 = nn.Sequential(common.conv(1, 100, (3, 5)), nn.MaxPool2d((2, 4)),
@@ -80,7 +81,8 @@ class PaperMSCNN(nn.Module):
 def test_default_network_is_the_paper_network():
     before, now = PaperMSCNN(50, 0.4, 0.01), common.MSCNN(50, 0.4, 0.01)
     assert now.scales == (1, 2, 3)
-    shapes = lambda model: [(k, v.shape) for k, v in model.state_dict().items()]  # names and order
+    def shapes(model):  # names and order
+        return [(k, v.shape) for k, v in model.state_dict().items()]
     assert shapes(now) == shapes(before)
     before.load_state_dict(now.state_dict())
     x = torch.randn(2, 1, common.N_MELS, common.N_FRAMES)
@@ -138,7 +140,8 @@ def test_a_checkpoints_weights_say_its_scales(tmp_path):
 def one_scale_run(small_data_dir, tmp_path_factory):
     """trainer.py --scales 1, 2 epochs on the small learnable set: (out, results)."""
     out = tmp_path_factory.mktemp("scales1")
-    results = trainer.main(["--data-dir", str(small_data_dir), "--out", str(out), "--run", "one", "--epochs", "2",
+    results = trainer.main(["--data-dir", str(small_data_dir), "--out", str(out), "--run", "one",
+                            "--epochs", "2",
                             "--scales", "1"] + SMALL_RUN_ARGS)
     return out, results
 
@@ -205,6 +208,7 @@ def test_a_last_pt_of_another_format_is_refused(small_run, small_data_dir, tmp_p
     (tmp_path / "old").mkdir()
     state = torch.load(run_dir / "last.pt", weights_only=True)
     torch.save(dict(state, format_version=0), tmp_path / "old" / "last.pt")
-    run = ["--data-dir", str(small_data_dir), "--out", str(tmp_path), "--run", "old", "--resume"] + SMALL_RUN_ARGS
+    run = (["--data-dir", str(small_data_dir), "--out", str(tmp_path), "--run", "old", "--resume"]
+           + SMALL_RUN_ARGS)
     with pytest.raises(SystemExit, match=r"last.pt: of format 0, this code reads 1; it cannot be resumed"):
         trainer.main(run + ["--epochs", "3"])

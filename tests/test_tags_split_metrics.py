@@ -52,11 +52,13 @@ def test_merged_columns_are_or_of_members(annotations):
     _, tags, tag_names, _ = annotations
     merged, merged_names = common.merge_synonyms(tags, tag_names)
     assert merged.shape == (25863, 135) and len(merged_names) == 135
-    column = lambda name: tags[:, tag_names.index(name)]
+    def column(name):
+        return tags[:, tag_names.index(name)]
     for group in (["drum", "drums"], ["classical", "clasical", "classic"],
                   ["female", "female singer", "female singing", "female vocals", "female voice",
                    "woman", "woman singing", "women"],
-                  ["no singer", "no singing", "no vocal", "no vocals", "no voice", "no voices", "instrumental"]):
+                  ["no singer", "no singing", "no vocal", "no vocals", "no voice", "no voices",
+                   "instrumental"]):
         expected = np.max([column(m) for m in group], axis=0)
         assert np.array_equal(merged[:, merged_names.index(group[0])], expected)
         assert all(m not in merged_names for m in group[1:])
@@ -98,7 +100,8 @@ def test_paper_split_deterministic_across_processes():
                           check=True).stdout for _ in range(2)]
     train, val, test = common.paper_split()
     import hashlib
-    assert out[0] == out[1] == hashlib.md5(train.tobytes() + val.tobytes() + test.tobytes()).hexdigest() + "\n"
+    assert out[0] == out[1] == hashlib.md5(
+        train.tobytes() + val.tobytes() + test.tobytes()).hexdigest() + "\n"
 
 
 def test_random_split():
@@ -121,5 +124,6 @@ def test_metrics_macro_over_scorable_tags():
     per_tag = common.roc_auc(y, scores, per_tag=True)
     assert np.isnan(per_tag[3]) and np.isfinite(per_tag[:3]).all()
     assert common.roc_auc(y, scores) == pytest.approx(roc_auc_score(y[:, :3], scores[:, :3], average="macro"))
-    assert common.pr_auc(y, scores) == pytest.approx(average_precision_score(y[:, :3], scores[:, :3], average="macro"))
+    assert common.pr_auc(y, scores) == pytest.approx(
+        average_precision_score(y[:, :3], scores[:, :3], average="macro"))
     assert np.isnan(common.roc_auc(np.zeros((5, 2)), np.zeros((5, 2))))

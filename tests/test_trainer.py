@@ -34,7 +34,8 @@ def read_csv(path):
 @pytest.mark.slow
 def test_training_learns_and_writes_outputs(run):
     run_dir, results = run
-    assert sorted(p.name for p in run_dir.iterdir()) == ["best_model.pt", "last.pt", "metrics.csv", "results.json",
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best_model.pt", "last.pt", "metrics.csv",
+                                                        "results.json",
                                                         "test_scores.npz"]
     assert results["val_roc_auc"] >= 0.95 and results["test_roc_auc"] >= 0.95
     assert json.loads((run_dir / "results.json").read_text()) == results
@@ -63,7 +64,8 @@ def test_best_model_reloads_and_reproduces_validation_auc(run, data_dir):
     assert np.allclose(checkpoint["norm_mean"].numpy(), train_x.mean(axis=(0, 2)), atol=1e-4)
     assert np.allclose(checkpoint["norm_std"].numpy(), train_x.std(axis=(0, 2)), atol=1e-4)
     with torch.no_grad():
-        scores = torch.sigmoid(model(common.normalise(spectrograms, checkpoint["norm_mean"], checkpoint["norm_std"])))
+        scores = torch.sigmoid(model(common.normalise(spectrograms, checkpoint["norm_mean"],
+                                                      checkpoint["norm_std"])))
     assert common.roc_auc(labels[val_idx], scores.numpy()) == pytest.approx(results["val_roc_auc"], abs=1e-6)
 
 
@@ -76,11 +78,15 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
     out = tmp_path
     trainer.main(["--data-dir", str(data_dir), "--out", str(out), "--run", "full", "--epochs", "2"] + SMALL)
     run_dir = out / "full"
-    trainer.main(["--data-dir", str(data_dir), "--out", str(out), "--run", "resumed", "--epochs", "1"] + SMALL)
+    trainer.main(["--data-dir", str(data_dir), "--out", str(out), "--run", "resumed", "--epochs", "1"]
+                 + SMALL)
     assert len(read_csv(out / "resumed" / "metrics.csv")) == 1
-    trainer.main(["--data-dir", str(data_dir), "--out", str(out), "--run", "resumed", "--epochs", "2", "--resume"] + SMALL)
-    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    assert drop_time(read_csv(out / "resumed" / "metrics.csv")) == drop_time(read_csv(run_dir / "metrics.csv"))
+    trainer.main(["--data-dir", str(data_dir), "--out", str(out), "--run", "resumed", "--epochs", "2",
+                  "--resume"] + SMALL)
+    def drop_time(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert drop_time(read_csv(out / "resumed" / "metrics.csv")) == drop_time(
+        read_csv(run_dir / "metrics.csv"))
     resumed = torch.load(out / "resumed" / "last.pt", weights_only=True)["model"]
     full = torch.load(run_dir / "last.pt", weights_only=True)["model"]
     assert all(torch.allclose(resumed[k].float(), full[k].float(), atol=1e-6) for k in full)
@@ -96,9 +102,11 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoints(data_dir, tmp_path, mo
         return loss if len(calls) <= 2 else loss * float("nan")  # epoch 2 goes bad
 
     monkeypatch.setattr(trainer, "train_step", step_then_nan)
-    with pytest.raises(SystemExit, match=r"loss became nan in epoch 2; stopped before saving it; the last good "
-                                         r"checkpoints in .* are intact \(last.pt: epoch 1, best_model.pt: epoch 1\)"):
-        trainer.main(["--data-dir", str(data_dir), "--out", str(tmp_path), "--run", "r", "--epochs", "3"] + SMALL)
+    with pytest.raises(SystemExit,
+                       match=r"loss became nan in epoch 2; stopped before saving it; the last good "
+                             r"checkpoints in .* are intact \(last.pt: epoch 1, best_model.pt: epoch 1\)"):
+        trainer.main(["--data-dir", str(data_dir), "--out", str(tmp_path), "--run", "r", "--epochs", "3"]
+                     + SMALL)
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["epoch"] == 1
     assert formats.load_model(tmp_path / "r" / "best_model.pt")[1]["epoch"] == 1
     assert len(read_csv(tmp_path / "r" / "metrics.csv")) == 1
@@ -123,20 +131,25 @@ def test_clear_errors(data_dir, tmp_path):
     # an existing run is never overwritten
     (tmp_path / "exp" / "r").mkdir(parents=True)
     (tmp_path / "exp" / "r" / "last.pt").write_bytes(b"x")
-    assert "--resume" in error_of("--data-dir", str(data_dir), "--out", str(tmp_path / "exp"), "--run", "r", *SMALL)
-    assert "--resume needs --run" in error_of("--data-dir", str(data_dir), "--out", str(tmp_path), "--resume", *SMALL)
+    assert "--resume" in error_of("--data-dir", str(data_dir), "--out", str(tmp_path / "exp"), "--run", "r",
+                                  *SMALL)
+    assert "--resume needs --run" in error_of("--data-dir", str(data_dir), "--out", str(tmp_path), "--resume",
+                                              *SMALL)
 
 
 def test_help_by_subprocess():
-    result = subprocess.run([sys.executable, str(SRC / "trainer.py"), "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(SRC / "trainer.py"), "--help"], capture_output=True,
+                            text=True)
     assert result.returncode == 0
-    for flag in ("--data-dir", "--out", "--run", "--epochs", "--milestones", "--split", "--resume", "--device"):
+    for flag in ("--data-dir", "--out", "--run", "--epochs", "--milestones", "--split", "--resume",
+                 "--device"):
         assert flag in result.stdout
 
 
 def test_missing_annotations_is_the_first_and_only_line(tmp_path):
     """By subprocess, default --device: nothing (no device line) comes before the error."""
-    result = subprocess.run([sys.executable, str(SRC / "trainer.py"), "--data-dir", str(tmp_path / "nowhere")],
+    result = subprocess.run([sys.executable, str(SRC / "trainer.py"), "--data-dir",
+                             str(tmp_path / "nowhere")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == (f"error: {tmp_path / 'nowhere' / 'annotations_final.csv'} not found; "
@@ -158,5 +171,6 @@ def test_reads_gzipped_annotations_and_names_a_damaged_file(data_dir, tmp_path):
         trainer.load_data(args)
     assert str(stop.value).startswith(f"error: {tmp_path / 'annotations_final.csv'}: neither UTF-8 text nor "
                                       "an intact gzip")
-    assert str(stop.value).endswith(f"restore the file (python src/get_data.py --data-dir {tmp_path} for MTAT) "
+    assert str(stop.value).endswith(f"restore the file (python src/get_data.py --data-dir {tmp_path} "
+                                    "for MTAT) "
                                     "or correct it")

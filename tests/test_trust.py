@@ -260,7 +260,8 @@ def test_predict_says_what_its_model_was_trained_on(checkpoints, songs, tmp_path
     assert err[1] == "warning: this model was trained on other data than MTAT: its tags are those data's"
     state["format_version"] += 1  # a checkpoint of another format: refused in one line
     torch.save(state, tmp_path / "other.pt")
-    with pytest.raises(SystemExit, match=f"error: {tmp_path / 'other.pt'}: of format 2, this code reads 1; pass"):
+    with pytest.raises(SystemExit,
+                       match=f"error: {tmp_path / 'other.pt'}: of format 2, this code reads 1; pass"):
         predict.main(songs[:1] + ["--checkpoint", str(tmp_path / "other.pt"), "--workers", "0"])
 
 

@@ -27,7 +27,8 @@ def test_trainer_saves_the_best_epochs_test_scores(small_run, small_data_dir):
     assert np.array_equal(saved["rows"], test_idx) and np.array_equal(saved["labels"], labels[test_idx])
     assert common.roc_auc(saved["labels"], saved["scores"]) == results["test_roc_auc"]
     assert common.pr_auc(saved["labels"], saved["scores"]) == results["test_pr_auc"]
-    with pytest.raises(ValueError, match=f"holds the test scores of epoch {results['epoch']}, not of the best "
+    with pytest.raises(ValueError, match=f"holds the test scores of epoch {results['epoch']}, not of "
+                                         "the best "
                                          "epoch 7"):
         formats.read_test_scores(run_dir, 7)
 
@@ -37,7 +38,8 @@ def test_test_scores_file_is_checked(tmp_path):
     formats.save_test_scores(tmp_path, np.zeros((3, 2)), np.zeros((3, 2)), np.arange(3), ["a", "b"], 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test_scores.npz"]  # no .tmp left
     formats.save_test_scores(tmp_path, np.zeros((3, 2)), np.zeros((2, 2)), np.arange(3), ["a", "b"], 1)
-    with pytest.raises(ValueError, match=r"scores \(3, 2\), labels \(2, 2\), rows \(3,\) .* do not fit together"):
+    with pytest.raises(ValueError,
+                       match=r"scores \(3, 2\), labels \(2, 2\), rows \(3,\) .* do not fit together"):
         formats.read_test_scores(tmp_path)
     (tmp_path / "test_scores.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="test_scores.npz is damaged or not trainer.py's"):
@@ -86,7 +88,8 @@ def test_identical_scores_differ_by_zero():
         point, low, high, p = result["comparisons"][0][metric]
         assert point == low == high == 0 and p == 1
         tag_point, tag_low, tag_high, tag_p = result["comparisons"][0][f"{metric}_per_tag"]
-        assert np.all(tag_point == 0) and np.all(tag_low == 0) and np.all(tag_high == 0) and np.all(tag_p == 1)
+        assert (np.all(tag_point == 0) and np.all(tag_low == 0) and np.all(tag_high == 0)
+                and np.all(tag_p == 1))
 
 
 def test_a_clearly_better_model_has_an_interval_above_zero():
@@ -130,7 +133,8 @@ def test_seed_pairs_average_and_unscorable_tags():
     expected = np.mean([common.roc_auc(labels, good) - common.roc_auc(labels, noise),
                         common.roc_auc(labels, good) - common.roc_auc(labels, noise[::-1])])
     assert comparison["roc"][0] == pytest.approx(expected, abs=1e-12)
-    assert np.isfinite(comparison["roc"][1:]).all()  # the macro mean leaves tag 2 out where it cannot score it
+    # the macro mean leaves tag 2 out where it cannot score it
+    assert np.isfinite(comparison["roc"][1:]).all()
     point, low, high, p = comparison["roc_per_tag"]
     assert np.isfinite(point[2]) and np.isnan(low[2]) and np.isnan(high[2]) and np.isnan(p[2])
     assert np.isfinite(low[:2]).all()
@@ -160,7 +164,8 @@ def ablation(tmp_path_factory):
         for seed in ("1", "2"):
             name = f"{'scales1-' if scales == ['1'] else ''}seed{seed}"
             trainer.main(["--data-dir", str(data), "--out", str(out), "--run", name, "--epochs", "1",
-                          "--seed", seed, "--scales", *scales, "--split", "random", "--train-size", "32", "--val-size", "16",
+                          "--seed", seed, "--scales", *scales, "--split", "random", "--train-size", "32",
+                          "--val-size", "16",
                           "--batch-size", "32", "--n-tags", "4", "--no-merge", "--device", "cpu"])
     return out
 
@@ -182,7 +187,8 @@ def test_report_intervals_and_paired_comparison(ablation, capsys):
     assert re.search(r"^\| random, scales 1 \| 2 \| ", text, re.M)
     # every run's interval contains its point estimate, which is results.json's
     section = text.split("## How sure each test score is")[1].split("## Does multi-scale help?")[0]
-    rows = [line.split("|")[1:-1] for line in section.splitlines() if re.match(r"\| (scales1-)?seed\d ", line)]
+    rows = [line.split("|")[1:-1] for line in section.splitlines()
+            if re.match(r"\| (scales1-)?seed\d ", line)]
     assert len(rows) == 4
     for cells in rows:
         results = report.load_run(ablation / cells[0].strip())
@@ -217,5 +223,7 @@ def test_report_without_test_scores_and_without_resamples(ablation, tmp_path, ca
         (tmp_path / "old" / name).write_bytes((ablation / "seed1" / name).read_bytes())
     text = report.main([str(tmp_path / "old"), "--out", str(tmp_path)])
     assert "(no test_scores.npz)" in text and "Does multi-scale help?" not in text
-    assert "has no test_scores.npz (made by an older trainer.py): no interval for it" in capsys.readouterr().err
-    assert "How sure" not in report.main([str(ablation / "seed1"), "--out", str(tmp_path), "--resamples", "0"])
+    assert ("has no test_scores.npz (made by an older trainer.py): no interval for it"
+            in capsys.readouterr().err)
+    assert "How sure" not in report.main([str(ablation / "seed1"), "--out", str(tmp_path),
+                                          "--resamples", "0"])
