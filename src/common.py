@@ -1,10 +1,7 @@
-"""The paper, shared by the scripts: features, tags, splits and their audit, the
-multi-scale CNN, metrics.
-
-Dabral, Deshmukh and Malapati, "A Multi-scale Convolutional Neural Network Architecture
-for Music Auto-Tagging", Springer 2018. Every constant below is the original system's
-(docs/original.md; the README's table of deviations says where we differ). The machinery
-around it (files, pools, devices, checkpoints) is in plumbing.py.
+"""The paper, shared by the scripts: features, tags, splits and their audit, the multi-scale CNN,
+metrics. Dabral, Deshmukh and Malapati, "A Multi-scale Convolutional Neural Network Architecture for
+Music Auto-Tagging", Springer 2018. Every constant is the original system's (docs/original.md; the
+README's table of deviations says where we differ); files, pools, devices, checkpoints: plumbing.py.
 """
 import csv
 import gzip
@@ -25,7 +22,6 @@ N_MELS = 128
 N_FRAMES = 628  # frames of one MTAT clip, the network's input width
 LOG_FLOOR = 1e-20  # mel power is clipped here before the natural log
 
-
 BLOCK_S = 30  # seconds of source audio decoded, resampled and framed at a time
 PAD_MODE = "reflect"  # the STFT's centring: N_FFT // 2 samples reflected at each end (librosa 2018's default)
 RESAMPLERS = ("soxr_hq", "kaiser_best")  # librosa 0.11's default; resampy's, librosa 2018's (the original's)
@@ -38,18 +34,13 @@ def feature_params(resampler=None):
                 n_frames=N_FRAMES, log_floor=LOG_FLOOR, pad_mode=PAD_MODE, resampler=resampler or RESAMPLER)
 
 
-# The one feature pipeline, in three stages that pass blocks along, so that memory does not
-# grow with a file's length: decode -> resample -> log-mel. Each stage holds back its last
-# block until it knows it is the last, so a file of one block (an MTAT clip) is computed in
-# one call per stage, exactly as librosa.load + librosa.feature.melspectrogram compute it;
-# longer files agree with that to float32 rounding of the mel projection.
+# The pipeline decode -> resample -> log-mel passes blocks along, so memory does not grow with a file.
+# Each stage holds back its last block until it knows it is the last: a one-block file (an MTAT clip)
+# is computed exactly as librosa.load + melspectrogram do, longer ones to float32 rounding.
 def decode(path, block_s=BLOCK_S):
-    """Open an audio file: (its sample rate, an iterator of mono float32 blocks (n,) of
-    block_s seconds; None: the whole file as one block). soundfile reads what it can
-    (WAV, FLAC, MP3, Ogg, ...); librosa's fallback (audioread) decodes the rest whole.
-    Channels are averaged (librosa.to_mono). Raises ValueError naming the file when it is
-    not a regular file, is empty, or (while iterating) holds samples that are not finite;
-    the decoders' own errors otherwise."""
+    """Audio file -> (sample rate, iterator of mono float32 blocks (n,) of block_s seconds; None: one
+    block). soundfile reads what it can, librosa (audioread) decodes the rest whole; channels averaged.
+    ValueError naming the file: not a regular file, empty, or (while iterating) samples not finite."""
     import soundfile
 
     if not os.path.isfile(path):
@@ -84,10 +75,9 @@ def finite_blocks(path, blocks, rate):
 
 
 def resample(rate, blocks, resampler=None):
-    """Mono blocks at `rate` -> blocks at SAMPLE_RATE, ceil(n * SAMPLE_RATE / rate) samples in
-    all as librosa.resample gives. soxr_hq: soxr's streaming resampler at librosa 0.11's default
-    quality (the same samples as its one-shot call; soxr's output is never longer). kaiser_best:
-    librosa.resample with resampy's filter, which cannot stream: the whole file in one block."""
+    """Mono blocks at `rate` -> blocks at SAMPLE_RATE, ceil(n * SAMPLE_RATE / rate) samples in all as
+    librosa.resample gives. soxr_hq streams (the samples of soxr's one-shot call, padded to length);
+    kaiser_best (resampy) cannot stream: the whole file in one block."""
     import soxr
 
     if rate == SAMPLE_RATE:
@@ -116,10 +106,9 @@ def resample(rate, blocks, resampler=None):
 
 
 def log_mel_frames(blocks):
-    """Mono blocks at SAMPLE_RATE -> float32 log-mel frames (N_MELS, k), block by block:
-    together librosa's centred mel power spectrogram (pad_mode PAD_MODE: N_FFT // 2 samples
-    reflected at both ends, as np.pad does; Slaney mel scale, power 2) of the whole waveform,
-    clipped at LOG_FLOOR, natural log. 1 + n_samples // HOP_LENGTH frames in all."""
+    """Mono blocks at SAMPLE_RATE -> float32 log-mel frames (N_MELS, k) per block; together librosa's
+    centred (PAD_MODE) mel power spectrogram of the whole waveform, clipped at LOG_FLOOR, natural log:
+    1 + n_samples // HOP_LENGTH frames in all."""
     import librosa
 
     half, started = N_FFT // 2, False
@@ -144,15 +133,9 @@ def log_mel_frames(blocks):
 
 
 def read_log_mel(path, block_s=BLOCK_S, resampler=None):
-    """Every log-mel frame of an audio file (decode -> resample -> log_mel_frames; resampler:
-    one of RESAMPLERS, None: RESAMPLER).
-
-    Returns:
-        spec: float32 ndarray (N_MELS, 1 + n_samples // HOP_LENGTH).
-        duration_s: float, the length of the audio resampled to SAMPLE_RATE.
-    Raises ValueError naming the file when it cannot be decoded, holds no samples, or its
-    samples or log-mel are not finite.
-    """
+    """Every log-mel frame of an audio file (resampler: one of RESAMPLERS, None: RESAMPLER) ->
+    (spec float32 (N_MELS, 1 + n_samples // HOP_LENGTH), duration_s of the resampled audio).
+    ValueError naming the file when it does not decode, holds no samples, or its log-mel is not finite."""
     n_samples = 0
 
     def counted(blocks):
@@ -194,26 +177,15 @@ def warm_up():
 
 
 def log_mel(path, n_frames=N_FRAMES, block_s=BLOCK_S, resampler=None):
-    """Log-mel spectrogram of an audio file, as the original computed it (read_log_mel),
-    cropped or padded by fit_frames to n_frames (None: every frame).
-
-    Returns float32 ndarray (N_MELS, n_frames), or (N_MELS, 1 + n_samples // HOP_LENGTH).
-    """
+    """read_log_mel's spectrogram fitted to n_frames (fit_frames): float32 (N_MELS, n_frames); None:
+    every frame, (N_MELS, 1 + n_samples // HOP_LENGTH)."""
     spec = read_log_mel(path, block_s, resampler)[0]
     return spec if n_frames is None else fit_frames(spec, n_frames)
 
 
 def fit_frames(spec, n_frames=N_FRAMES):
-    """Crop or pad a log-mel spectrogram on the time axis to exactly n_frames.
-
-    Longer input keeps its first n_frames frames; shorter input is padded at the end
-    with log(LOG_FLOOR), the value silence has, so padding reads as silence.
-
-    Args:
-        spec: ndarray (N_MELS, n) of log-mel values.
-    Returns:
-        ndarray (N_MELS, n_frames), same dtype.
-    """
+    """(N_MELS, n) log-mel -> (N_MELS, n_frames), same dtype: the first n_frames frames, or padded at
+    the end with log(LOG_FLOOR), the value of silence."""
     if spec.shape[1] >= n_frames:
         return spec[:, :n_frames]
     pad = np.full((spec.shape[0], n_frames - spec.shape[1]), np.log(LOG_FLOOR), spec.dtype)
@@ -223,52 +195,27 @@ def fit_frames(spec, n_frames=N_FRAMES):
 # -----------------------------------------------------------------------------
 # Tags: read MTAT annotations, merge synonyms, keep the most frequent
 SYNONYMS = [
-    ["beat", "beats"],
-    ["chant", "chanting"],
-    ["choir", "choral"],
-    ["classical", "clasical", "classic"],
-    ["drum", "drums"],
-    ["electro", "electronic", "electronica", "electric"],
-    ["fast", "fast beat", "quick"],
+    ["beat", "beats"], ["chant", "chanting"], ["choir", "choral"], ["classical", "clasical", "classic"],
+    ["drum", "drums"], ["electro", "electronic", "electronica", "electric"], ["fast", "fast beat", "quick"],
     ["female", "female singer", "female singing", "female vocals", "female voice",
      "woman", "woman singing", "women"],
-    ["flute", "flutes"],
-    ["guitar", "guitars"],
-    ["hard", "hard rock"],
-    ["harpsichord", "harpsicord"],
-    ["heavy", "heavy metal", "metal"],
-    ["horn", "horns"],
-    ["india", "indian"],
-    ["jazz", "jazzy"],
-    ["male", "male singer", "male vocal", "male vocals", "male voice", "man",
-     "man singing", "men"],
+    ["flute", "flutes"], ["guitar", "guitars"], ["hard", "hard rock"], ["harpsichord", "harpsicord"],
+    ["heavy", "heavy metal", "metal"], ["horn", "horns"], ["india", "indian"], ["jazz", "jazzy"],
+    ["male", "male singer", "male vocal", "male vocals", "male voice", "man", "man singing", "men"],
     ["no beat", "no drums"],
-    ["no singer", "no singing", "no vocal", "no vocals", "no voice", "no voices",
-     "instrumental"],
-    ["opera", "operatic"],
-    ["orchestra", "orchestral"],
-    ["quiet", "silence"],
-    ["singer", "singing"],
-    ["space", "spacey"],
-    ["string", "strings"],
-    ["synth", "synthesizer"],
-    ["violin", "violins"],
-    ["vocal", "vocals", "voice", "voices"],
-    ["strange", "weird"],
+    ["no singer", "no singing", "no vocal", "no vocals", "no voice", "no voices", "instrumental"],
+    ["opera", "operatic"], ["orchestra", "orchestral"], ["quiet", "silence"], ["singer", "singing"],
+    ["space", "spacey"], ["string", "strings"], ["synth", "synthesizer"], ["violin", "violins"],
+    ["vocal", "vocals", "voice", "voices"], ["strange", "weird"],
 ]
 
 
 def read_annotations(csv_path):
-    """Read MTAT's annotations_final.csv (quoted, tab-separated, CRLF line ends), or a gzip of it.
-
-    Returns:
-        clip_ids: int64 ndarray (N,).
-        tags: uint8 ndarray (N, T) of 0/1, T = 188 for the real file.
-        tag_names: list of T str, in the file's column order.
-        mp3_paths: list of N str, relative to the mp3 folder (e.g. 'f/artist-...mp3').
-    Raises ValueError naming the file (and the line) when it is neither text nor gzip, or not
-    in MTAT's form (check_annotations).
-    """
+    """MTAT's annotations_final.csv (quoted, tab-separated, CRLF line ends), or a gzip of it ->
+    (clip_ids int64 (N,), tags uint8 0/1 (N, T), tag_names (T str, the file's column order; T = 188),
+    mp3_paths (N str relative to the mp3 folder, e.g. 'f/artist-...mp3')).
+    ValueError naming the file (and line) when it is neither text nor gzip, or not MTAT's form: header
+    'clip_id', tag names..., 'mp3_path' (no byte-order mark), >= 1 row as long, int ids, tags 0 or 1."""
     with open(csv_path, "rb") as f:  # gzip by its magic bytes, whatever the name
         opener = gzip.open if f.read(2) == b"\x1f\x8b" else open
     try:
@@ -277,17 +224,6 @@ def read_annotations(csv_path):
     except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error) as error:
         raise ValueError(f"{csv_path}: neither UTF-8 text nor an intact gzip ({error}), so not MTAT's "
                          "annotations; give MTAT's annotations_final.csv or a gzip of it") from None
-    header, body = check_annotations(csv_path, rows)
-    clip_ids = np.array([r[0] for r in body], dtype=np.int64)
-    tags = np.array([r[1:-1] for r in body], dtype=np.uint8).reshape(len(body), len(header) - 2)
-    return clip_ids, tags, header[1:-1], [r[-1] for r in body]
-
-
-def check_annotations(csv_path, rows):
-    """The header and the clip rows (blank lines left out) of an annotations file read as
-    rows of fields, after checking that it is MTAT's form: a header 'clip_id', tag
-    names..., 'mp3_path' (no byte-order mark), at least one clip row, every row as long as
-    the header, integer clip ids, tags 0 or 1. ValueError naming the file and the line."""
     if not rows:
         raise ValueError(f"{csv_path}: empty file")
     if rows[0] and rows[0][0].startswith("\ufeff"):
@@ -309,22 +245,16 @@ def check_annotations(csv_path, rows):
         if not binary.issuperset(r[1:-1]):
             i = next(i for i, value in enumerate(r[1:-1], 1) if value not in binary)
             raise ValueError(f"{csv_path}: line {line}: tag {header[i]!r} is {r[i]!r}, not 0 or 1")
-    return header, [r for _, r in numbered]
+    body = [r for _, r in numbered]
+    clip_ids = np.array([r[0] for r in body], dtype=np.int64)
+    tags = np.array([r[1:-1] for r in body], dtype=np.uint8).reshape(len(body), len(header) - 2)
+    return clip_ids, tags, header[1:-1], [r[-1] for r in body]
 
 
 def merge_synonyms(tags, tag_names, synonyms=SYNONYMS):
-    """Merge each synonym group into one tag, the logical OR of its members.
-
-    The merged tag takes the name of the group's first member and the column of
-    whichever member comes first in `tag_names`; members absent from `tag_names` are
-    ignored, and a group with no member present is skipped. Other tags keep their
-    columns in order.
-
-    Args:
-        tags: 0/1 ndarray (N, T).  tag_names: list of T str.
-    Returns:
-        tags: uint8 ndarray (N, T'), tag_names: list of T' str (135 for MTAT).
-    """
+    """0/1 (N, T), T names -> uint8 (N, T'), T' names (135 for MTAT): each synonym group becomes one
+    tag, the OR of the members present, named after its first member, at the column of whichever
+    member comes first (a group with none present is skipped); other tags keep their columns."""
     group_of = {member: group for group in synonyms for member in group}
     columns, names, done = [], [], set()
     for name in tag_names:
@@ -341,13 +271,7 @@ def merge_synonyms(tags, tag_names, synonyms=SYNONYMS):
 
 
 def top_tags(tags, tag_names, n=50):
-    """Keep the n most frequent tags, most frequent first.
-
-    Ties keep the order of `tag_names` (a stable sort), so the result is deterministic.
-
-    Returns:
-        tags: ndarray (N, n), tag_names: list of n str.
-    """
+    """The n most frequent tags, most frequent first, ties in tag_names' order: (N, n), n names."""
     order = np.argsort(-tags.sum(axis=0, dtype=np.int64), kind="stable")[:n]
     return tags[:, order], [tag_names[i] for i in order]
 
@@ -364,18 +288,17 @@ def load_tags(csv_path, n_tags=50, merge=True):
 # -----------------------------------------------------------------------------
 # Splits
 N_CLIPS = 25863  # rows of MTAT's annotations_final.csv
-# Shapes of the original's weight tensors, in the order it drew them from the split's
-# RandomState before shuffling (conv: out, in, kh, kw; dense: in, out).
+# The original's weight tensors, in the order it drew them from the split's RandomState before
+# shuffling (conv: out, in, kh, kw; dense: in, out)
 PAPER_WEIGHT_SHAPES = [(50, 1, 3, 7), (100, 50, 3, 5), (70, 100, 3, 3), (100, 1, 3, 5),
                        (70, 100, 3, 3), (70, 1, 3, 3), (70, 210, 3, 3), (70, 70, 3, 3),
                        (5040, 500), (500, 50)]
 
 
 def original_draws(rng, shapes=PAPER_WEIGHT_SHAPES):
-    """The original's initial weights, drawn from rng (a numpy RandomState) as it drew them:
-    per shape in turn one normal(0, sqrt(2 / (fan_in + fan_out)), shape) (Glorot; a conv
-    (out, in, kh, kw) has fans in*kh*kw and out*kh*kw, a dense layer (in, out) in and out),
-    times 4 for the last, the sigmoid output layer. -> float64 ndarrays, the original's layouts."""
+    """The original's initial weights drawn from rng (a numpy RandomState), float64 in its layouts:
+    per shape normal(0, Glorot std sqrt(2 / (fan_in + fan_out)), the kernel area in a conv's fans),
+    times 4 for the last, the sigmoid output layer."""
     draws = []
     for i, shape in enumerate(shapes):
         area = int(np.prod(shape[2:]))
@@ -386,14 +309,9 @@ def original_draws(rng, shapes=PAPER_WEIGHT_SHAPES):
 
 
 def original_order(n_clips=N_CLIPS, seed=1337):
-    """The original's random stream after its split: numpy RandomState(seed) after the weight
-    draws of PAPER_WEIGHT_SHAPES and its shuffle of the n_clips rows.
-
-    Returns:
-        rng: that RandomState (the original went on to shuffle its training rows with it).
-        order: int64 ndarray (n_clips,), the shuffled rows: validation its first 2,000, test
-        the next n_clips - 20,000, training the last 18,000, in the order of the first epoch.
-    """
+    """(rng, order): RandomState(seed) after the weight draws and its shuffle of the n_clips rows,
+    which the original went on to shuffle its training rows with; order int64 (n_clips,):
+    validation the first 2,000, test the next n_clips - 20,000, training the last 18,000 (epoch 1's)."""
     rng = np.random.RandomState(seed)
     original_draws(rng)
     order = np.arange(n_clips)
@@ -402,13 +320,8 @@ def original_order(n_clips=N_CLIPS, seed=1337):
 
 
 def paper_split(n_clips=N_CLIPS, seed=1337):
-    """The original train/validation/test split of MTAT, reproduced exactly (original_order):
-    validation = the first 2,000 shuffled rows, test = the next 5,863, training = rest.
-
-    Returns:
-        train_idx, val_idx, test_idx: sorted int64 ndarrays of annotation rows,
-        (18000,), (2000,), (5863,) for the full data set; disjoint, covering 0..N-1.
-    """
+    """The original split, exactly (original_order) -> sorted, disjoint int64 train_idx, val_idx,
+    test_idx covering 0..N-1: (18000,), (2000,), (5863,) on the full annotations."""
     n_val, n_test = 2000, n_clips - 2000 - 18000
     if n_test < 0:
         raise ValueError(f"paper_split needs at least 20,000 clips, got {n_clips}")
@@ -418,12 +331,8 @@ def paper_split(n_clips=N_CLIPS, seed=1337):
 
 
 def random_split(n_clips, n_train, n_val, seed=1337):
-    """A plain seeded split for data sets of any size; test = what is left.
-
-    Returns:
-        train_idx (n_train,), val_idx (n_val,), test_idx (n_clips - n_train - n_val,):
-        sorted int64 ndarrays, disjoint, covering 0..n_clips-1.
-    """
+    """A seeded split of any size -> sorted, disjoint int64 train_idx (n_train,), val_idx (n_val,),
+    test_idx (the rest) covering 0..n_clips-1."""
     if n_train <= 0 or n_val <= 0 or n_train + n_val >= n_clips:
         raise ValueError(f"cannot split {n_clips} clips into {n_train} training, "
                          f"{n_val} validation and at least 1 test clip")
@@ -437,20 +346,9 @@ CLEAN_SPLIT_FILES = ("mtat_clean_train.txt", "mtat_clean_valid.txt", "mtat_clean
 
 
 def clean_split(clip_ids, splits_dir=SPLITS_DIR):
-    """The field's song-disjoint benchmark split of MTAT (Lee et al. 2017, Won et al. 2020).
-
-    Reads the three clip-id lists in `splits_dir` (see splits/README.md: MTAT's folders
-    0..b train, c validation, d..f test; only clips with one of the 50 most frequent
-    unmerged tags) and finds each listed clip among the annotation rows. Rows not listed
-    belong to no part (4,758 of the 25,863).
-
-    Args:
-        clip_ids: int ndarray (N,), the annotations' clip_id column (read_annotations).
-    Returns:
-        train_idx, val_idx, test_idx: sorted int64 ndarrays of annotation rows,
-        (15244,), (1529,), (4332,) on the full annotations; disjoint.
-    Raises ValueError naming how many listed clips the annotations lack (and a few ids).
-    """
+    """The field's song-disjoint split of MTAT (Lee et al. 2017, Won et al. 2020; splits/README.md):
+    listed clip ids found in clip_ids (N,) -> sorted, disjoint int64 train_idx, val_idx, test_idx, (15244,),
+    (1529,), (4332,) on the full annotations. ValueError naming how many listed clips are missing."""
     row_of = {int(clip_id): row for row, clip_id in enumerate(clip_ids)}
     parts, missing = [], []
     for name in CLEAN_SPLIT_FILES:
@@ -475,18 +373,10 @@ FOLDER_PARTS = ("0123456789ab", "c", "def")  # MTAT's folders of training, valid
 
 
 def folder_split(mp3_paths):
-    """MTAT's folder split with every usable clip: folders 0..b train, c validation, d..f
-    test (the split of the self-supervised benchmarks, e.g. MARBLE), the three broken clips
-    (BROKEN_CLIPS) left out, whatever their tags (unlike the clean split, no clip is dropped
-    for lacking a top-50 tag). Like the clean split it keeps songs and albums on one side.
-
-    Args:
-        mp3_paths: list of N str (read_annotations), each '<folder 0-f>/<name>.mp3'.
-    Returns:
-        train_idx, val_idx, test_idx: sorted int64 ndarrays of annotation rows, (18706,),
-        (1825,), (5329,) on the full annotations; disjoint.
-    Raises ValueError naming a path outside MTAT's folders (0..f).
-    """
+    """MTAT's folder split of every usable clip (that of the self-supervised benchmarks, e.g. MARBLE):
+    '<folder>/<name>.mp3' paths (N,) -> sorted, disjoint int64 train_idx, val_idx, test_idx, (18706,),
+    (1825,), (5329,) on the full annotations; BROKEN_CLIPS left out, no clip dropped for its tags.
+    Keeps songs and albums on one side. ValueError naming a path outside MTAT's folders (0..f)."""
     folders = [path.split("/", 1)[0] if "/" in path else "" for path in mp3_paths]
     outside = [path for path, folder in zip(mp3_paths, folders)
                if len(folder) != 1 or folder not in "0123456789abcdef"]
@@ -500,16 +390,9 @@ def folder_split(mp3_paths):
 
 
 def parse_mp3_path(mp3_path):
-    """MTAT's clip path -> (song, album, artist) keys, or None when it does not parse.
-
-    MTAT names a clip '<folder>/<artist>-<album>-<track no>-<title>-<start>-<end>.mp3',
-    spaces written '_', fields joined by '-'. song = the name without the folder and the
-    trailing '-<start>-<end>.mp3'; album = 'artist-album'; artist = the first field. A name
-    with fewer than 6 fields, or whose last two are not numbers, does not parse (the
-    synthetic set's 'a/synthetic-000010.mp3', for one). All 25,863 real names have
-    exactly 6 fields; a '-' inside a name would shift album and artist (the song key,
-    which drops only the last two fields, stays right).
-    """
+    """'<folder>/<artist>-<album>-<track no>-<title>-<start>-<end>.mp3' -> (song, album, artist) keys:
+    the name without '-<start>-<end>.mp3', 'artist-album', 'artist'; None under 6 fields or a non-numeric
+    start or end. All real names have 6 fields; a '-' inside one would shift album and artist, not song."""
     name = mp3_path.rsplit("/", 1)[-1]
     name = name[:-4] if name.lower().endswith(".mp3") else name
     fields = name.split("-")
@@ -519,21 +402,9 @@ def parse_mp3_path(mp3_path):
 
 
 def split_overlap(mp3_paths, train_idx, eval_idx):
-    """Leakage audit: how many evaluation clips share a song, album or artist with training.
-
-    Keys come from parse_mp3_path. What it cannot see: the same song under two spellings
-    (re-releases, typos), an artist on a compilation (MTAT has 'various_artists' and
-    'magnatune_compilation' as artist names, so their tracks' real artists are unknown and
-    they all count as one artist), and clips whose names do not parse ('unparsed': each is
-    taken as its own song, album and artist, so they never count as shared).
-
-    Args:
-        mp3_paths: list of N str (read_annotations).  train_idx, eval_idx: int arrays of rows.
-    Returns:
-        dict: n_clips (len(eval_idx)); song, album, artist (eval clips sharing that with at
-        least one training clip; a shared song implies a shared album and artist);
-        unparsed (eval clips whose name does not parse).
-    """
+    """Leakage audit -> dict: n_clips (len(eval_idx)); song, album, artist: evaluation clips sharing that
+    with a training clip (parse_mp3_path); unparsed: names that do not parse, never shared. Blind to a song
+    spelt twice and to compilations' artists ('various_artists' counts as one artist)."""
     train_keys = [set(), set(), set()]
     for row in train_idx:
         keys = parse_mp3_path(mp3_paths[row])
@@ -581,20 +452,10 @@ class BatchNorm(nn.BatchNorm1d):
 
 
 class MSCNN(nn.Module):
-    """Multi-scale CNN of Dabral et al. (2018) for (B, 1, 128, 628) log-mel input.
-
-    Three branches see the spectrogram at full resolution, average-pooled by (2, 4) and
-    by (4, 16); each ends at 70 x 16 x 19. The 210 concatenated channels go through two
-    3x3 convolutions, a max-pool to 70 x 8 x 9 = 5040 features, batch norm, dropout 0.4,
-    a 500-unit ReLU layer and one logit per tag. 2,936,810 parameters for 50 tags.
-    forward returns logits (B, n_tags); apply sigmoid for probabilities.
-
-    scales: which branches the network has, any non-empty subset of (1, 2, 3) (the
-    ablation of the paper's claim; (1,) is the single-scale baseline); the merge
-    convolution then takes 70 x len(scales) channels. Branches not asked for are not built,
-    so the default network and its parameter names are the paper's. seed: of the initial
-    weights (reset_parameters); 1337 gives the original's, value for value.
-    """
+    """Multi-scale CNN of Dabral et al. (2018): (B, 1, 128, 628) normalised log-mel -> (B, n_tags)
+    logits (sigmoid for probabilities); layers in docs/original.md, 2,936,810 parameters for 50 tags.
+    scales: the branches built, any non-empty subset of SCALES (an ablation; (1,): single-scale); the
+    merge convolution takes 70 x len(scales) channels. seed: 1337 gives the original's weights."""
 
     def __init__(self, n_tags=50, dropout=0.4, bn_momentum=0.01, scales=SCALES, seed=1337):
         super().__init__()
@@ -619,21 +480,18 @@ class MSCNN(nn.Module):
         # every branch pools the input by 16 in height and 32 in width, the merge by 2 more
         n_features = 70 * (N_MELS // 16) * (N_FRAMES // 64)
         self.head = nn.Sequential(
-            BatchNorm(n_features, eps=1e-3, momentum=bn_momentum),
-            nn.Dropout(dropout),
-            nn.Linear(n_features, 500), nn.ReLU(inplace=True),
-            nn.Linear(500, n_tags))
+            BatchNorm(n_features, eps=1e-3, momentum=bn_momentum), nn.Dropout(dropout),
+            nn.Linear(n_features, 500), nn.ReLU(inplace=True), nn.Linear(500, n_tags))
         self.reset_parameters(seed)
 
     def reset_parameters(self, seed=1337):
-        """The original's initial weights (original_draws from numpy RandomState(seed)) in the
-        module's dtype: conv filters flipped on both spatial axes (the original's convolution
-        is a true one), dense weights transposed; biases 0; batch norm 1, 0, fresh statistics.
-        Every layer of a network without some branches is the full network's: the absent
-        branches' layers are drawn and discarded, and the merge convolution keeps its branches'
-        input channels, rescaled to the Glorot std of its own fans."""
+        """The original's initial weights (original_draws of RandomState(seed)) in the module's dtype:
+        conv filters flipped on both axes (the original's is a true convolution), dense weights
+        transposed; biases 0; batch norm fresh. Without some branches, theirs are drawn and discarded
+        and the merge convolution keeps its branches' input channels, rescaled to its fans' Glorot std."""
         modules = dict(self.named_modules())
-        shapes = PAPER_WEIGHT_SHAPES[:-2] + [(self.head[2].in_features, 500), (500, self.head[4].out_features)]
+        shapes = PAPER_WEIGHT_SHAPES[:-2] + [(self.head[2].in_features, 500),
+                                             (500, self.head[4].out_features)]
         draws = original_draws(np.random.RandomState(seed), shapes)
         for name, shape, draw in zip(ORIGINAL_LAYERS, shapes, draws):
             if name not in modules:
@@ -648,8 +506,7 @@ class MSCNN(nn.Module):
         self.head[0].reset_parameters()
 
     def features(self, x):
-        """(B, 1, 128, 628) -> the outputs of the network's branches in scale order, each
-        (B, 70, 16, 19): three for the paper's network."""
+        """(B, 1, 128, 628) -> the branches' outputs in scale order, each (B, 70, 16, 19)."""
         outputs = []
         for scale in range(1, max(self.scales) + 1):
             if scale > 1:
@@ -659,37 +516,26 @@ class MSCNN(nn.Module):
         return tuple(outputs)
 
     def embed(self, x):
-        """(B, 1, 128, 628) normalised log-mel -> (B, 500) embedding: the activations of the
-        penultimate layer (the 500-unit dense layer, after its ReLU; >= 0)."""
+        """(B, 1, 128, 628) -> (B, 500): the 500-unit layer's activations, after its ReLU (>= 0)."""
         return self.head[:-1](self.merge(torch.cat(self.features(x), dim=1)))
 
     def forward(self, x):
-        """(B, 1, 128, 628) normalised log-mel -> (B, n_tags) logits (the last layer on embed)."""
+        """(B, 1, 128, 628) -> (B, n_tags) logits (the last layer on embed)."""
         return self.head[-1](self.embed(x))
 
 
 def normalise(log_mel_batch, norm_mean, norm_std):
-    """(B, N_MELS, n) log-mel -> (B, 1, N_MELS, n) standardised per mel band.
-
-    norm_mean, norm_std: tensors (N_MELS,) on the batch's device; the result is float32.
-    """
+    """(B, N_MELS, n) log-mel -> float32 (B, 1, N_MELS, n) standardised per mel band by the
+    (N_MELS,) tensors norm_mean, norm_std on the batch's device."""
     return ((log_mel_batch.float() - norm_mean[:, None]) / norm_std[:, None]).unsqueeze(1)
 
 
 @torch.no_grad()
 def score(model, log_mel_batch, norm_mean, norm_std, bf16=False, embed=False):
-    """The one scorer, for the trainer's evaluation and predict.py alike, on any device:
-    normalise -> network -> sigmoid.
-
-    Args:
-        model: an MSCNN in eval mode (with embed=False, anything that calls like one: a
-            compiled or distributed wrapper); log_mel_batch: tensor (B, N_MELS, N_FRAMES) on
-            the model's device; norm_mean, norm_std: tensors (N_MELS,) there; bf16: under
-            bfloat16 autocast.
-    Returns:
-        probabilities: float32 tensor (B, n_tags); with embed, also the embeddings: float32
-        tensor (B, 500), MSCNN.embed, of which the probabilities are the last layer's sigmoid.
-    """
+    """The one scorer (training's evaluation, predict.py): normalise -> model -> sigmoid, on the device
+    of model (an MSCNN in eval mode; without embed, anything that calls like one), log_mel_batch
+    (B, N_MELS, N_FRAMES) and norm_mean, norm_std (N_MELS,); bf16: under bfloat16 autocast.
+    -> float32 probabilities (B, n_tags); with embed, also float32 embeddings (B, 500) (MSCNN.embed)."""
     x = normalise(log_mel_batch, norm_mean, norm_std)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         if not embed:
@@ -711,15 +557,8 @@ def _per_tag(metric, y_true, y_score):
 
 
 def roc_auc(y_true, y_score, per_tag=False):
-    """Macro ROC-AUC over the tags that have both classes in y_true.
-
-    Args:
-        y_true: 0/1 ndarray (N, T).  y_score: float ndarray (N, T), any monotone score.
-        per_tag: return the (T,) array of per-tag AUCs instead, NaN for the skipped
-            tags (those whose y_true column is all 0 or all 1).
-    Returns:
-        float (NaN if no tag can be scored), or ndarray (T,).
-    """
+    """Macro ROC-AUC of 0/1 y_true (N, T) by any monotone y_score (N, T) over the tags with both
+    classes: float (NaN if none); per_tag: the (T,) AUCs instead, NaN for the tags skipped."""
     from sklearn.metrics import roc_auc_score
 
     scores = _per_tag(roc_auc_score, y_true, y_score)
