@@ -1,10 +1,8 @@
 """Stage 1: get MagnaTagATune into DATA/annotations_final.csv and DATA/mp3/<mp3_path>.
 
-Downloads mp3.zip.001..003 and annotations_final.csv (default host, then the older one),
-resuming interrupted downloads with HTTP Range requests, checks both MD5s, and extracts
-the archive safely into DATA/mp3/. Every step leaves either finished files or `.part`
-files a rerun picks up, so an interrupted run is simply run again; on a complete DATA/
-it touches no network and says the data are in place.
+Downloads mp3.zip.001..003 and annotations_final.csv (default host, then the older one), resuming
+with HTTP Range requests, checks both MD5s and extracts the archive into DATA/mp3/. Every step leaves
+finished files or `.part` files that a rerun picks up; on a complete DATA/ it touches no network.
 
     python src/get_data.py                        # download into data/
     python src/get_data.py --from-dir ~/mtat      # files already downloaded
@@ -27,7 +25,7 @@ from tqdm import tqdm
 
 import plumbing  # no torch: --help and downloads start at once
 
-# Default host first, the older host (used by the original code) as fallback.
+# The default host, then the older one that the original code used.
 HOSTS = ["https://mirg.city.ac.uk/datasets/magnatagatune/",
          "http://mi.soi.city.ac.uk/datasets/magnatagatune/"]
 ANNOTATIONS = "annotations_final.csv"
@@ -35,10 +33,8 @@ ARCHIVE = "mp3.zip"
 PARTS = ["mp3.zip.001", "mp3.zip.002", "mp3.zip.003"]  # a zip split by byte concatenation
 MD5 = {ARCHIVE: "f12add0eb4cd6c2a3ab7e4afaf7b7467",  # of the three parts concatenated
        ANNOTATIONS: "f04fa01752a8cc64f6e1ca142a0fef1d"}
-VERIFIED = ARCHIVE + ".verified"  # marker: these parts passed the MD5 check (JSON)
-
-RETRIES = 5  # tries per host in a row without progress, for connection errors and timeouts
-# (a host name that does not resolve is not retried: offline, or no such host, it stays so)
+VERIFIED = ARCHIVE + ".verified"  # marker (JSON): these parts passed the MD5 check
+RETRIES = 5  # tries of a host in a row without progress (a host name that does not resolve: one)
 BACKOFF_S = 2.0  # wait before retry k is BACKOFF_S * 2**k seconds, at most 60
 TIMEOUT_S = 60  # seconds to connect, and of silence while reading
 CHUNK_BYTES = 1 << 20  # read/write unit: bounds memory whatever the file size
@@ -52,40 +48,19 @@ def part_name(path):
     return path.with_name(path.name + ".part")
 
 
-def short_reason(error):
-    """The useful part of a requests exception ('[Errno 111] Connection refused')."""
-    found = re.search(r"\[Errno -?\d+\][^'\")]*", str(error))
-    return found.group(0).strip() if found else str(error)[:200]
-
-
-def name_not_resolved(error):
-    """The socket.gaierror behind a requests exception (the host name did not resolve), or None.
-
-    requests wraps urllib3's error, which wraps the socket's: walk the cause chain.
-    """
-    while error is not None and not isinstance(error, socket.gaierror):
-        error = error.__cause__ or error.__context__
-    return error
-
-
 def fetch(url, part):
-    """Stream `url` into the file `part`, resuming from its current size.
-
-    Appends from byte K with 'Range: bytes=K-'; if the server answers 200 instead of 206
-    (Range ignored) the file is rewritten from zero. Retries connection errors, timeouts,
-    truncated bodies and 5xx with back-off; the count restarts whenever bytes were gained.
-    Raises DownloadError on a 4xx status, a host name that does not resolve, or after RETRIES
-    tries without progress.
-    """
+    """Stream url into the file part, resuming from its size with 'Range: bytes=K-' (a reply of 200, the
+    range ignored, rewrites it from zero). Connection errors, timeouts, cut bodies and 5xx are retried with
+    back-off, the count restarting whenever bytes were gained. DownloadError on a 4xx, a host name that
+    does not resolve, or RETRIES tries without progress."""
     failures = 0
     while True:
         have = part.stat().st_size if part.exists() else 0
         total = None
+        headers = {"Accept-Encoding": "identity"}  # offsets and Content-Length count the file's own bytes
+        if have:
+            headers["Range"] = f"bytes={have}-"
         try:
-            # identity: byte offsets and Content-Length must count the file's own bytes
-            headers = {"Accept-Encoding": "identity"}
-            if have:
-                headers["Range"] = f"bytes={have}-"
             with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as r:
                 if r.status_code == 416 and have:  # asked past the end: done, or a stale part
                     if r.headers.get("Content-Range", "").rpartition("/")[2] == str(have):
@@ -112,31 +87,27 @@ def fetch(url, part):
                         f.write(chunk)
                         bar.update(len(chunk))
                 if total is not None and part.stat().st_size != total:
-                    raise requests.ConnectionError(f"body ended at {part.stat().st_size} "
-                                                   f"of {total} bytes")
+                    raise requests.ConnectionError(f"body ended at {part.stat().st_size} of {total} bytes")
                 return
-        except (requests.ConnectionError, requests.Timeout,
-                requests.exceptions.ChunkedEncodingError) as e:
-            unresolved = name_not_resolved(e)
-            if unresolved is not None:
-                raise DownloadError(f"{url}: the host name {urlsplit(url).hostname} "
-                                    f"does not resolve ({unresolved})") from None
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            unresolved = plumbing.in_chain(e, lambda cause: isinstance(cause, socket.gaierror))
+            if unresolved is not None:  # offline, or no such host: it stays so
+                raise DownloadError(f"{url}: the host name {urlsplit(url).hostname} does not resolve "
+                                    f"({unresolved})") from None
             size = part.stat().st_size if part.exists() else 0
             if total is not None and size > total:  # longer than the file: useless
                 part.unlink()
                 size = 0
             failures = 0 if size > have else failures + 1  # progress earns fresh tries
             if failures >= RETRIES:
-                raise DownloadError(f"{url}: failed after {RETRIES} tries "
-                                    f"({short_reason(e)})") from None
+                errno_text = re.search(r"\[Errno -?\d+\][^'\")]*", str(e))  # '[Errno 111] Connection refused'
+                reason = errno_text.group(0).strip() if errno_text else str(e)[:200]
+                raise DownloadError(f"{url}: failed after {RETRIES} tries ({reason})") from None
             time.sleep(min(BACKOFF_S * 2 ** failures, 60))
 
 
 def download(name, hosts, part):
-    """Fetch file `name` into `part` from the first host that serves it.
-
-    Exits with one line naming every URL tried and why it failed.
-    """
+    """Fetch file name into part from the first host that serves it; else exit naming each URL and why."""
     failures = []
     for host in hosts:
         url = host.rstrip("/") + "/" + name
@@ -150,11 +121,8 @@ def download(name, hosts, part):
 
 
 def get_annotations(data_dir, hosts, from_dir):
-    """Make DATA/annotations_final.csv exist and match MD5; return its path.
-
-    The final name only ever holds a verified file: the download (or copy) goes to
-    `.part`, is checked, then renamed. A bad download is renamed `.bad`.
-    """
+    """DATA/annotations_final.csv, made to exist and match its MD5. Its final name only ever holds a
+    verified file: the download (or copy) goes to `.part`, is checked, then renamed."""
     path = data_dir / ANNOTATIONS
     if path.exists():
         actual = plumbing.file_digest(path, progress=f"md5 {path.name}")
@@ -183,17 +151,10 @@ def get_annotations(data_dir, hosts, from_dir):
     return path
 
 
-def part_stamps(paths):
-    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-
-
 def get_archive(data_dir, hosts, from_dir):
-    """Make the three archive parts exist and verify their concatenation; return their paths.
-
-    Parts are taken from DATA/, else from --from-dir (read in place, never copied), else
-    downloaded. The MD5 is streamed over the parts; a marker file records the verified
-    parts (path, size, mtime) so a rerun does not hash 2.7 GB again.
-    """
+    """The paths of the three archive parts, whose concatenation is verified: from DATA/, else read in
+    place from --from-dir, else downloaded. The marker VERIFIED records the parts checked (path, size,
+    mtime), so that a rerun does not hash 2.7 GB again."""
     paths = []
     for name in PARTS:
         path = data_dir / name
@@ -204,40 +165,34 @@ def get_archive(data_dir, hosts, from_dir):
             download(name, hosts, part)
             part.replace(path)  # complete, though only the concatenation has an MD5
         paths.append(path)
-
     marker = data_dir / VERIFIED
+    stamps = {"md5": MD5[ARCHIVE], "parts": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
+                                             for p in paths]}
     try:  # the marker only saves rereading 2.7 GB: a damaged one means "check again"
-        verified = plumbing.read_json(marker) if marker.exists() else None
+        if marker.exists() and plumbing.read_json(marker) == stamps:
+            return paths
     except ValueError:
-        verified = None
-    if verified == {"md5": MD5[ARCHIVE], "parts": part_stamps(paths)}:
-        return paths
+        pass
     actual = plumbing.file_digest(paths, progress=f"md5 {paths[0].name}")
     if actual != MD5[ARCHIVE]:
         marker.unlink(missing_ok=True)
         ours = [p for p in paths if p.parent == data_dir]
-        for p in ours:  # we cannot tell which part is bad: none stays under its final name
+        for p in ours:  # which part is bad cannot be told: none stays under its final name
             p.replace(p.with_name(p.name + ".bad"))
         theirs = [str(p) for p in paths if p.parent != data_dir]
-        fix = (f"renamed {', '.join(p.name + '.bad' for p in ours)} in {data_dir}; rerun to "
-               "download again (or point --base-url at a mirror)" if ours else "")
-        fix += ("; " if ours and theirs else "") + (
-            f"replace {', '.join(theirs)} with MTAT's parts" if theirs else "")
+        fixes = [f"renamed {', '.join(p.name + '.bad' for p in ours)} in {data_dir}; rerun to download again "
+                 "(or point --base-url at a mirror)"] if ours else []
+        fixes += [f"replace {', '.join(theirs)} with MTAT's parts"] if theirs else []
         raise SystemExit(f"error: MD5 mismatch for {ARCHIVE} ({' + '.join(p.name for p in paths)}"
-                         f" concatenated): expected {MD5[ARCHIVE]}, got {actual}; {fix}")
-    plumbing.write_json(marker, {"md5": actual, "parts": part_stamps(paths)})
+                         f" concatenated): expected {MD5[ARCHIVE]}, got {actual}; {'; '.join(fixes)}")
+    plumbing.write_json(marker, stamps)
     print(f"{ARCHIVE}: MD5 verified")
     return paths
 
 
 class ConcatenatedFile(io.RawIOBase):
-    """A read-only, seekable view of files laid end to end.
-
-    Why: the archive is one zip cut into three parts. Reading through this view lets
-    zipfile extract straight from the parts, so neither a concatenated 2.7 GB copy on
-    disk nor the archive in memory is ever needed, and --from-dir parts are used in place.
-    (A class only because zipfile wants a file object.)
-    """
+    """A read-only, seekable view of files laid end to end, for zipfile to extract straight from the
+    parts: no concatenated 2.7 GB copy on disk nor the archive in memory, --from-dir parts used in place."""
 
     def __init__(self, paths):
         self.files = [open(p, "rb") for p in paths]  # noqa: SIM115 (closed by close())
@@ -252,12 +207,8 @@ class ConcatenatedFile(io.RawIOBase):
     def seekable(self):
         return True
 
-    def tell(self):
-        return self.pos
-
-    def seek(self, offset, whence=io.SEEK_SET):
-        self.pos = max(0, offset + {io.SEEK_SET: 0, io.SEEK_CUR: self.pos,
-                                    io.SEEK_END: self.size}[whence])
+    def seek(self, offset, whence=io.SEEK_SET):  # tell() is seek(0, io.SEEK_CUR)
+        self.pos = max(0, offset + {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence])
         return self.pos
 
     def readinto(self, buffer):
@@ -265,9 +216,8 @@ class ConcatenatedFile(io.RawIOBase):
             return 0
         i = bisect.bisect_right(self.starts, self.pos) - 1
         end = self.starts[i + 1] if i + 1 < len(self.starts) else self.size
-        f = self.files[i]
-        f.seek(self.pos - self.starts[i])
-        n = f.readinto(memoryview(buffer)[:min(len(buffer), end - self.pos)])
+        self.files[i].seek(self.pos - self.starts[i])
+        n = self.files[i].readinto(memoryview(buffer)[:min(len(buffer), end - self.pos)])
         self.pos += n
         return n
 
@@ -278,11 +228,8 @@ class ConcatenatedFile(io.RawIOBase):
 
 
 def safe_target(mp3_dir, name):
-    """DATA/mp3/<name>, or None when the entry would land outside DATA/mp3 (zip-slip).
-
-    A lexical check (no absolute path, no drive, no '..' component) is enough: the only
-    things under DATA/mp3 are folders and files this script wrote, no symlinks.
-    """
+    """DATA/mp3/<name>, or None when the entry would land outside DATA/mp3 (zip-slip). A lexical check
+    (no absolute path, drive or '..') is enough: DATA/mp3 holds only what this script wrote, no symlinks."""
     parts = name.replace("\\", "/").split("/")
     if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
         return None
@@ -290,13 +237,9 @@ def safe_target(mp3_dir, name):
 
 
 def extract(archive_paths, mp3_dir):
-    """Extract the zip spread over `archive_paths` into `mp3_dir`.
-
-    Every entry name is checked before anything is written; an absolute path or `..`
-    refuses the whole archive. Each file is written to `<file>.part` and renamed when
-    complete, and files already present with the right size are skipped, so an
-    interrupted extraction resumes where it stopped.
-    """
+    """Extract the zip spread over archive_paths into mp3_dir; -> the number of files. Every entry name
+    is checked before anything is written. Each file goes to `<file>.part`, renamed when complete, and
+    a file already there with the right size is skipped: an interrupted extraction resumes."""
     with zipfile.ZipFile(io.BufferedReader(ConcatenatedFile(archive_paths), CHUNK_BYTES)) as zf:
         entries = [info for info in zf.infolist() if not info.is_dir()]
         targets = [safe_target(mp3_dir, info.filename) for info in entries]
@@ -305,8 +248,8 @@ def extract(archive_paths, mp3_dir):
             raise SystemExit(f"error: {ARCHIVE} has {len(unsafe)} entries that would be written "
                              f"outside {mp3_dir} (absolute path or '..', e.g. {unsafe[0]!r}); "
                              "refused, nothing extracted. Use MTAT's original archive")
-        with tqdm(desc="extract", total=sum(i.file_size for i in entries),
-                  unit="B", unit_scale=True, unit_divisor=1024) as bar:
+        with tqdm(desc="extract", total=sum(i.file_size for i in entries), unit="B", unit_scale=True,
+                  unit_divisor=1024) as bar:
             for info, target in zip(entries, targets):
                 if not (target.exists() and target.stat().st_size == info.file_size):
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -320,13 +263,12 @@ def extract(archive_paths, mp3_dir):
 
 def missing_clips(annotations, mp3_dir):
     """mp3_paths of the annotations that are not files under mp3_dir."""
-    import common  # here, not at the top: common loads torch (seconds), --help need not wait
-    mp3_paths = common.read_annotations(annotations)[3]
-    return [p for p in mp3_paths if not (mp3_dir / p).is_file()]
+    import common  # here: common loads torch (seconds), which --help need not wait for
+    return [p for p in common.read_annotations(annotations)[3] if not (mp3_dir / p).is_file()]
 
 
 def require(from_dir, data_dir, names):
-    """Exit naming the files among `names` that are neither in DATA nor in --from-dir."""
+    """Exit naming the files among names that are neither in DATA nor in --from-dir."""
     lacking = [n for n in names if not (data_dir / n).exists() and not (from_dir / n).is_file()]
     if lacking:
         raise SystemExit(f"error: --from-dir {from_dir} lacks {', '.join(lacking)}: put the "
@@ -334,17 +276,14 @@ def require(from_dir, data_dir, names):
 
 
 def get_mtat(data_dir, hosts=None, from_dir=None, keep_archives=False):
-    """Bring DATA/ to complete MTAT: verified annotations and DATA/mp3/<mp3_path> for all rows.
-
-    hosts: base URLs tried in turn for each file (default HOSTS).
-    """
+    """Bring DATA/ to complete MTAT: verified annotations and DATA/mp3/<mp3_path> for all rows; hosts:
+    base URLs tried in turn for each file (default HOSTS)."""
     data_dir, hosts = Path(data_dir), hosts or HOSTS
     mp3_dir = data_dir / "mp3"
     data_dir.mkdir(parents=True, exist_ok=True)
     if from_dir:
         from_dir = Path(from_dir)
         require(from_dir, data_dir, [ANNOTATIONS] + ([] if mp3_dir.exists() else PARTS))
-
     annotations = get_annotations(data_dir, hosts, from_dir)
     missing = missing_clips(annotations, mp3_dir)
     if not missing:
@@ -353,7 +292,6 @@ def get_mtat(data_dir, hosts=None, from_dir=None, keep_archives=False):
     print(f"{len(missing)} clips missing from {mp3_dir}: getting {ARCHIVE}")
     if from_dir:
         require(from_dir, data_dir, PARTS)
-
     archive_paths = get_archive(data_dir, hosts, from_dir)
     n_files = extract(archive_paths, mp3_dir)
     missing = missing_clips(annotations, mp3_dir)
@@ -394,7 +332,6 @@ def main(argv=None):
     if not existing.is_dir():  # else mkdir would say only "[Errno 17] File exists"
         raise SystemExit(f"error: --data-dir {args.data_dir}: {existing} is a file, not a folder; "
                          "name a folder (it is created if missing)")
-
     try:
         if args.synthetic is not None:
             real = Path(args.data_dir) / ANNOTATIONS
@@ -407,8 +344,7 @@ def main(argv=None):
             print(f"wrote a synthetic set (not MTAT) of {args.synthetic} clips in {args.data_dir}: "
                   f"{ANNOTATIONS} and mp3/; next: python src/gen_spectrograms.py --data-dir {args.data_dir}")
             return
-        get_mtat(args.data_dir, [args.base_url] if args.base_url else None,
-                 args.from_dir, args.keep_archives)
+        get_mtat(args.data_dir, [args.base_url] if args.base_url else None, args.from_dir, args.keep_archives)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise SystemExit(f"error: disk full while writing in {args.data_dir}: free space "

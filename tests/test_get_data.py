@@ -492,7 +492,7 @@ def test_cli_help_and_acceptance_real_annotations_with_wrong_parts(
 
 @pytest.mark.slow
 def test_synthetic_writes_an_mtat_shaped_set_and_says_what_next(tmp_path, capsys):
-    synthetic = pytest.importorskip("synthetic")  # src/synthetic.py, another issue's module
+    synthetic = pytest.importorskip("synthetic")  # src/synthetic.py
     assert synthetic.write_synthetic_mtat  # the function --synthetic calls
     assert run(tmp_path, "--synthetic", "2", "--seed", "0") == ""
     assert capsys.readouterr().out.splitlines()[-1] == (

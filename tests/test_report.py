@@ -10,6 +10,7 @@ import pytest
 from conftest import SRC, write_spectrogram_set
 
 import common
+import formats
 import report
 import trainer
 
@@ -54,10 +55,14 @@ def test_report_table_mean_and_sample_std(two_runs, capsys):
     assert (two_runs / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# what format_report needs of a run beyond its scores: as load_run gives it
+OVERLAP = {"test": {"n_clips": 100, "song": 3, "album": 5, "artist": 9, "unparsed": 0}}
+
+
 def test_report_references_and_one_run(tmp_path):
     runs = [{"name": f"{split}-seed1", "split": split, "seed": 1, "epochs": 40, "epoch": 30,
              "val_roc_auc": 0.9, "val_pr_auc": 0.4, "test_roc_auc": 0.905, "test_pr_auc": 0.45, "history": [],
-             "run_dir": tmp_path}
+             "run_dir": tmp_path, "scales": common.SCALES, "split_overlap": OVERLAP}
             for split in ("clean", "paper")]
     text = report.format_report(runs)
     assert ("| paper | 1 | 0.9000 ± n/a | 0.9050 ± n/a | 0.4500 ± n/a | Dabral et al. 2018: test ROC-AUC "
@@ -67,6 +72,7 @@ def test_report_references_and_one_run(tmp_path):
     rows = [line for line in text.split("against the field")[1].splitlines() if line.startswith("| ")][2:]
     assert rows[5].startswith("| Sample-level | 0.9058") and rows[6].startswith("| **this project")
     assert text.index("| paper |") < text.index("| clean |")
+    assert "| paper-seed1 | paper | 1 | 40 | 30 | 0.9000 | 0.4000 | 0.9050 | 0.4500 | 3 (3.0%) |" in text
 
 
 def test_report_errors_are_one_line(tmp_path, mtat_clip):
@@ -78,7 +84,13 @@ def test_report_errors_are_one_line(tmp_path, mtat_clip):
     (tmp_path / "run" / "last.pt").write_bytes(b"")
     with pytest.raises(SystemExit, match="has no results.json: the run has not finished"):
         report.main([str(tmp_path / "run")])
-    (tmp_path / "run" / "results.json").write_text('{"epoch": 3}')
+    results = tmp_path / "run" / "results.json"
+    results.write_text('{"epoch": 3}')  # no format_version: not of this trainer.py
+    with pytest.raises(SystemExit) as stop:
+        report.main([str(tmp_path / "run")])
+    assert str(stop.value) == (f"error: {results} is of format None, this code reads {formats.RUN_FORMAT}; "
+                               "rerun that run with this trainer.py")
+    results.write_text(json.dumps({"epoch": 3, "format_version": formats.RUN_FORMAT}))
     with pytest.raises(SystemExit, match="lacks split, seed, epochs"):
         report.main([str(tmp_path / "run")])
 
@@ -86,11 +98,11 @@ def test_report_errors_are_one_line(tmp_path, mtat_clip):
 def test_report_names_each_reference_with_its_split_and_keeps_scales_apart(tmp_path):
     runs = [{"name": f"folder-{tag}seed{seed}", "split": "folder", "seed": seed, "epochs": 40, "epoch": 30,
              "val_roc_auc": 0.9, "val_pr_auc": 0.4, "test_roc_auc": roc, "test_pr_auc": 0.41, "history": [],
-             "run_dir": tmp_path, **extra}
-            for seed in (1, 2) for tag, roc, extra in (("", 0.912 + seed / 1000, {}),
-                                                       ("scales1-", 0.905, {"scales": [1]}))]
+             "run_dir": tmp_path, "scales": scales, "split_overlap": OVERLAP}
+            for seed in (1, 2) for tag, roc, scales in (("", 0.912 + seed / 1000, common.SCALES),
+                                                        ("scales1-", 0.905, (1,)))]
     text = report.format_report(runs)
-    # runs made before --scales count as the paper's three; --scales 1 is its own group
+    # the paper's three scales are the split's own row; --scales 1 is its own group
     assert ("| folder | 2 | 0.9000 ± 0.0000 | 0.9135 ± 0.0007 | 0.4100 ± 0.0000 | MARBLE, frozen features "
             "probed: MERT-330M 0.913, MusicFM 0.913, MuQ 0.914 ROC-AUC, PR-AUC about 0.40 |") in text
     assert "| folder, scales 1 | 2 | 0.9000 ± 0.0000 | 0.9050 ± 0.0000 |" in text
@@ -128,7 +140,8 @@ def test_a_signal_ends_report_in_one_line_with_its_exit_status(tmp_path, signum)
     run_dir.mkdir()
     (run_dir / "results.json").write_text(json.dumps({
         "split": "random", "seed": 1, "epochs": 1, "epoch": 1, "val_roc_auc": 0.9, "val_pr_auc": 0.4,
-        "test_roc_auc": 0.9, "test_pr_auc": 0.4}))
+        "test_roc_auc": 0.9, "test_pr_auc": 0.4, "scales": [1, 2, 3], "split_overlap": OVERLAP,
+        "format_version": formats.RUN_FORMAT}))
     code = SLOW_REPORT.format(src=str(SRC), run_dir=str(run_dir), script=str(SRC / "report.py"))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

@@ -218,12 +218,12 @@ def test_report_intervals_and_paired_comparison(ablation, capsys):
 
 @pytest.mark.slow
 def test_report_without_test_scores_and_without_resamples(ablation, tmp_path, capsys):
-    (tmp_path / "old").mkdir()
+    (tmp_path / "no_scores").mkdir()
     for name in ("results.json", "metrics.csv"):
-        (tmp_path / "old" / name).write_bytes((ablation / "seed1" / name).read_bytes())
-    text = report.main([str(tmp_path / "old"), "--out", str(tmp_path)])
+        (tmp_path / "no_scores" / name).write_bytes((ablation / "seed1" / name).read_bytes())
+    text = report.main([str(tmp_path / "no_scores"), "--out", str(tmp_path)])
     assert "(no test_scores.npz)" in text and "Does multi-scale help?" not in text
-    assert ("has no test_scores.npz (made by an older trainer.py): no interval for it"
+    assert (f"{tmp_path / 'no_scores'} has no test_scores.npz: no interval for it"
             in capsys.readouterr().err)
     assert "How sure" not in report.main([str(ablation / "seed1"), "--out", str(tmp_path),
                                           "--resamples", "0"])
