@@ -3,9 +3,8 @@
     python src/predict.py song.mp3 other.wav                 # newest run in experiments/
     python src/predict.py ~/Music --csv tags.csv --embeddings emb.npz --resume   # a whole library
 
-A file's tags are the mean, over its 628-frame windows (29.1 s, every --hop-frames frames, the last
-aligned to the end), of common.score; its embedding the mean of the windows' 500-d penultimate
-activations. Results come out in input order, the same whatever --workers is.
+A file's tags are the mean of common.score over its 628-frame windows (29.1 s, every --hop-frames
+frames, the last aligned to the end); its embedding, the mean of the windows' 500-d activations.
 """
 import argparse
 import contextlib
@@ -45,21 +44,18 @@ scorer = None  # a CPU worker's tag_file settings: (model, tag_names, norm_mean,
 
 
 def window_starts(n_frames, hop_frames, window_frames=common.N_FRAMES):
-    """First frame of each window, int64 (K,): every hop_frames frames, plus one aligned to the end
-    if frames are left over; [0] for audio of at most one window (fit_frames pads it)."""
-    if n_frames <= window_frames:
-        return np.zeros(1, dtype=np.int64)
-    starts = np.arange(0, n_frames - window_frames + 1, hop_frames)
-    if starts[-1] != n_frames - window_frames:
-        starts = np.append(starts, n_frames - window_frames)
+    """First frame of each window, int64 (K,): every hop_frames frames, the last aligned to the end."""
+    last = max(n_frames - window_frames, 0)
+    starts = np.arange(0, last + 1, hop_frames)
+    if starts[-1] != last:
+        starts = np.append(starts, last)
     return starts.astype(np.int64)
 
 
 def score_file(spec, duration_s, model, tag_names, norm_mean, norm_std, hop_frames=common.N_FRAMES // 2,
                batch_size=CPU_BATCH):
-    """Score spec's (float32 (N_MELS, n_frames)) windows, batch_size at a time, on norm_mean's device:
-    dict of tags ([name, mean probability over windows], most probable first), windows (K), duration_s,
-    window_probs (K, n_tags), starts (K,) frames, window_start_s, window_embeddings (K, 500), embedding."""
+    """Score spec's (float32 (N_MELS, n_frames)) windows: dict of tags ([name, mean prob], best first),
+    windows, duration_s, window_probs (K, n_tags), starts, window_start_s, window_embeddings, embedding."""
     starts = window_starts(spec.shape[1], hop_frames)
     probs, embeddings = [], []
     for first in range(0, len(starts), batch_size):  # fit_frames pads a window past the end
@@ -104,15 +100,13 @@ def decode_one(path):
 def tag_file(path, model, tag_names, norm_mean, norm_std, hop_frames=common.N_FRAMES // 2,
              batch_size=CPU_BATCH):
     """Decode and score one file here: score_file's dict; ValueError naming the file if unreadable."""
-    decoded = decode_one(path)
-    if isinstance(decoded, ValueError):
-        raise decoded
-    return score_file(*decoded, model, tag_names, norm_mean, norm_std, hop_frames, batch_size)
+    with quiet_decoder():
+        spec, duration_s = common.read_log_mel(path)
+    return score_file(spec, duration_s, model, tag_names, norm_mean, norm_std, hop_frames, batch_size)
 
 
 def start_scorer(*settings, one_thread=True):
-    """A tagging worker's initializer: the model as forked (nothing pickled), and one torch thread
-    as every worker has, since a batch's sums round differently with another thread count."""
+    """A tagging worker's initializer: one torch thread, as sums round differently with another count."""
     global scorer
     scorer = settings
     if one_thread:
@@ -129,8 +123,7 @@ def tag_one(path):
 
 def tag_all(paths, workers, model, tag_names, norm_mean, norm_std, hop_frames, batch_size,
             score_here=None):
-    """(path, score_file's dict or ValueError) per path, in order. On a CPU each worker tags whole files
-    (workers=0: here); on a GPU (score_here: default when norm_mean is on one) this process scores."""
+    """(path, score_file's dict or ValueError) per path, in order; score_here: scored in this process."""
     settings = (model, tag_names, norm_mean, norm_std, hop_frames, batch_size)
     if workers == 0:
         start_scorer(*settings, one_thread=False)
@@ -155,8 +148,7 @@ def tag_all(paths, workers, model, tag_names, norm_mean, norm_std, hop_frames, b
 
 
 def expand_inputs(arguments):
-    """(paths, skipped {path: why not tagged}): a folder becomes its AUDIO_EXTENSIONS files, recursively
-    (through links), sorted, hidden ones left out; an audio-less folder or a bad link is skipped."""
+    """(paths, skipped {path: why}): each folder becomes its audio files, recursively and sorted."""
     paths, skipped = [], {}
 
     def unreadable(error):
@@ -205,8 +197,7 @@ def newest_checkpoint(experiments_dir):
 
 
 def load_checkpoint(path, device):
-    """-> model (eval), tag_names, norm_mean, norm_std (all on device), checkpoint dict (with sha256).
-    A run folder stands for its best_model.pt; SystemExit (one line) if missing or not trainer.py's."""
+    """-> model, tag_names, norm_mean, norm_std (on device), checkpoint; a folder: its best_model.pt."""
     path = Path(path)
     if path.is_dir():
         if not (path / "best_model.pt").is_file():
@@ -310,9 +301,8 @@ def save_outputs(args, results, tag_names):
                       duration_s=np.array([e["duration_s"] for _, e in tagged], np.float64),
                       windows=np.array([e["windows"] for _, e in tagged], np.int64))
         if args.per_window:
-            arrays.update(
-                window_embeddings=np.concatenate([e["window_embeddings"] for _, e in tagged]
-                                                 or [np.zeros((0, 500))]).astype(np.float32),
+            arrays.update(window_embeddings=np.concatenate([e["window_embeddings"] for _, e in tagged]
+                                                           or [np.zeros((0, 500))]).astype(np.float32),
                 window_file=np.repeat(np.arange(len(tagged)), [e["windows"] for _, e in tagged]),
                 window_start_s=np.concatenate([e["window_start_s"] for _, e in tagged] or [np.zeros(0)]))
         with plumbing.atomic_write(args.embeddings, "wb") as f:
@@ -394,8 +384,7 @@ def read_embeddings_output(path, tag_names, per_window):
 
 
 def read_previous(args, tag_names, checkpoint_sha256):
-    """--resume: ({path: entry} merged from the outputs, the paths every output holds tagged). An output
-    unreadable, of another format or of another checkpoint (one file mixing two models) is refused."""
+    """--resume: ({path: entry} from the outputs, the paths all hold tagged); refuses another model's."""
     previous, done = {}, None
     readers = dict(json=read_json_output, csv=read_csv_output, embeddings=read_embeddings_output)
     for name, path in outputs(args).items():
@@ -426,38 +415,25 @@ def default_workers():
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Tag audio files and folders with a trained multi-scale CNN "
-                                     "(Dabral et al. 2018). See docs/predict.md.")
-    parser.add_argument("audio", nargs="+", help="audio files and folders (searched recursively "
-                        f"for {' '.join(AUDIO_EXTENSIONS)}); any sample rate, mono or stereo, any length")
-    parser.add_argument("--checkpoint", help="best_model.pt written by trainer.py, or its run folder "
-                        "(default: that of the most recently modified run in --experiments)")
-    parser.add_argument("--experiments", default="experiments",
-                        help="folder of runs searched when --checkpoint is not given (default: experiments)")
+    parser = argparse.ArgumentParser(description="Tag audio with a trained CNN (docs/predict.md).")
+    parser.add_argument("audio", nargs="+", help="audio files, and folders searched recursively for them")
+    parser.add_argument("--checkpoint", help="best_model.pt or run folder (default: newest in --experiments)")
+    parser.add_argument("--experiments", default="experiments", help="folder of runs (default: experiments)")
     parser.add_argument("--top", type=plumbing.at_least(1), default=5, help="top tags printed (default: 5)")
     parser.add_argument("--hop-frames", type=plumbing.at_least(1), default=common.N_FRAMES // 2,
                         help=f"frames between window starts (default: {common.N_FRAMES // 2}, half a window)")
-    parser.add_argument("--json", help="also write all results to this JSON file: {path: {tags: [[name, "
-                        "prob], ...] most probable first, windows, duration_s} or {error}}")
-    parser.add_argument("--csv", help="also write one row per file to this CSV: path, duration_s, windows, "
-                        "one probability column per tag (checkpoint order), error")
-    parser.add_argument("--embeddings", help="also write the 500-d embeddings (penultimate layer, mean over "
-                        "windows) to this .npz: paths, tag_names, embeddings (F, 500), duration_s, windows")
-    parser.add_argument("--per-window", action="store_true", help="--embeddings also keeps every window: "
-                        "window_embeddings (W, 500), window_file, window_start_s")
-    parser.add_argument("--resume", action="store_true", help="skip the files that every output given "
-                        "(--csv/--json/--embeddings) already holds tagged; failed ones are tried again")
-    parser.add_argument("--taggram", help="save a PNG of tag probability over time (needs matplotlib); "
-                        "with several files, one PNG each, <stem>_<audio stem>.png beside it")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="worker processes, any count "
-                        "giving the same output (on a GPU they decode, this process scores); 0: all in this "
-                        f"process, with its own threads (default: one per CPU core, at most {MAX_WORKERS})")
+    parser.add_argument("--json", help="also write every file's tags to this JSON file (docs/predict.md)")
+    parser.add_argument("--csv", help="also write one row per file, a column per tag, to this CSV")
+    parser.add_argument("--embeddings", help="also write each file's 500-d embedding to this .npz")
+    parser.add_argument("--per-window", action="store_true", help="--embeddings also keeps each window's")
+    parser.add_argument("--resume", action="store_true", help="skip the files tagged in every output given")
+    parser.add_argument("--taggram", help="save a PNG of tag probability over time (needs matplotlib)")
+    parser.add_argument("--workers", type=plumbing.at_least(0), default=default_workers(),
+                        help=f"worker processes; 0: none (default: one per CPU core, at most {MAX_WORKERS})")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto, cuda if there)")
-    parser.add_argument("--batch-size", type=plumbing.at_least(1), help="windows scored per forward pass "
-                        f"(default: {CUDA_BATCH} on a GPU, {CPU_BATCH} on a CPU, where larger are no faster)")
+    parser.add_argument("--batch-size", type=plumbing.at_least(1),
+                        help=f"windows per forward pass (default: {CUDA_BATCH} on GPU, {CPU_BATCH} on CPU)")
     args = parser.parse_args(argv)
-    if args.workers < 0:
-        parser.error(f"--workers must be 0 or more, got {args.workers}")
     if args.resume and not outputs(args):
         parser.error("--resume needs an output to resume: --csv, --json or --embeddings")
     if args.per_window and not args.embeddings:
@@ -467,8 +443,7 @@ def parse_args(argv=None):
 
 @plumbing.releasing_locks
 def main(argv=None):
-    """{path: score_file's dict or {"error": message}, with checkpoint_sha256} (--resume: the skipped
-    files' entries from the outputs); exits non-zero, after tagging the rest, if any file failed."""
+    """{path: score_file's dict or {"error": ...}, with checkpoint_sha256}; exits non-zero if any failed."""
     args = parse_args(argv)
     for flag in (*OUTPUTS, "taggram"):  # checked and locked before any work
         if getattr(args, flag):
@@ -484,9 +459,8 @@ def main(argv=None):
               file=sys.stderr)
     model, tag_names, norm_mean, norm_std, checkpoint = load_checkpoint(checkpoint_path, device)
     sha256 = checkpoint["sha256"]
-    for line in formats.describe_training(checkpoint):
-        if line:
-            print(line, file=sys.stderr)
+    for line in filter(None, formats.describe_training(checkpoint)):  # its non-empty lines
+        print(line, file=sys.stderr)
     batch_size = args.batch_size or (CUDA_BATCH if device.type == "cuda" else CPU_BATCH)
     paths, skipped = expand_inputs(args.audio)
     results = {path: {"error": message, "checkpoint_sha256": sha256} for path, message in skipped.items()}
@@ -536,8 +510,7 @@ def main(argv=None):
     for output in outputs(args).values():
         print(f"wrote {output}", file=sys.stderr)
     if failed:
-        n_inputs = len(paths) + len(skipped)
-        raise SystemExit(f"error: {len(failed)} of {n_inputs} files could not be tagged "
+        raise SystemExit(f"error: {len(failed)} of {len(paths) + len(skipped)} files could not be tagged "
                          f"({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''})")
     return results
 
