@@ -1,21 +1,10 @@
-"""Tag audio files and music folders with a trained multi-scale CNN checkpoint.
+"""Tag audio files and music folders with a trained multi-scale CNN checkpoint (docs/predict.md).
 
     python src/predict.py song.mp3 other.wav                 # newest run in experiments/
-    python src/predict.py ~/Music --csv tags.csv --embeddings emb.npz   # a whole library
-    python src/predict.py ~/Music --csv tags.csv --resume    # continue an interrupted run
-    python src/predict.py song.mp3 --checkpoint experiments/paper/best_model.pt \
-        --top 10 --json tags.json --taggram song.png
+    python src/predict.py ~/Music --csv tags.csv --embeddings emb.npz --resume   # a whole library
 
-A file's log-mel comes from common.read_log_mel, the training features, computed in blocks so
-that memory does not grow with its length. It is cut into 628-frame windows (29.1 s, one MTAT
-clip) every --hop-frames frames; the last window is aligned to the end of the audio so every
-frame is scored, and audio shorter than one window is padded with silence as log_mel pads
-it. A file's tag probabilities are the mean over its windows of common.score (the trainer's
-scorer); its embedding is the mean of its windows' 500-d penultimate activations.
-
---workers processes decode the files; on a CPU each also scores its files with one thread, so
-every core is busy and the output does not depend on the number of workers; on a GPU this
-process scores. Results come out in input order. See docs/predict.md.
+A file's tags are the mean of common.score over its 628-frame windows (29.1 s, every --hop-frames
+frames, the last aligned to the end); its embedding, the mean of the windows' 500-d activations.
 """
 import argparse
 import contextlib
@@ -39,40 +28,34 @@ import formats
 import plumbing
 
 BAR_ABOVE_N_FILES = 4  # a progress bar only pays off past a handful of files
-MAX_WORKERS = 16  # default --workers: the cores, at most this many (docs/predict.md, "Performance")
-TAGGED_AHEAD = 64  # files per CPU worker tagged ahead of the one printed next (a long file holds one)
+MAX_WORKERS = 16  # default --workers: the cores, at most this many
+TAGGED_AHEAD = 64  # files per CPU worker tagged ahead of the one printed next
 SAVE_EVERY_S = 60  # outputs are rewritten (atomically) this often during a run
 OUTPUT_FORMAT = 1  # format_version of the CSV, JSON and .npz outputs; --resume refuses any other
-# windows per forward pass: on a CPU a small batch scores as fast as a large one and keeps
-# the peak memory low (docs/predict.md, "Memory"); a GPU wants large batches
-CPU_BATCH, CUDA_BATCH = 8, 64
+CPU_BATCH, CUDA_BATCH = 8, 64  # windows per forward pass; on a CPU larger ones only cost memory
 AUDIO_EXTENSIONS = (".aif", ".aifc", ".aiff", ".au", ".caf", ".flac", ".mp3", ".oga", ".ogg",
                     ".opus", ".w64", ".wav")  # what soundfile (libsndfile >= 1.1) decodes
+CHECKPOINT_FIX = "pass the best_model.pt of a run trained with src/trainer.py"
+CSV_COLUMNS = ["path", "duration_s", "windows"]  # then one column per tag, then CSV_LAST_COLUMNS
+CSV_LAST_COLUMNS = ["error", "checkpoint_sha256", "format_version"]
+JSON_KEYS = ("tags", "windows", "duration_s", "error", "checkpoint_sha256")  # what the JSON holds of a file
+OUTPUTS = ("json", "csv", "embeddings")  # the output flags, in the order they are written
+scorer = None  # a CPU worker's tag_file settings: (model, tag_names, norm_mean, norm_std, hop, batch)
 
 
-# -----------------------------------------------------------------------------
-# Windows and scoring
 def window_starts(n_frames, hop_frames, window_frames=common.N_FRAMES):
-    """First frame of each window of a spectrogram n_frames long: every hop_frames frames,
-    plus one aligned to the end when that leaves frames uncovered; [0] for audio of at most
-    one window (padded by fit_frames). Returns int64 ndarray (K,)."""
-    if n_frames <= window_frames:
-        return np.zeros(1, dtype=np.int64)
-    starts = np.arange(0, n_frames - window_frames + 1, hop_frames)
-    if starts[-1] != n_frames - window_frames:
-        starts = np.append(starts, n_frames - window_frames)
+    """First frame of each window, int64 (K,): every hop_frames frames, the last aligned to the end."""
+    last = max(n_frames - window_frames, 0)
+    starts = np.arange(0, last + 1, hop_frames)
+    if starts[-1] != last:
+        starts = np.append(starts, last)
     return starts.astype(np.int64)
 
 
 def score_file(spec, duration_s, model, tag_names, norm_mean, norm_std, hop_frames=common.N_FRAMES // 2,
                batch_size=CPU_BATCH):
-    """Score one file's windows (spec: float32 (N_MELS, n_frames), from common.read_log_mel)
-    through common.score, batch_size at a time, on the device of norm_mean.
-
-    Returns dict: tags (list of [name, probability], all tags, most probable first;
-    probability = mean over windows), windows (K), duration_s, window_probs (K, n_tags),
-    starts (K,) start frames, window_start_s (K,), window_embeddings (K, 500), embedding (500,).
-    """
+    """Score spec's (float32 (N_MELS, n_frames)) windows: dict of tags ([name, mean prob], best first),
+    windows, duration_s, window_probs (K, n_tags), starts, window_start_s, window_embeddings, embedding."""
     starts = window_starts(spec.shape[1], hop_frames)
     probs, embeddings = [], []
     for first in range(0, len(starts), batch_size):  # fit_frames pads a window past the end
@@ -92,8 +75,7 @@ def score_file(spec, duration_s, model, tag_names, norm_mean, norm_std, hop_fram
 
 @contextlib.contextmanager
 def quiet_decoder():
-    """Silence the decoders' chatter (librosa's fallback warnings, mpg123's notes written
-    straight to file descriptor 2) so a bad file costs the user one line, not ten."""
+    """Silence the decoders' warnings and notes on file descriptor 2: a bad file costs one line."""
     sys.stderr.flush()
     saved_fd = os.dup(2)
     try:
@@ -107,8 +89,7 @@ def quiet_decoder():
 
 
 def decode_one(path):
-    """A decoding worker's task: path -> common.read_log_mel's (spec, duration_s), or its
-    ValueError (returned, so that only a dead worker surfaces as an exception)."""
+    """path -> read_log_mel's (spec, duration_s), or its ValueError (returned: only a dead worker raises)."""
     try:
         with quiet_decoder():
             return common.read_log_mel(path)
@@ -118,22 +99,14 @@ def decode_one(path):
 
 def tag_file(path, model, tag_names, norm_mean, norm_std, hop_frames=common.N_FRAMES // 2,
              batch_size=CPU_BATCH):
-    """Decode and score one file, in this process: score_file's dict. Raises ValueError
-    naming the file when it cannot be read."""
-    decoded = decode_one(path)
-    if isinstance(decoded, ValueError):
-        raise decoded
-    return score_file(*decoded, model, tag_names, norm_mean, norm_std, hop_frames, batch_size)
-
-
-scorer = None  # a CPU worker's tag_file settings: (model, tag_names, norm_mean, norm_std, hop, batch)
+    """Decode and score one file here: score_file's dict; ValueError naming the file if unreadable."""
+    with quiet_decoder():
+        spec, duration_s = common.read_log_mel(path)
+    return score_file(spec, duration_s, model, tag_names, norm_mean, norm_std, hop_frames, batch_size)
 
 
 def start_scorer(*settings, one_thread=True):
-    """A tagging worker's initializer: the model as fork handed it over (nothing pickled),
-    and one torch thread, as BLAS and OpenMP have in every worker (plumbing.pool_results):
-    a batch's sums round differently with another thread count, so every worker gives the
-    same numbers."""
+    """A tagging worker's initializer: one torch thread, as sums round differently with another count."""
     global scorer
     scorer = settings
     if one_thread:
@@ -150,13 +123,7 @@ def tag_one(path):
 
 def tag_all(paths, workers, model, tag_names, norm_mean, norm_std, hop_frames, batch_size,
             score_here=None):
-    """(path, score_file's dict or ValueError) for every path, in input order.
-
-    On a CPU each worker tags whole files with one thread (scores independent of the number
-    of workers); --workers 0 tags here with this process's threads, left as they are (a
-    training run later in the process would round differently after a change). On a GPU
-    (score_here, by default when norm_mean is on one) the workers decode and this process
-    scores each file on the device."""
+    """(path, score_file's dict or ValueError) per path, in order; score_here: scored in this process."""
     settings = (model, tag_names, norm_mean, norm_std, hop_frames, batch_size)
     if workers == 0:
         start_scorer(*settings, one_thread=False)
@@ -180,26 +147,19 @@ def tag_all(paths, workers, model, tag_names, norm_mean, norm_std, hop_frames, b
             yield path, result
 
 
-# -----------------------------------------------------------------------------
-# Inputs and the checkpoint
 def expand_inputs(arguments):
-    """Audio paths from the command line, in order: a file stays itself; a folder becomes the
-    files under it (recursively, through symbolic links too) whose extension is in
-    AUDIO_EXTENSIONS, sorted, hidden ones (a leading '.') left out. Returns (paths, skipped):
-    list of str; {path: why it is not tagged} for a folder holding no audio file, a symbolic
-    link that loops or leads nowhere, a folder that cannot be read."""
+    """(paths, skipped {path: why}): each folder becomes its audio files, recursively and sorted."""
     paths, skipped = [], {}
+
+    def unreadable(error):
+        skipped[error.filename] = f"{error.filename}: cannot be read ({error.strerror}); not searched"
+
     for argument in arguments:
-        folder = Path(argument)
-        if not folder.is_dir():
+        if not Path(argument).is_dir():
             paths.append(argument)
             continue
         found = []
-
-        def unreadable(error):
-            skipped[error.filename] = f"{error.filename}: cannot be read ({error.strerror}); not searched"
-
-        for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        for root, dirs, files in os.walk(Path(argument), onerror=unreadable, followlinks=True):
             real_root = os.path.realpath(root)
             for name in sorted(dirs):
                 real = os.path.realpath(os.path.join(root, name))
@@ -217,8 +177,7 @@ def expand_inputs(arguments):
                     found.append(path)
                 elif path.is_symlink():  # os.walk lists a link it cannot follow as a file
                     try:
-                        path.stat()
-                        continue  # a link to something other than a file
+                        path.stat()  # a link to something other than a file: left out
                     except OSError as error:
                         why = "symbolic link loop" if error.errno == errno.ELOOP else "broken symbolic link"
                         skipped[str(path)] = f"{path}: a {why} ({os.readlink(path)}); nothing to tag"
@@ -237,13 +196,8 @@ def newest_checkpoint(experiments_dir):
     return max(runs, key=lambda run: run.stat().st_mtime) / "best_model.pt"
 
 
-CHECKPOINT_FIX = "pass the best_model.pt of a run trained with src/trainer.py"
-
-
 def load_checkpoint(path, device):
-    """-> model (eval, on device), tag_names, norm_mean, norm_std (tensors on device), and
-    the checkpoint dict (with its file's sha256). A run folder stands for its best_model.pt.
-    SystemExit (one line) when it is missing or not a checkpoint of trainer.py."""
+    """-> model, tag_names, norm_mean, norm_std (on device), checkpoint; a folder: its best_model.pt."""
     path = Path(path)
     if path.is_dir():
         if not (path / "best_model.pt").is_file():
@@ -264,8 +218,6 @@ def load_checkpoint(path, device):
     return model, list(checkpoint["tag_names"]), norm_mean, norm_std, checkpoint
 
 
-# -----------------------------------------------------------------------------
-# Output
 def format_tags(path, result, top):
     """Readable block: the file, its length, then the top tags with aligned probabilities."""
     k = result["windows"]
@@ -277,8 +229,7 @@ def format_tags(path, result, top):
 
 
 def taggram_paths(taggram, audio_paths):
-    """One PNG path per audio file: taggram itself for one file; for several,
-    '<stem>_<audio stem>.png' beside it (a counter is added if audio stems repeat)."""
+    """One PNG path per audio file: taggram for one, else '<stem>_<audio stem>[_n].png' beside it."""
     taggram = Path(taggram)
     if len(audio_paths) == 1:
         return [taggram]
@@ -303,11 +254,9 @@ def import_figure():
 
 
 def save_taggram(png_path, window_probs, starts, duration_s, tag_names, title):
-    """Picture of tag probability over time: tags on y (checkpoint order), seconds on x;
-    each window drawn around its centre. window_probs: (K, n_tags); starts: (K,) frames."""
+    """Tag probability (window_probs (K, n_tags)) by time: each window drawn around its centre."""
     Figure = import_figure()
     centres = (starts + common.N_FRAMES / 2) * common.HOP_LENGTH / common.SAMPLE_RATE
-    # cell edges halfway between window centres; the outer ones at the audio's ends
     edges = np.concatenate([[0.0], (centres[:-1] + centres[1:]) / 2, [max(duration_s, centres[-1])]])
     fig = Figure(figsize=(8, 1.5 + 0.16 * len(tag_names)))
     ax = fig.add_subplot()
@@ -323,17 +272,8 @@ def save_taggram(png_path, window_probs, starts, duration_s, tag_names, title):
         fig.savefig(f, format="png", dpi=100)
 
 
-CSV_COLUMNS = ["path", "duration_s", "windows"]  # then one column per tag, then CSV_LAST_COLUMNS
-CSV_LAST_COLUMNS = ["error", "checkpoint_sha256", "format_version"]
-
-
-JSON_KEYS = ("tags", "windows", "duration_s", "error", "checkpoint_sha256")  # what the JSON holds of a file
-
-
 def save_outputs(args, results, tag_names):
-    """Write every output asked for, each atomically (a run killed at any moment leaves each
-    output as its last complete save); every entry names its checkpoint (checkpoint_sha256)
-    and the format (format_version). Their layouts: docs/predict.md, "Outputs"."""
+    """Write every output asked for, atomically (layouts: docs/predict.md, "Outputs")."""
     if args.json:  # a file a line: readable and diffable
         lines = [json.dumps(audio) + ": " + json.dumps(
                      dict({k: v for k, v in entry.items() if k in JSON_KEYS}, format_version=OUTPUT_FORMAT))
@@ -345,13 +285,13 @@ def save_outputs(args, results, tag_names):
             writer = csv.writer(f)
             writer.writerow(CSV_COLUMNS + tag_names + CSV_LAST_COLUMNS)
             for audio, entry in results.items():
-                last = [entry.get("error", ""), entry["checkpoint_sha256"], OUTPUT_FORMAT]
                 if "error" in entry:
-                    writer.writerow([audio, "", ""] + [""] * len(tag_names) + last)
+                    row = [audio, "", ""] + [""] * len(tag_names)
                 else:
                     probs = dict(entry["tags"])
-                    writer.writerow([audio, f"{entry['duration_s']:.3f}", entry["windows"]]
-                                    + [f"{probs[name]:.6f}" for name in tag_names] + last)
+                    row = [audio, f"{entry['duration_s']:.3f}", entry["windows"]]
+                    row += [f"{probs[name]:.6f}" for name in tag_names]
+                writer.writerow(row + [entry.get("error", ""), entry["checkpoint_sha256"], OUTPUT_FORMAT])
     if args.embeddings:
         tagged = [(audio, entry) for audio, entry in results.items() if "embedding" in entry]
         arrays = dict(paths=np.array([audio for audio, _ in tagged], dtype=str),
@@ -361,45 +301,17 @@ def save_outputs(args, results, tag_names):
                       duration_s=np.array([e["duration_s"] for _, e in tagged], np.float64),
                       windows=np.array([e["windows"] for _, e in tagged], np.int64))
         if args.per_window:
-            arrays.update(
-                window_embeddings=np.concatenate([e["window_embeddings"] for _, e in tagged]
-                                                 or [np.zeros((0, 500))]).astype(np.float32),
+            arrays.update(window_embeddings=np.concatenate([e["window_embeddings"] for _, e in tagged]
+                                                           or [np.zeros((0, 500))]).astype(np.float32),
                 window_file=np.repeat(np.arange(len(tagged)), [e["windows"] for _, e in tagged]),
                 window_start_s=np.concatenate([e["window_start_s"] for _, e in tagged] or [np.zeros(0)]))
         with plumbing.atomic_write(args.embeddings, "wb") as f:
             np.savez(f, **arrays)
 
 
-def read_previous(args, tag_names, checkpoint_sha256):
-    """What earlier runs wrote to this run's outputs (--resume): {path: entry}, the entries
-    of JSON, else CSV, with the embeddings joined in; and the paths every output requested
-    already holds, tagged (not failed), which this run skips. An output that cannot be
-    read, is of another format version, or holds rows of another checkpoint than
-    checkpoint_sha256 (one file would mix two models), is refused in one line before any work."""
-    previous, done = {}, None
-    for name in ("json", "csv", "embeddings"):
-        path = getattr(args, name)
-        if not path:
-            continue
-        if not Path(path).is_file():  # an output without anything yet: every file is redone
-            done = set()
-            continue
-        fix = f"pass another --{name} file, or leave out --resume"
-        try:
-            entries = READERS[name](path, tag_names, args.per_window)
-        except (ValueError, KeyError, TypeError, OSError, EOFError, csv.Error, zipfile.BadZipFile) as error:
-            raise SystemExit(f"error: --resume: cannot read {path} ({type(error).__name__}: {error}); "
-                             f"{fix}") from None
-        other = {entry["checkpoint_sha256"] for entry in entries.values()} - {checkpoint_sha256}
-        if other:
-            raise SystemExit(f"error: --resume: {path} holds results of another checkpoint (SHA-256 "
-                             f"{sorted(other)[0][:16]}..., this one's is {checkpoint_sha256[:16]}...): one "
-                             f"file would mix two models; resume with the checkpoint that wrote it, or {fix}")
-        for audio, entry in entries.items():
-            previous.setdefault(audio, {}).update(entry)
-        tagged = {audio for audio, entry in entries.items() if "error" not in entry}
-        done = tagged if done is None else done & tagged
-    return previous, done
+def outputs(args):
+    """{flag: path} of the outputs asked for, in OUTPUTS order."""
+    return {flag: getattr(args, flag) for flag in OUTPUTS if getattr(args, flag)}
 
 
 def check_format(found):
@@ -421,8 +333,7 @@ def read_json_output(path, tag_names, per_window):
 
 
 def read_csv_output(path, tag_names, per_window):
-    """The rows of predict.py's CSV; a row that is not whole (a file cut short) is left out
-    with a note, so that its file is tagged again."""
+    """The rows of predict.py's CSV; a row not whole (cut short) is left out, with a note: tagged again."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     if not rows or rows[0] != CSV_COLUMNS + tag_names + CSV_LAST_COLUMNS:
@@ -460,69 +371,70 @@ def read_embeddings_output(path, tag_names, per_window):
             raise ValueError("its tag_names are not this checkpoint's (written with another model?)")
         if per_window and "window_embeddings" not in saved:
             return {}  # written without --per-window: every file is redone
-        entries = {str(audio): dict(embedding=saved["embeddings"][i], windows=int(saved["windows"][i]),
-                                    duration_s=float(saved["duration_s"][i]),
-                                    checkpoint_sha256=str(saved["checkpoint_sha256"][i]))
-                   for i, audio in enumerate(saved["paths"])}
-        if per_window:
-            for i, audio in enumerate(saved["paths"]):
+        entries = {}
+        for i, audio in enumerate(saved["paths"]):
+            entries[str(audio)] = dict(embedding=saved["embeddings"][i], windows=int(saved["windows"][i]),
+                                       duration_s=float(saved["duration_s"][i]),
+                                       checkpoint_sha256=str(saved["checkpoint_sha256"][i]))
+            if per_window:
                 rows = saved["window_file"] == i
                 entries[str(audio)].update(window_embeddings=saved["window_embeddings"][rows],
                                            window_start_s=saved["window_start_s"][rows])
     return entries
 
 
-READERS = dict(json=read_json_output, csv=read_csv_output, embeddings=read_embeddings_output)
+def read_previous(args, tag_names, checkpoint_sha256):
+    """--resume: ({path: entry} from the outputs, the paths all hold tagged); refuses another model's."""
+    previous, done = {}, None
+    readers = dict(json=read_json_output, csv=read_csv_output, embeddings=read_embeddings_output)
+    for name, path in outputs(args).items():
+        if not Path(path).is_file():  # an output without anything yet: every file is redone
+            done = set()
+            continue
+        fix = f"pass another --{name} file, or leave out --resume"
+        try:
+            entries = readers[name](path, tag_names, args.per_window)
+        except (ValueError, KeyError, TypeError, OSError, EOFError, csv.Error, zipfile.BadZipFile) as error:
+            raise SystemExit(f"error: --resume: cannot read {path} ({type(error).__name__}: {error}); "
+                             f"{fix}") from None
+        other = {entry["checkpoint_sha256"] for entry in entries.values()} - {checkpoint_sha256}
+        if other:
+            raise SystemExit(f"error: --resume: {path} holds results of another checkpoint (SHA-256 "
+                             f"{sorted(other)[0][:16]}..., this one's is {checkpoint_sha256[:16]}...): one "
+                             f"file would mix two models; resume with the checkpoint that wrote it, or {fix}")
+        for audio, entry in entries.items():
+            previous.setdefault(audio, {}).update(entry)
+        tagged = {audio for audio, entry in entries.items() if "error" not in entry}
+        done = tagged if done is None else done & tagged
+    return previous, done
 
 
-# -----------------------------------------------------------------------------
 def default_workers():
     """--workers by default: one per core this process may use, at most MAX_WORKERS."""
     return min(plumbing.usable_cores(), MAX_WORKERS)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Tag audio files and folders with a trained multi-scale CNN (Dabral et al. 2018). "
-                    "See docs/predict.md.")
-    parser.add_argument("audio", nargs="+", help="audio files and folders (searched recursively "
-                        f"for {' '.join(AUDIO_EXTENSIONS)}); any sample rate, mono or stereo, any length")
-    parser.add_argument("--checkpoint", default=None, help="best_model.pt written by trainer.py, or its "
-                        "run folder (default: that of the most recently modified run in --experiments)")
-    parser.add_argument("--experiments", default="experiments",
-                        help="folder of runs searched when --checkpoint is not given (default: experiments)")
-    parser.add_argument("--top", type=plumbing.at_least(1), default=5,
-                        help="tags printed per file (default: 5)")
+    parser = argparse.ArgumentParser(description="Tag audio with a trained CNN (docs/predict.md).")
+    parser.add_argument("audio", nargs="+", help="audio files, and folders searched recursively for them")
+    parser.add_argument("--checkpoint", help="best_model.pt or run folder (default: newest in --experiments)")
+    parser.add_argument("--experiments", default="experiments", help="folder of runs (default: experiments)")
+    parser.add_argument("--top", type=plumbing.at_least(1), default=5, help="top tags printed (default: 5)")
     parser.add_argument("--hop-frames", type=plumbing.at_least(1), default=common.N_FRAMES // 2,
-                        help="frames between window starts; the last window is aligned to the end of "
-                             f"the audio (default: {common.N_FRAMES // 2}, half a window)")
-    parser.add_argument("--json", default=None, help="also write all results to this JSON file: "
-                        '{path: {"tags": [[name, prob], ...all tags, most probable first], '
-                        '"windows": K, "duration_s": s}} or {path: {"error": message}}')
-    parser.add_argument("--csv", default=None, help="also write one row per file to this CSV: path, "
-                        "duration_s, windows, one probability column per tag (checkpoint order), error")
-    parser.add_argument("--embeddings", default=None, help="also write the 500-d embeddings (penultimate "
-                        "layer, mean over windows) to this .npz: paths, tag_names, embeddings (F, 500), "
-                        "duration_s, windows")
-    parser.add_argument("--per-window", action="store_true", help="--embeddings also keeps every window: "
-                        "window_embeddings (W, 500), window_file, window_start_s")
-    parser.add_argument("--resume", action="store_true", help="skip the files that every output given "
-                        "(--csv/--json/--embeddings) already holds tagged; failed ones are tried again")
-    parser.add_argument("--taggram", default=None, help="save a PNG of tag probability over time (needs "
-                        "matplotlib); with several files, one PNG each, <stem>_<audio stem>.png beside it")
-    parser.add_argument("--workers", type=int, default=default_workers(),
-                        help="worker processes; on a CPU each decodes and scores whole files with one "
-                        "thread, and any count gives the same output; on a GPU they decode while this "
-                        "process scores; 0: all in this process, with its own threads "
-                        f"(default: one per CPU core, at most {MAX_WORKERS})")
+                        help=f"frames between window starts (default: {common.N_FRAMES // 2}, half a window)")
+    parser.add_argument("--json", help="also write every file's tags to this JSON file (docs/predict.md)")
+    parser.add_argument("--csv", help="also write one row per file, a column per tag, to this CSV")
+    parser.add_argument("--embeddings", help="also write each file's 500-d embedding to this .npz")
+    parser.add_argument("--per-window", action="store_true", help="--embeddings also keeps each window's")
+    parser.add_argument("--resume", action="store_true", help="skip the files tagged in every output given")
+    parser.add_argument("--taggram", help="save a PNG of tag probability over time (needs matplotlib)")
+    parser.add_argument("--workers", type=plumbing.at_least(0), default=default_workers(),
+                        help=f"worker processes; 0: none (default: one per CPU core, at most {MAX_WORKERS})")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto, cuda if there)")
-    parser.add_argument("--batch-size", type=plumbing.at_least(1), default=None,
-                        help=f"windows scored per forward pass (default: {CUDA_BATCH} on a GPU, {CPU_BATCH} "
-                        "on a CPU, where larger batches cost memory and are no faster: docs/predict.md)")
+    parser.add_argument("--batch-size", type=plumbing.at_least(1),
+                        help=f"windows per forward pass (default: {CUDA_BATCH} on GPU, {CPU_BATCH} on CPU)")
     args = parser.parse_args(argv)
-    if args.workers < 0:
-        parser.error(f"--workers must be 0 or more, got {args.workers}")
-    if args.resume and not (args.csv or args.json or args.embeddings):
+    if args.resume and not outputs(args):
         parser.error("--resume needs an output to resume: --csv, --json or --embeddings")
     if args.per_window and not args.embeddings:
         parser.error("--per-window needs --embeddings FILE.npz")
@@ -531,11 +443,9 @@ def parse_args(argv=None):
 
 @plumbing.releasing_locks
 def main(argv=None):
-    """Tag the files; returns {path: score_file's dict or {"error": message}} (with --resume,
-    the files skipped hold what the outputs held), and exits non-zero (after tagging the
-    rest) when any file could not be tagged. Every entry records checkpoint_sha256."""
+    """{path: score_file's dict or {"error": ...}, with checkpoint_sha256}; exits non-zero if any failed."""
     args = parse_args(argv)
-    for flag in ("json", "csv", "embeddings", "taggram"):  # checked and locked before any work
+    for flag in (*OUTPUTS, "taggram"):  # checked and locked before any work
         if getattr(args, flag):
             plumbing.check_file(getattr(args, flag), f"--{flag}")
             plumbing.hold_lock(f"{getattr(args, flag)}.lock", getattr(args, flag), f"pass another --{flag}")
@@ -549,16 +459,13 @@ def main(argv=None):
               file=sys.stderr)
     model, tag_names, norm_mean, norm_std, checkpoint = load_checkpoint(checkpoint_path, device)
     sha256 = checkpoint["sha256"]
-    for line in formats.describe_training(checkpoint):
-        if line:
-            print(line, file=sys.stderr)
+    for line in filter(None, formats.describe_training(checkpoint)):  # its non-empty lines
+        print(line, file=sys.stderr)
     batch_size = args.batch_size or (CUDA_BATCH if device.type == "cuda" else CPU_BATCH)
-
     paths, skipped = expand_inputs(args.audio)
-    results, failed = {}, []
-    for path, message in skipped.items():
-        results[path] = {"error": message, "checkpoint_sha256": sha256}
-        failed.append(path)
+    results = {path: {"error": message, "checkpoint_sha256": sha256} for path, message in skipped.items()}
+    failed = list(skipped)
+    for message in skipped.values():
         print(f"error: {message}", file=sys.stderr)
     if args.resume:
         previous, done = read_previous(args, tag_names, sha256)
@@ -568,7 +475,6 @@ def main(argv=None):
         print(f"resuming: {n_done} file(s) already tagged in the outputs, {len(paths)} to tag",
               file=sys.stderr)
     png_paths = dict(zip(paths, taggram_paths(args.taggram, paths))) if args.taggram and paths else {}
-
     tagged = tag_all(paths, args.workers, model, tag_names, norm_mean, norm_std, args.hop_frames, batch_size)
     bar = tqdm(total=len(paths), unit="file", disable=len(paths) <= BAR_ABOVE_N_FILES)
     last_save = time.monotonic()
@@ -593,7 +499,7 @@ def main(argv=None):
     except (KeyboardInterrupt, plumbing.WorkersKeepDying) as stop:
         bar.close()
         save_outputs(args, results, tag_names)
-        rest = "; rerun with --resume to tag the rest" if args.csv or args.json or args.embeddings else ""
+        rest = "; rerun with --resume to tag the rest" if outputs(args) else ""
         if isinstance(stop, plumbing.WorkersKeepDying):
             raise SystemExit(f"error: {stop}: out of memory? The files tagged so far are saved{rest}; "
                              "free memory or lower --workers") from None
@@ -601,12 +507,10 @@ def main(argv=None):
     finally:
         bar.close()
         tagged.close()  # stops the worker pool
-    for output in (args.json, args.csv, args.embeddings):
-        if output:
-            print(f"wrote {output}", file=sys.stderr)
+    for output in outputs(args).values():
+        print(f"wrote {output}", file=sys.stderr)
     if failed:
-        n_inputs = len(paths) + len(skipped)
-        raise SystemExit(f"error: {len(failed)} of {n_inputs} files could not be tagged "
+        raise SystemExit(f"error: {len(failed)} of {len(paths) + len(skipped)} files could not be tagged "
                          f"({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''})")
     return results
 
