@@ -168,7 +168,8 @@ def expand_inputs(arguments):
                 elif real_root == real or real_root.startswith(real.rstrip(os.sep) + os.sep):
                     dirs.remove(name)
                     link = os.path.join(root, name)
-                    skipped[link] = f"{link}: a symbolic link loop (to {real}, which holds it); not followed"
+                    skipped[link] = (f"{link}: a symbolic link loop (to {real}, a folder holding it); "
+                                     "not followed")
             for name in files:
                 path = Path(root) / name
                 if name.startswith(".") or path.suffix.lower() not in AUDIO_EXTENSIONS:
