@@ -1,7 +1,6 @@
-"""Where the numbers are computed: the device, the trainer's speed choices (precision, fused
-Adam, resident data, cuDNN autotuning, compilation), decided in one place, and torchrun (one
-process per GPU). A CPU run and a GPU run with the same choices differ only in the device.
-"""
+"""Where the numbers are computed: the device, the trainer's speed choices (precision, fused Adam, resident
+data, cuDNN autotuning, compilation) decided in one place, and torchrun (one process per GPU).
+A CPU run and a GPU run with the same choices differ only in the device."""
 import argparse
 import os
 
@@ -26,39 +25,31 @@ GPU_RESERVE_BYTES = 6 * 2 ** 30  # GPU memory left free beside resident data: mo
 
 
 def add_speed_flags(p):
-    """trainer.py's speed flags: 'auto' (None) is decided per device by resolve_speed_choices;
-    one named runs a GPU's choice on the CPU too (so the tests check a GPU's path on a CPU)."""
+    """trainer.py's speed flags: 'auto' (None) is decided per device; a named one runs on a CPU too."""
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda when available)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="bf16: the network under bfloat16 autocast (weights, loss and Adam stay fp32); "
-                        "fp32: float32 throughout (on CUDA, PyTorch's default of TF32 convolutions); "
-                        "auto: bf16 on CUDA, fp32 on a CPU (default: auto)")
+                   help="bf16: the network under bfloat16 autocast (weights, loss and Adam stay fp32); fp32: "
+                        "float32 (TF32 convolutions on CUDA); auto: bf16 on CUDA, else fp32 (default: auto)")
     p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None,
-                   help="Adam's fused kernel, one for all parameters (PyTorch has it for CUDA and CPU) "
-                        "(default: on CUDA)")
+                   help="Adam's fused kernel, one for all parameters, on CUDA or CPU (default: on CUDA)")
     p.add_argument("--resident", action=argparse.BooleanOptionalAction, default=None,
-                   help="hold all spectrograms as one tensor on the device, so a batch is an index "
-                        "(on a CPU: in RAM, the whole array), instead of reading batches from the "
-                        "memory map (default: on CUDA when spectrograms.npy fits in free GPU memory "
-                        f"with {GPU_RESERVE_BYTES / 2**30:.0f} GiB to spare)")
+                   help="hold all spectrograms as one tensor on the device (on a CPU: in RAM), so a batch is "
+                        "an index, not read from the memory map (default: on CUDA when spectrograms.npy fits "
+                        f"in free GPU memory with {GPU_RESERVE_BYTES / 2**30:.0f} GiB to spare)")
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
-                   help="let cuDNN time its convolution algorithms for the fixed input shape and keep "
-                        "the fastest (no effect on a CPU) (default: on CUDA)")
+                   help="let cuDNN time its convolution algorithms for the fixed input shape and keep the "
+                        "fastest (default: on CUDA; no effect on a CPU)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (with CUDA graphs on CUDA); off by default "
-                        "(docs/performance.md has what it gains and costs)")
+                   help="torch.compile the network, CUDA graphs on CUDA (docs/performance.md: gains, costs)")
     p.add_argument("--eval-batch-size", type=at_least(1), default=256,
                    help="clips per step when scoring (default: 256)")
 
 
 def resolve_speed_choices(args, device, data_bytes):
-    """Decide, in this one place, each speed choice left at auto for this device, in args (so
-    it is printed and saved with the checkpoints); set cudnn.benchmark; -> the line stating
-    them. precision: bf16 on CUDA, fp32 on a CPU (exact; bf16 does not speed a CPU up).
-    fused_adam, cudnn_benchmark: on CUDA. resident: on CUDA when the spectrograms
-    (data_bytes) fit in free GPU memory with GPU_RESERVE_BYTES to spare, else pinned host
-    batches; on a CPU the memory map keeps host memory bounded. SystemExit when --resident
-    asks for more than the GPU has free."""
+    """Decide each speed choice left at auto, in args (printed, saved with the checkpoints); set
+    cudnn.benchmark; -> the line stating them. On a CPU fp32 (bf16 does not speed it up) and the memory
+    map; on CUDA bf16, fused Adam, cudnn.benchmark, and resident data when data_bytes fit in free GPU
+    memory with GPU_RESERVE_BYTES to spare (else pinned host batches; --resident then exits)."""
     cuda = device.type == "cuda"
     if args.precision == "auto":
         args.precision = "bf16" if cuda else "fp32"
@@ -88,8 +79,7 @@ def on_off(flag):
 
 
 def on_device(model, device):
-    """The model on device in channels_last layout: the same numbers, faster on a CPU (oneDNN),
-    and the layout cuDNN's bf16 convolutions prefer."""
+    """The model on device, channels_last: the same numbers, faster on a CPU (oneDNN) and cuDNN's bf16."""
     return model.to(device, memory_format=torch.channels_last)
 
 
@@ -99,14 +89,12 @@ def compile_model(model, device):
 
 
 def to_device_source(spectrograms, device, resident):
-    """Where batches are read from: resident, the array as one tensor on device (one upload,
-    then a batch is an index); else the array itself (a host memmap)."""
+    """Where batches are read: resident, the array as one tensor on device; else the host memmap itself."""
     return upload(spectrograms, device) if resident else spectrograms
 
 
 def upload(spectrograms, device, chunk_rows=1024):
-    """The array (N, N_MELS, N_FRAMES) as a tensor of its dtype on device, copied in chunks so
-    that host memory stays bounded."""
+    """The array (N, N_MELS, N_FRAMES) as a tensor of its dtype on device, copied in bounded chunks."""
     resident = torch.empty(spectrograms.shape, dtype=getattr(torch, spectrograms.dtype.name), device=device)
     for start in tqdm(range(0, len(spectrograms), chunk_rows), desc=f"to {device}", unit="chunk",
                       leave=False, disable=not is_main()):
@@ -116,9 +104,8 @@ def upload(spectrograms, device, chunk_rows=1024):
 
 
 def get_batch(source, rows, rows_on_device):
-    """Spectrogram rows -> tensor (B, N_MELS, N_FRAMES) on rows_on_device's device. rows:
-    sorted int ndarray, to read a host memmap; rows_on_device: the same as a tensor, to index
-    a resident tensor without a host-to-device copy (which would stall the GPU's queue)."""
+    """Spectrogram rows -> (B, N_MELS, N_FRAMES) on rows_on_device's device. rows: sorted, to read a memmap;
+    rows_on_device: the same, to index a resident tensor with no host copy (it would stall the GPU)."""
     if isinstance(source, torch.Tensor):
         return source[rows_on_device]
     batch = torch.from_numpy(np.asarray(source[rows]))
@@ -160,9 +147,7 @@ def setup_distributed(device_name):
 
 
 def parallel(model, device, args, start_epoch):
-    """-> (the model to train: DistributedDataParallel under torchrun, with batch norm over
-    the global batch on CUDA, compiled with --compile; the plain model, whose state dict is
-    saved)."""
+    """-> (the model to train: DDP under torchrun, compiled with --compile; the plain model, saved)."""
     plain = model
     if world_size() > 1:
         if device.type == "cuda":  # batch norm over the global batch, as on one GPU

@@ -6,8 +6,7 @@
 
 Reads DATA/annotations_final.csv (or .csv.gz) and DATA/spectrograms.npy (+ .json); writes
 OUT/RUN/best_model.pt, last.pt, metrics.csv, results.json and test_scores.npz (see experiments/README.md).
-The recipe reads top to bottom below; the machinery it calls (devices, torchrun, the run
-folder's files, resuming) is in plumbing.py.
+The recipe reads top to bottom; its machinery (devices, torchrun, run files, resuming) is in plumbing.py.
 """
 import argparse
 import contextlib
@@ -48,10 +47,10 @@ RESUME_KEYS = ("split", "train_size", "val_size", "split_seed", "seed", "n_tags"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     recipe = p.add_argument_group("the recipe (defaults: the paper's)")
-    recipe.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default: {EPOCHS})")
-    recipe.add_argument("--batch-size", type=int, default=BATCH_SIZE,
-                        help="clips per step and per process; under torchrun the global batch is this x "
-                             f"processes (default: {BATCH_SIZE})")
+    recipe.add_argument("--epochs", type=plumbing.at_least(1), default=EPOCHS,
+                        help=f"training epochs (default: {EPOCHS})")
+    recipe.add_argument("--batch-size", type=plumbing.at_least(1), default=BATCH_SIZE,
+                        help=f"clips per step per process; global batch: x processes (default: {BATCH_SIZE})")
     recipe.add_argument("--lr", type=plumbing.float_in(0, math.inf), default=LR,
                         help=f"Adam learning rate (default: {LR})")
     recipe.add_argument("--milestones", type=int, nargs="*", default=MILESTONES,
@@ -60,57 +59,44 @@ def parse_args(argv=None):
     recipe.add_argument("--dropout", type=plumbing.float_in(0, 1, low_closed=True), default=DROPOUT,
                         help=f"dropout probability before the dense layer (default: {DROPOUT})")
     recipe.add_argument("--bn-momentum", type=plumbing.float_in(0, 1, high_closed=True), default=BN_MOMENTUM,
-                        help="batch norm's running-statistics update, PyTorch's convention: running = "
-                             f"(1 - m) running + m batch (default: {BN_MOMENTUM}, the paper's; a run of only "
-                             "a few hundred steps wants ~0.1 so that the statistics used for scoring catch up)")
-    recipe.add_argument("--scales", type=int, nargs="+", choices=SCALES, default=list(SCALES),
-                        metavar="S",
-                        help="the network's branches, any of 1 (full resolution), 2 (average-pooled 2x4) and "
-                             "3 (4x16): '--scales 1' is the single-scale baseline that tests the paper's claim "
-                             f"(default: {' '.join(map(str, SCALES))}, the paper's network)")
-    recipe.add_argument("--n-tags", type=int, default=N_TAGS,
-                        help=f"keep the N most frequent tags (default: {N_TAGS}; --split clean and folder "
-                             "need 50)")
+                        help=f"batch norm: running = (1 - m) running + m batch (default: {BN_MOMENTUM}, "
+                             "the paper's; a run of a few hundred steps wants ~0.1 to catch up)")
+    recipe.add_argument("--scales", type=int, nargs="+", choices=SCALES, default=list(SCALES), metavar="S",
+                        help="branches 1 (full resolution), 2 (average-pooled 2x4), 3 (4x16); '--scales 1' "
+                             "is the single-scale baseline testing the paper's claim (default: all three)")
+    recipe.add_argument("--n-tags", type=plumbing.at_least(1), default=N_TAGS,
+                        help=f"keep the N most frequent tags (default: {N_TAGS}; clean/folder splits: 50)")
     recipe.add_argument("--no-merge", action="store_true",
-                        help="do not merge synonym tags before choosing the top N (implied by --split clean and "
-                             "folder)")
+                        help="do not merge synonym tags before the top N (implied by --split clean/folder)")
     recipe.add_argument("--seed", type=int, default=SEED,
-                        help="seed of the weights, dropout and batch order; never of the split, so runs with "
-                             f"different seeds are scored on the same clips (default: {SEED})")
+                        help=f"seed of weights, dropout and batch order, not of the split (default: {SEED})")
     data = p.add_argument_group("data and split")
     data.add_argument("--data-dir", type=Path, default=Path("data"),
-                      help="folder with annotations_final.csv (or .csv.gz) and spectrograms.npy/.json "
-                           "(default: data)")
+                      help="folder of annotations_final.csv(.gz) and spectrograms.npy/.json (default: data)")
     data.add_argument("--split", choices=["paper", "clean", "folder", "random"], default=SPLIT,
-                      help="'paper': the original's exact split of the 25,863 MTAT clips (18,000 / 2,000 / "
-                           "5,863, always its RandomState(1337) draw; clips of one song fall on both sides); "
-                           "'clean': the field's song-disjoint benchmark split (15,244 / 1,529 / 4,332 listed "
-                           "clips, src/splits/; the 50 most frequent tags without synonym merging, as Lee et "
-                           "al. 2017 and Won et al. 2020; needs all 25,863 spectrogram rows); 'folder': MTAT's "
-                           "folders 0-b / c / d-f with every usable clip (18,706 / 1,825 / 5,329: the three broken "
-                           "clips left out; the split of the self-supervised benchmarks such as MARBLE; the 50 most "
-                           "frequent tags without merging); 'random': a split "
-                           "of any data set by --train-size/--val-size/--split-seed (default: paper)")
+                      help="'paper': the original's split of the 25,863 MTAT clips (18,000 / 2,000 / 5,863, "
+                           "its RandomState(1337) draw; a song's clips fall on both sides); 'clean': the "
+                           "field's song-disjoint split (15,244 / 1,529 / 4,332 clips listed in src/splits/, "
+                           "as Lee et al. 2017 and Won et al. 2020; needs all 25,863 rows); 'folder': MTAT's "
+                           "folders 0-b / c / d-f, every usable clip (18,706 / 1,825 / 5,329), as in MARBLE; "
+                           "clean and folder: the 50 most frequent tags, unmerged; 'random': any data set by "
+                           "--train-size/--val-size/--split-seed (default: paper)")
     data.add_argument("--train-size", type=int, default=18000,
-                      help="training clips for --split random (default: 18000)")
+                      help="training clips of --split random (default: 18000)")
     data.add_argument("--val-size", type=int, default=2000,
-                      help="validation clips for --split random; the rest is the test set (default: 2000)")
+                      help="validation clips of --split random; the rest is the test set (default: 2000)")
     data.add_argument("--split-seed", type=int, default=1337,
                       help="seed of --split random's draw, independent of --seed (default: 1337)")
     run = p.add_argument_group("the run")
     run.add_argument("--out", type=Path, default=Path("experiments"),
                      help="where run folders go (default: experiments)")
-    run.add_argument("--run", "--run-name", dest="run", default=None,
-                     help="run name, a folder under --out (default: the date and time); under torchrun "
-                          "spell it --run-name, as torchrun takes --run for its own --run-path")
+    run.add_argument("--run", "--run-name", help="a folder under --out (default: the date and time); under "
+                     "torchrun spell it --run-name, as torchrun takes --run for its own --run-path")
     run.add_argument("--resume", action="store_true", help="continue the run --run from its last.pt")
     devices.add_speed_flags(p.add_argument_group("device and speed (the numbers stay the paper's)"))
     args = p.parse_args(argv)
-    for flag in ("epochs", "batch_size", "eval_batch_size", "n_tags"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if len(set(args.scales)) != len(args.scales):
-        p.error(f"--scales {' '.join(map(str, args.scales))} repeats a branch; give each of 1 2 3 at most once")
+        p.error(f"--scales {' '.join(map(str, args.scales))} repeats a branch; give each at most once")
     args.scales = sorted(args.scales)
     if args.split in ("clean", "folder"):  # the benchmarks' tags: the 50 most frequent, not merged
         if args.n_tags != 50:
@@ -122,17 +108,14 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # Data: the labels, the split and its leakage audit
 def load_data(args):
-    """-> labels uint8 (N, T), tag_names, clip_ids (N,), mp3_paths, spectrograms (N, N_MELS,
-    N_FRAMES; memory-mapped) of the data folder: the annotations' tags with synonyms merged
-    (unless --no-merge), the --n-tags most frequent kept; spectrograms made with --limit
-    cover the first N rows of the annotations (they are refused when they no longer match
-    them, or hold NaN or inf). Their resampler becomes common.RESAMPLER, so that the
-    checkpoints record it and predict.py computes the same features."""
-    csv_path = formats.annotations_path(args.data_dir)
-    if not csv_path.is_file():
-        raise SystemExit(f"error: {csv_path} not found; run: python src/get_data.py --data-dir {args.data_dir}")
+    """-> labels uint8 (N, T) of the --n-tags most frequent tags (synonyms merged unless --no-merge),
+    tag_names, clip_ids (N,), mp3_paths, spectrograms (N, N_MELS, N_FRAMES; memmap; of --limit: the first
+    N rows). Their resampler becomes common.RESAMPLER: checkpoints record it, predict.py computes the same."""
+    path = formats.annotations_path(args.data_dir)
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; run: python src/get_data.py --data-dir {args.data_dir}")
     try:
-        clip_ids, labels, tag_names, mp3_paths = common.load_tags(csv_path, args.n_tags, merge=not args.no_merge)
+        clip_ids, labels, tag_names, mp3_paths = common.load_tags(path, args.n_tags, merge=not args.no_merge)
     except ValueError as error:  # it names the file and what is wrong in it
         raise SystemExit(f"error: {error}; restore the file (python src/get_data.py --data-dir "
                          f"{args.data_dir} for MTAT) or correct it") from None
@@ -146,13 +129,8 @@ def load_data(args):
 
 
 def make_split(args, n_clips, clip_ids=None, mp3_paths=None):
-    """-> train_idx, val_idx, test_idx (sorted annotation rows), by --split.
-
-    n_clips: spectrogram rows; clip_ids: the annotations' clip ids (needed by 'clean');
-    mp3_paths: their paths (needed by 'folder', a rule on MTAT's folders that any data set
-    in MTAT's layout can follow; the synthetic sets do). The paper and clean splits are
-    fixed; 'random' is drawn from --split-seed, never --seed.
-    """
+    """-> train_idx, val_idx, test_idx (sorted rows of n_clips) by --split; 'clean' needs clip_ids, 'folder'
+    mp3_paths in MTAT's layout. 'paper' and 'clean' are fixed; 'random' is drawn from --split-seed."""
     if args.split == "folder":
         if n_clips != common.N_CLIPS:
             log(f"note: --split folder of {n_clips:,} clips, not of all {common.N_CLIPS:,} MTAT clips: "
@@ -164,8 +142,8 @@ def make_split(args, n_clips, clip_ids=None, mp3_paths=None):
                              "use --split random") from None
     if args.split in ("paper", "clean"):
         if n_clips != common.N_CLIPS:
-            raise SystemExit(f"error: --split {args.split} needs all {common.N_CLIPS} MTAT clips, the data has "
-                             f"{n_clips}; use --split random --train-size N --val-size M")
+            raise SystemExit(f"error: --split {args.split} needs all {common.N_CLIPS} MTAT clips, the data "
+                             f"has {n_clips}; use --split random --train-size N --val-size M")
         if args.split == "paper":
             return common.paper_split(n_clips)  # always the original's RandomState(1337) draw
         try:
@@ -186,22 +164,20 @@ def audit_split(args, mp3_paths, train_idx, val_idx, test_idx):
                for name, rows in (("val", val_idx), ("test", test_idx))}
     for name, counts in overlap.items():
         if counts["unparsed"] == counts["n_clips"]:
-            log(f"leakage audit, {name}: no clip name is in MTAT's form (artist-album-track-title-start-end); "
-                "nothing to audit")
+            log(f"leakage audit, {name}: no clip name is in MTAT's form "
+                "(artist-album-track-title-start-end); nothing to audit")
             continue
         def share(what):  # two decimals: 5,862 of 5,863 must not read 100%
             return f"{counts[what]:,} ({100 * counts[what] / max(counts['n_clips'], 1):.2f}%)"
         log(f"leakage audit, {name}: of {counts['n_clips']:,} clips, {share('song')} share a song with a "
             f"training clip, {share('album')} an album, {share('artist')} an artist"
-            + (f"; {counts['unparsed']:,} names not in MTAT's form, not audited" if counts["unparsed"] else ""))
+            + (f"; {counts['unparsed']:,} names not in MTAT's form, not audited"
+               if counts["unparsed"] else ""))
     return overlap
 
 
 def check_split(args, labels, tag_names, train_idx, val_idx, test_idx):
-    """Refuse a split that cannot be trained or scored: fewer training clips than one global
-    batch, or a validation or test set with no tag that has both positive and negative
-    clips (its macro ROC-AUC would be NaN every epoch: no best model, and NaN is not JSON).
-    Note the tags this data set never has."""
+    """Refuse fewer training clips than a global batch, a val/test set no tag can score; note unused tags."""
     if len(train_idx) < args.batch_size * world_size():
         raise SystemExit(f"error: {len(train_idx)} training clips are fewer than one global batch "
                          f"({args.batch_size} x {world_size()}); lower --batch-size")
@@ -209,8 +185,9 @@ def check_split(args, labels, tag_names, train_idx, val_idx, test_idx):
                             ("test", test_idx, "a smaller --train-size or --val-size")):
         positives = labels[rows].sum(axis=0)
         if not ((positives > 0) & (positives < len(rows))).any():
-            raise SystemExit(f"error: the {name} set ({len(rows)} clip{'s' * (len(rows) != 1)}) has no tag with "
-                             f"both positive and negative clips, so it cannot be scored (ROC-AUC); choose {fix}")
+            raise SystemExit(f"error: the {name} set ({len(rows)} clip{'s' * (len(rows) != 1)}) has no tag "
+                             "with both positive and negative clips, so it cannot be scored (ROC-AUC); "
+                             f"choose {fix}")
     untagged = [name for name, count in zip(tag_names, labels.sum(axis=0)) if count == 0]
     if untagged:
         log(f"{len(untagged)} of the {len(tag_names)} tags have no clip in this data set; "
@@ -220,12 +197,8 @@ def check_split(args, labels, tag_names, train_idx, val_idx, test_idx):
 # -----------------------------------------------------------------------------
 # Normalisation: per mel band, over the training clips only (the original used all clips)
 def band_stats(source, rows, device, chunk_rows=256):
-    """Mean and standard deviation per mel band over all frames of the given clips.
-
-    source: what devices.to_device_source returned; the sums run where the data lives
-    (float64, in chunks, so memory stays bounded).
-    Returns two float32 tensors (N_MELS,) on device.
-    """
+    """-> mean and standard deviation per mel band over all frames of the rows: float32 (N_MELS,) on
+    device. source: devices.to_device_source's; summed where the data lives, in float64 chunks."""
     total = torch.zeros(common.N_MELS, dtype=torch.float64, device=device)
     total_sq = torch.zeros(common.N_MELS, dtype=torch.float64, device=device)
     rows_on_device = torch.from_numpy(rows).to(device)
@@ -244,13 +217,8 @@ def band_stats(source, rows, device, chunk_rows=256):
 # -----------------------------------------------------------------------------
 # Training: binary cross-entropy, Adam, one epoch of shuffled batches
 def epoch_order(train_idx, n_clips, seed, epoch):
-    """The training rows in the order of epoch `epoch` (1-based): int64 ndarray (n_train,).
-
-    The original's rule, for any split: the stream is common.original_order(n_clips, seed)'s
-    RandomState; epoch 1 takes the rows in the order of its shuffle of all n_clips rows (for
-    the paper split and seed 1337 the original's own), and after each epoch the stream
-    shuffles the order in place. Replayed from the seed, so a resumed run sees the same.
-    """
+    """The training rows in epoch `epoch`'s (1-based) order, int64 (n_train,), as the original: their order
+    in common.original_order(n_clips, seed)'s shuffle, then its RandomState's in-place shuffle per epoch."""
     rng, shuffled = common.original_order(n_clips, seed)
     order = shuffled[np.isin(shuffled, train_idx)]
     for _ in range(epoch - 1):
@@ -259,14 +227,9 @@ def epoch_order(train_idx, n_clips, seed, epoch):
 
 
 def epoch_batches(order, batch_size):
-    """This process's batches of one epoch: a list of int ndarrays, rows sorted.
-
-    As the original: the epoch's order cut into runs of SUPER_BATCH rows (the last may be
-    shorter), each into consecutive global batches of batch_size x processes, the last of a
-    run shorter. A run's last batch that would give a process fewer than 2 clips (batch norm
-    cannot train on 1) joins the batch before it. Each process takes every world_size()-th
-    clip of each global batch.
-    """
+    """This process's batches (sorted int ndarrays), as the original: runs of SUPER_BATCH rows, each cut into
+    global batches of batch_size x processes; a run's last giving a process < 2 clips (batch norm cannot
+    train on 1) joins the one before. Each process takes every world_size()-th clip of a global batch."""
     global_batch, batches = batch_size * world_size(), []
     for start in range(0, len(order), SUPER_BATCH):
         run = order[start:start + SUPER_BATCH]
@@ -277,9 +240,7 @@ def epoch_batches(order, batch_size):
 
 
 def train_step(model, optimizer, x, y, use_bf16):
-    """One Adam step on a normalised batch x (B, 1, 128, 628), targets y (B, T) float.
-
-    Returns the batch's mean binary cross-entropy (a 0-dim tensor, not synchronised)."""
+    """One Adam step on a normalised x (B, 1, 128, 628), y (B, T) float; -> mean BCE (0-dim, not synced)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
         logits = model(x)
     loss = F.binary_cross_entropy_with_logits(logits.float(), y)
@@ -290,14 +251,9 @@ def train_step(model, optimizer, x, y, use_bf16):
 
 
 def train_epoch(model, optimizer, source, labels, batches, norm, use_bf16, desc=None, check_every=50):
-    """Train over one epoch's batches; -> the epoch's mean training loss (all processes).
-
-    source: what devices.to_device_source returned; labels: float tensor (N, T) on the
-    device; batches: list of int ndarrays from epoch_batches; norm: (mean, std) from
-    band_stats; desc: a progress bar's title (None: no bar). The batch rows go to the
-    device once, so no step waits for the GPU; the loss is read back every check_every
-    steps, to show it and to stop (FloatingPointError) when it is not finite.
-    """
+    """One epoch; -> its mean training loss (all processes). labels: float (N, T) on the device; desc: the
+    bar's title (None: no bar). The rows go to the device once, so no step waits; the loss is read back
+    every check_every steps, to show it and to stop (FloatingPointError) when it is not finite."""
     model.train()
     all_rows_on_device = torch.from_numpy(np.concatenate(batches)).to(labels.device)
     ends = np.cumsum([len(batch) for batch in batches])
@@ -323,9 +279,7 @@ def train_epoch(model, optimizer, source, labels, batches, norm, use_bf16, desc=
 # -----------------------------------------------------------------------------
 # Evaluation: macro ROC-AUC and PR-AUC of validation and test after every epoch
 def predict_rows(model, source, rows, norm, batch_size, device, use_bf16):
-    """Sigmoid scores (len(rows), T) float32 ndarray of the given spectrogram rows, through
-    common.score (predict.py's scorer). Under torchrun each process scores a share of the
-    rows and the shares are gathered."""
+    """Sigmoid scores float32 (len(rows), T) by common.score, as predict.py; torchrun: shares gathered."""
     model.eval()
     my_rows = np.array_split(rows, world_size())[devices.rank()]
     rows_on_device = torch.from_numpy(my_rows).to(device)
@@ -343,11 +297,11 @@ def predict_rows(model, source, rows, norm, batch_size, device, use_bf16):
 
 
 def evaluate(model, source, labels, val_idx, test_idx, norm, args, device):
-    """-> (dict of validation and test ROC-AUC and PR-AUC (macro), and per-tag test ROC-AUC;
-    the test scores, float32 (len(test_idx), T))."""
+    """-> ({val,test}_{roc,pr}_auc: macro, test_roc_auc_per_tag: list}, test scores (len(test_idx), T))."""
     metrics = {}
     for name, rows in (("val", val_idx), ("test", test_idx)):
-        scores = predict_rows(model, source, rows, norm, args.eval_batch_size, device, args.precision == "bf16")
+        scores = predict_rows(model, source, rows, norm, args.eval_batch_size, device,
+                              args.precision == "bf16")
         if not np.isfinite(scores).all():
             raise FloatingPointError(f"the {name} scores became non-finite")
         for metric in ("roc_auc", "pr_auc"):
@@ -378,8 +332,7 @@ def main(argv=None):
     labels_on_device = torch.from_numpy(labels).float().to(device)
 
     # the model, Adam and its step schedule (the loss is train_step's)
-    model = common.MSCNN(len(tag_names), args.dropout, args.bn_momentum, args.scales,  # --scales 1: the baseline
-                         args.seed)
+    model = common.MSCNN(len(tag_names), args.dropout, args.bn_momentum, args.scales, args.seed)
     model = devices.on_device(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=args.fused_adam)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=0.1)
@@ -406,26 +359,27 @@ def main(argv=None):
         history.append(dict(epoch=epoch, lr=lr, train_loss=round(mean_loss, 6),
                             **{k: round(metrics[k], 6) for k in formats.METRICS_COLUMNS},
                             seconds=round(time.time() - started, 2)))
-        improved = best is None or metrics["val_roc_auc"] > best["val_roc_auc"]  # keep the best validation epoch
+        improved = best is None or metrics["val_roc_auc"] > best["val_roc_auc"]  # the best validation epoch
         if improved:
             best = dict(metrics, epoch=epoch)
             formats.save_test_scores(run_dir, test_scores, labels[test_idx], test_idx, tag_names, epoch)
         log(f"epoch {epoch:3d}  lr {lr:.0e}  loss {mean_loss:.4f}  val ROC-AUC {metrics['val_roc_auc']:.4f}  "
             f"test ROC-AUC {metrics['test_roc_auc']:.4f}  {len(train_idx) / train_seconds:.0f} clips/s"
             + ("  *" if improved else ""))
-        formats.save_epoch(run_dir, plain_model, optimizer, scheduler, history, best, improved, tag_names, norm,
-                            args, device, provenance)
+        formats.save_epoch(run_dir, plain_model, optimizer, scheduler, history, best, improved, tag_names,
+                            norm, args, device, provenance)
 
     results = None
     if is_main():
-        results = formats.write_results(run_dir, best, tag_names, args, (train_idx, val_idx, test_idx), overlap,
-                                         provenance)
-        print(f"best model: {run_dir / 'best_model.pt'}\nbest validation ROC-AUC {best['val_roc_auc']:.4f} at "
-              f"epoch {best['epoch']}; test ROC-AUC {best['test_roc_auc']:.4f}, PR-AUC {best['test_pr_auc']:.4f}", flush=True)
+        results = formats.write_results(run_dir, best, tag_names, args, (train_idx, val_idx, test_idx),
+                                         overlap, provenance)
+        print(f"best model: {run_dir / 'best_model.pt'}\nbest validation ROC-AUC {best['val_roc_auc']:.4f} "
+              f"at epoch {best['epoch']}; test ROC-AUC {best['test_roc_auc']:.4f}, "
+              f"PR-AUC {best['test_pr_auc']:.4f}", flush=True)
     devices.finish_distributed()
     return results  # None in the processes other than rank 0
 
 
 if __name__ == "__main__":  # every file is written atomically: the last finished epoch's are whole
-    plumbing.run_script(main, "interrupted: the checkpoints of the last finished epoch are kept in the run folder; "
-                              "continue with the same command plus --resume --run NAME")
+    plumbing.run_script(main, "interrupted: the checkpoints of the last finished epoch are kept in the run "
+                              "folder; continue with the same command plus --resume --run NAME")
