@@ -228,9 +228,8 @@ def read_checkpoint(path, keys, what):
         raise ValueError(f"{path}: not {what} ({load_error_reason(error)})") from None
     missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
-        best_model = "model" in missing and isinstance(checkpoint, dict) and "state_dict" in checkpoint
-        raise ValueError(f"{path}: not {what}{' but a best_model.pt' * best_model} "
-                         f"(missing {', '.join(missing)})")
+        best = "model" in missing and isinstance(checkpoint, dict) and "state_dict" in checkpoint
+        raise ValueError(f"{path}: not {what}{' but a best_model.pt' * best} (missing {', '.join(missing)})")
     if (version := checkpoint.get("format_version")) != RUN_FORMAT:
         raise ValueError(f"{path}: of format {version}, this code reads {RUN_FORMAT}")
     return dict(checkpoint, sha256=hashlib.sha256(data).hexdigest())
