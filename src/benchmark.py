@@ -42,8 +42,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add, at_least = p.add_argument, plumbing.at_least
     n = at_least(1)
-    add("--what", choices=[*BENCHMARKS, "all"], default="all",
-        help="which benchmark to run (default: all = features, train and predict)")
+    add("--what", choices=[*BENCHMARKS, "all"], default="all", help="default: all = features, train, predict")
     add("--clip", type=Path, default=FIXTURES / "joram-moments_of_clarity-08-solipsism-59-88.mp3",
         help="audio clip to time; its copies make the data sets (default: the MTAT clip in tests/fixtures/)")
     add("--repeats", type=n, default=20, help="features: timed runs per stage of one log-mel (default: 20)")
@@ -84,8 +83,8 @@ def timed(stmt, runs=1, **names):
     return timer.timeit(runs).median, value[0]
 
 
-def paired_rounds(settings, runs, measure):
-    rounds = [[measure(setting, run) for setting in settings] for run in range(runs)]  # settings take turns
+def paired_rounds(settings, runs, measure):  # {setting: [measure(setting, run)]}, the settings taking turns
+    rounds = [[measure(setting, run) for setting in settings] for run in range(runs)]
     return {setting: [measured[i] for measured in rounds] for i, setting in enumerate(settings)}
 
 
@@ -260,15 +259,15 @@ def stage_seconds(task):
 
 
 def run_predict(label, *arguments):
-    """(wall s, CPU s, peak MiB) of `python src/predict.py ARGUMENTS`, printed after label."""
-    # started by a small process: Linux keeps the maxrss of a process forked from a large one
+    """(wall s, CPU s, peak MiB) of `python src/predict.py ARGUMENTS`, printed after label; started by a
+    small process: Linux keeps the maxrss of a process forked from a large one."""
     code = ("import resource, subprocess, sys, time; t0 = time.perf_counter(); done = subprocess.run("
             "sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); wall = "
             "time.perf_counter() - t0; use = resource.getrusage(resource.RUSAGE_CHILDREN); print("
             "done.returncode, wall, use.ru_utime + use.ru_stime, use.ru_maxrss, "
             "(done.stderr.strip().splitlines() or [''])[-1])")
-    out = subprocess.run([sys.executable, "-c", code, sys.executable, ROOT / "src" / "predict.py", *map(
-        str, arguments)], capture_output=True, text=True, check=True).stdout.split(maxsplit=4)
+    command = [sys.executable, "-c", code, sys.executable, ROOT / "src" / "predict.py", *map(str, arguments)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split(maxsplit=4)
     if out[0] != "0":
         raise SystemExit(f"error: predict.py {' '.join(map(str, arguments))} failed: {' '.join(out[4:])}")
     wall, cpu, peak = float(out[1]), float(out[2]), int(out[3]) / 1024  # Linux reports KiB

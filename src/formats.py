@@ -15,8 +15,7 @@ import torch
 import common
 import get_data
 from devices import is_main, log, on_device
-from plumbing import (atomic_write, check_folder, check_npy, file_digest, hold_lock,
-                      read_json, write_json)
+from plumbing import atomic_write, check_folder, check_npy, file_digest, hold_lock, read_json, write_json
 
 # --- The spectrogram store: spectrograms.npy, row i = annotation row i, then .json (there: complete)
 SPECTROGRAMS_FORMAT = 1  # spectrograms.json's format_version; a reader refuses any other
@@ -43,8 +42,7 @@ def annotations_path(data_dir):
 
 
 def open_spectrograms(data_dir, mp3_paths=None):
-    """DATA/spectrograms.npy, a read-only memmap (N, N_MELS, N_FRAMES) checked against its .json and, given
-    mp3_paths (the annotations', in order), against them and for NaN or inf. SystemExit: one line + fix."""
+    """DATA/spectrograms.npy, a read-only memmap, checked (given mp3_paths: for NaN, inf too); else exit."""
     npy, meta_path = data_dir / "spectrograms.npy", data_dir / "spectrograms.json"
     rerun = f"python src/gen_spectrograms.py --data-dir {data_dir}"
     again = f"compute the spectrograms again: {rerun} --overwrite"
@@ -126,19 +124,17 @@ def dataset_of(csv_path, annotations_md5):
 
 
 def provenance(args, split):
-    """What a run trains on, for the .pt files and results.json: {'data': the annotations and spectrograms,
-    'split': its name, seed, sizes and the MD5 of its rows}, plain types. split: (train, val, test) rows."""
+    """What a run trains on, for its .pt files and results.json: {'data': ..., 'split': ...}, plain types."""
     csv_path = annotations_path(args.data_dir)
     md5 = file_digest(csv_path)
     meta = read_json(args.data_dir / "spectrograms.json")  # checked by open_spectrograms
-    rows = hashlib.md5(b"|".join(np.asarray(part, np.int64).tobytes() for part in split)).hexdigest()
-    return dict(
-        data=dict(annotations=str(csv_path), annotations_md5=md5, dataset=dataset_of(csv_path, md5),
-                  spectrograms=str(args.data_dir / "spectrograms.npy"),
-                  **{key: meta.get(key) for key in DATA_IDENTITY[1:]}),
-        split=dict(name=args.split, split_seed=args.split_seed if args.split == "random" else None,
-                   **{f"n_{part}": len(rows_) for part, rows_ in zip(("train", "val", "test"), split)},
-                   rows_md5=rows))
+    rows_md5 = hashlib.md5(b"|".join(np.asarray(part, np.int64).tobytes() for part in split)).hexdigest()
+    return dict(data=dict(annotations=str(csv_path), annotations_md5=md5, dataset=dataset_of(csv_path, md5),
+                          spectrograms=str(args.data_dir / "spectrograms.npy"),
+                          **{key: meta.get(key) for key in DATA_IDENTITY[1:]}),
+                split=dict(name=args.split, split_seed=args.split_seed if args.split == "random" else None,
+                           **{f"n_{part}": len(rows) for part, rows in zip(("train", "val", "test"), split)},
+                           rows_md5=rows_md5))
 
 
 def check_same_provenance(saved, current, run_dir):
@@ -200,8 +196,7 @@ LAST_KEYS = ("model", "optimizer", "scheduler", "torch_rng", "cuda_rng", "histor
              "provenance")
 
 
-def json_args(args):
-    """The arguments as plain types (a checkpoint loads with weights_only=True)."""
+def json_args(args):  # the arguments as plain types: a checkpoint loads with weights_only=True
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
@@ -225,8 +220,7 @@ def claim_run(args):
 
 
 def read_checkpoint(path, keys, what):
-    """A .pt file read once (weights_only=True) -> its dict, with the `sha256` of its bytes; ValueError naming
-    the file if it is not a PyTorch file, lacks one of `keys` (it should be `what`) or has another format."""
+    """A .pt file read once (weights_only) -> its dict + `sha256`; ValueError unless `what` of `keys`."""
     data = Path(path).read_bytes()
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -234,17 +228,15 @@ def read_checkpoint(path, keys, what):
         raise ValueError(f"{path}: not {what} ({load_error_reason(error)})") from None
     missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
-        best_model = "model" in missing and isinstance(checkpoint, dict) and "state_dict" in checkpoint
-        raise ValueError(f"{path}: not {what}{' but a best_model.pt' * best_model} "
-                         f"(missing {', '.join(missing)})")
+        best = "model" in missing and isinstance(checkpoint, dict) and "state_dict" in checkpoint
+        raise ValueError(f"{path}: not {what}{' but a best_model.pt' * best} (missing {', '.join(missing)})")
     if (version := checkpoint.get("format_version")) != RUN_FORMAT:
         raise ValueError(f"{path}: of format {version}, this code reads {RUN_FORMAT}")
     return dict(checkpoint, sha256=hashlib.sha256(data).hexdigest())
 
 
 def start_run(args, run_dir, prov, resume_keys, model, optimizer, scheduler, device):
-    """-> (history, best, start_epoch), or (--resume) those of run_dir's last.pt, refused if damaged or of
-    other resume_keys, data or split (prov), all its state restored: bit-identical to an uninterrupted run."""
+    """-> (history, best, start_epoch); --resume: last.pt's, its state restored; refused if it does not fit"""
     if not args.resume:
         return [], None, 1
     path = run_dir / "last.pt"
@@ -301,8 +293,7 @@ def save_epoch(run_dir, model, optimizer, scheduler, history, best, improved, ta
 
 
 def save_best_model(path, state_dict, tag_names, norm, args, epoch, metrics, prov):
-    """best_model.pt: state_dict (an MSCNN's: its keys say its scales), tag_names, norm_mean, norm_std
-    (float32 (N_MELS,): the training clips' band statistics), feature_params, args, epoch, metrics, prov."""
+    """best_model.pt: state_dict (its keys say the MSCNN's scales), tag_names, norm, the run's facts."""
     with atomic_write(path, "wb") as f:
         torch.save(dict(state_dict=state_dict, tag_names=list(tag_names), norm_mean=norm[0].cpu(),
                         norm_std=norm[1].cpu(), feature_params=common.feature_params(), args=args,
@@ -310,8 +301,7 @@ def save_best_model(path, state_dict, tag_names, norm, args, epoch, metrics, pro
 
 
 def load_model(checkpoint_path, device="cpu"):
-    """A best_model.pt read once -> (an MSCNN of its weights on `device`, eval mode, channels_last; its dict
-    with the `sha256` of its bytes). ValueError naming the file: not one, other features, or NaN or inf."""
+    """A best_model.pt read once -> (its MSCNN on `device`, eval mode; its dict + sha256), else ValueError"""
     checkpoint = read_checkpoint(checkpoint_path, CHECKPOINT_KEYS, "a PyTorch checkpoint of this project")
     if checkpoint["feature_params"] != common.feature_params():
         raise ValueError(f"{checkpoint_path}: trained on features {checkpoint['feature_params']}, "
@@ -360,8 +350,7 @@ def write_results(run_dir, best, tag_names, args, split, overlap, prov):
 
 
 def save_test_scores(run_dir, scores, labels, rows, tag_names, epoch):
-    """RUN/test_scores.npz (main process only), for report.py: scores float32 (clips, T), labels uint8 (clips,
-    T), rows int64 (clips,), tag_names, epoch. Written before the checkpoints: --resume redoes a cut epoch."""
+    """RUN/test_scores.npz, for report.py, written before the checkpoints: --resume redoes a cut epoch."""
     if not is_main():
         return
     with atomic_write(run_dir / TEST_SCORES, "wb") as f:
@@ -382,9 +371,8 @@ def read_test_scores(run_dir, epoch=None):
     n_clips, n_tags = saved["scores"].shape if saved["scores"].ndim == 2 else (-1, -1)
     if (saved["labels"].shape != (n_clips, n_tags) or saved["rows"].shape != (n_clips,)
             or saved["tag_names"].shape != (n_tags,) or not np.isfinite(saved["scores"]).all()):
-        raise ValueError(f"{path}: scores {saved['scores'].shape}, labels {saved['labels'].shape}, rows "
-                         f"{saved['rows'].shape} and tag_names {saved['tag_names'].shape} do not fit "
-                         "together")
+        shapes = ", ".join(f"{key} {saved[key].shape}" for key in ("scores", "labels", "rows"))
+        raise ValueError(f"{path}: {shapes} and tag_names {saved['tag_names'].shape} do not fit together")
     if epoch is not None and int(saved["epoch"]) != epoch:
         raise ValueError(f"{path} holds the test scores of epoch {saved['epoch']}, not of the best epoch "
                          f"{epoch} (a run stopped between the two files whose resumed epoch scored "

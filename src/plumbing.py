@@ -1,14 +1,6 @@
-"""The machinery under the recipe, written once for every script: what keeps a long run
-correct when a disk fills, a process is killed or a file is damaged. Not the paper's
-(common.py, trainer.py), nor the files between stages (formats.py). torch is imported where
-it is used, so that get_data.py and every --help start without it.
-
-    atomic_write, hold_lock, check_folder, ...   files whole or not at all; one writer each
-    run_script, exit_interrupted                 SIGTERM and SIGHUP end a script as Ctrl-C does
-    float_in, at_least, import_pyplot            flags checked when parsed; optional matplotlib
-    pool_results                                 worker processes with one policy for deaths
-The device, its speed choices and torchrun are devices.py's.
-"""
+"""What keeps a long run correct when a disk fills, a process is killed or a file is damaged, for every
+script: atomic writes and locks, signals, flags checked when parsed, a worker pool with one policy for
+deaths. torch is imported where it is used, so that get_data.py and every --help start without it."""
 import argparse
 import atexit
 import collections
@@ -34,15 +26,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-# -----------------------------------------------------------------------------
 # Files: atomic writes, disk errors, output places checked before work, one writer each
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 UMASK = os.umask(0o022)  # read once, at import: os.umask reads it only by setting it, which
 os.umask(UMASK)          # would race with another thread creating a file
 
 
-def disk_error_text(path, error):
-    """One line for a failed write: what, where, how much room is left."""
+def disk_error_text(path, error):  # one line: what, where, how much room is left
     reason = os.strerror(error.errno) if getattr(error, "errno", None) else str(error).splitlines()[0]
     try:
         free = f"; {shutil.disk_usage(Path(path).parent).free / 2**20:,.0f} MiB free there"
@@ -52,29 +42,22 @@ def disk_error_text(path, error):
 
 
 def in_chain(error, matches):
-    """The first exception in error's chain of causes for which matches(it), or None:
-    torch.save wraps the OSError of a failed write, or a Ctrl-C, in a RuntimeError."""
+    """The first exception in error's chain of causes that matches, or None: torch.save wraps them."""
     while error is not None and not matches(error):
         error = error.__cause__ or error.__context__
     return error
 
 
-def disk_error_in(error):
-    """The OSError with a DISK_ERRORS errno in error's chain of causes, or None."""
+def disk_error_in(error):  # the OSError of DISK_ERRORS in error's chain of causes, or None
     return in_chain(error, lambda e: isinstance(e, OSError) and e.errno in DISK_ERRORS)
 
 
 @contextlib.contextmanager
 def atomic_write(path, mode="w", **open_kwargs):
     """Write `path` whole or not at all: `with atomic_write(path, "wb") as f: torch.save(x, f)`.
-
-    f is a new temporary file beside path (tempfile.mkstemp: a name of its own, created
-    exclusively, never through a symbolic link), opened with open()'s mode and arguments;
-    on success it is flushed to disk, given the permissions open() gives a new file, and
-    renamed over path. On any error, Ctrl-C and SIGTERM included, it is removed and the
-    previous path stays. A DISK_ERRORS error (also wrapped, as torch.save wraps it) is
-    SystemExit with one line naming the file and the space left; an interrupt wrapped by
-    torch.save is raised as itself; other errors propagate."""
+    f: a temporary file beside path (mkstemp: created exclusively, never through a symbolic link),
+    flushed to disk and renamed over path on success, removed on any error (Ctrl-C too). A DISK_ERRORS
+    error, even wrapped, is SystemExit in one line; a wrapped interrupt is raised as itself."""
     path, tmp = Path(path), None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
@@ -98,8 +81,7 @@ def atomic_write(path, mode="w", **open_kwargs):
         raise
 
 
-def write_json(path, obj, indent=1):
-    """Write obj as JSON to path atomically (NaN refused: it is not JSON)."""
+def write_json(path, obj, indent=1):  # atomically; NaN refused: it is not JSON
     with atomic_write(path) as f:
         f.write(json.dumps(obj, indent=indent, allow_nan=False) + "\n")
 
@@ -116,8 +98,7 @@ def read_json(path):
 
 
 def check_folder(path, flag):
-    """Path(path), an output folder checked before any work: made if missing, and this
-    process can create files in it; else SystemExit in one line (flag: the flag naming it)."""
+    """Path(path), an output folder made if missing and checked writable; else SystemExit naming flag."""
     path = Path(path)
     existing = next((p for p in [path, *path.parents] if p.exists()), path)
     if existing.exists() and not existing.is_dir():
@@ -146,15 +127,11 @@ held_locks = {}  # lock file path -> (the descriptor holding this process's lock
 
 
 def hold_lock(lock_path, what, flag, remove_empty_folder=False):
-    """Make this process the only writer of `what` (a run folder, an output file) until it
-    ends or releases it (release_lock, releasing_locks): an exclusive flock on lock_path,
-    which names the holder (pid, command) for the message of another process. The system
-    drops the lock when the process ends, even by kill -9: a lock file left is never stale.
-    Held already by this process: nothing to do; a file system without flock: a note.
-    remove_empty_folder: on release, also remove lock_path's folder if nothing else is in it.
-    SystemExit in one line when another process holds it (flag: what to change), when
-    lock_path is a symbolic link (never followed), or on a DISK_ERRORS error writing the
-    holder's line (then no lock file, nor a folder holding only it, is left)."""
+    """Make this process the only writer of `what` until it ends or releases it: an exclusive flock on
+    lock_path, which names the holder (pid, command). The system drops it when the process ends, even by
+    kill -9: a lock file left is never stale. A file system without flock: a note. remove_empty_folder:
+    on release, also remove the folder if empty. SystemExit in one line (`flag`: what to change) when
+    another process holds it, lock_path is a symbolic link, or writing the holder's line fails."""
     lock_path = Path(lock_path)
     if lock_path in held_locks:
         return
@@ -197,8 +174,7 @@ def hold_lock(lock_path, what, flag, remove_empty_folder=False):
 
 
 def release_lock(lock_path):
-    """Release a lock of hold_lock and remove its file (first: a process that opened it
-    meanwhile sees that it is gone, and opens a new one)."""
+    """Release hold_lock's lock, its file removed first: one that opened it meanwhile opens a new one."""
     fd, remove_empty_folder = held_locks.pop(Path(lock_path), (None, False))
     if fd is None:
         return
@@ -217,8 +193,7 @@ def release_locks():
 
 
 def releasing_locks(main):
-    """Decorate a script's main: the locks it takes are released when it returns or raises
-    (so that a caller in the same process, a test or a notebook, finds them free)."""
+    """Decorate a script's main: the locks it takes are released when it ends (a test finds them free)."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         before = set(held_locks)
@@ -231,8 +206,7 @@ def releasing_locks(main):
 
 
 def npy_header(path):
-    """(shape, dtype, fortran_order, data_offset) from the header of the .npy file at path;
-    data_offset: where the array's bytes start. ValueError naming the file without one."""
+    """(shape, dtype, fortran_order, offset of the data) from a .npy file's header; else ValueError."""
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -245,9 +219,7 @@ def npy_header(path):
 
 
 def check_npy(path, shape, dtype):
-    """ValueError (one line naming the file) unless the .npy file at path holds a whole
-    C-order array of `shape` and `dtype`: its header says so, and its size is the header's
-    plus shape x itemsize bytes (np.load's memory map opens a file cut short)."""
+    """ValueError unless path holds a whole C-order array of shape and dtype (np.load maps a cut file)."""
     shape, dtype = tuple(shape), np.dtype(dtype)
     found_shape, found_dtype, fortran_order, offset = npy_header(path)
     if found_shape != shape or found_dtype != dtype or fortran_order:
@@ -262,9 +234,7 @@ def check_npy(path, shape, dtype):
 
 
 def file_digest(paths, algorithm="md5", progress=None):
-    """Hex digest (hashlib's `algorithm`) of a file, or of several read one after another
-    (paths: a path or a list of them), streamed; of the content of a file named *.gz.
-    progress: the description of a progress bar of the bytes read (None: no bar)."""
+    """Hex digest of a file or a list of them, streamed (a *.gz's content); progress: a bar's label."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     gzipped = [str(path).endswith(".gz") for path in paths]
     total = None if not progress or any(gzipped) else sum(map(os.path.getsize, paths))
@@ -279,11 +249,9 @@ def file_digest(paths, algorithm="md5", progress=None):
     return digest.hexdigest()
 
 
-# -----------------------------------------------------------------------------
 # Signals: SIGTERM and SIGHUP end a script the way Ctrl-C does
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised by handle_signals: a KeyboardInterrupt, so that every
-    clean-up written for Ctrl-C (saving, removing temporary files, stopping workers) runs."""
+    """SIGTERM or SIGHUP, as a KeyboardInterrupt: every clean-up written for Ctrl-C runs."""
 
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)
@@ -291,8 +259,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 def handle_signals():
-    """From now on SIGTERM (kill, a batch system's time limit) and SIGHUP (a closed
-    terminal) raise Interrupted in this process, as SIGINT raises KeyboardInterrupt."""
+    """From now on SIGTERM (kill, a batch system's limit) and SIGHUP (a closed terminal) raise Interrupted."""
     def interrupt(signum, frame):
         raise Interrupted(signum)
 
@@ -300,25 +267,17 @@ def handle_signals():
         signal.signal(signum, interrupt)
 
 
-def exit_code(interrupt):
-    """128 + the number of the interrupt's signal, as a shell reports it: 130 for Ctrl-C,
-    143 for SIGTERM, 129 for SIGHUP."""
-    return 128 + getattr(interrupt, "signum", signal.SIGINT)
-
-
 def exit_interrupted(interrupt, message):
-    """End a script stopped by this KeyboardInterrupt (Ctrl-C, or Interrupted), once what is
-    finished is saved: the line `message` on stderr, then SystemExit(exit_code(interrupt))."""
+    """End a script stopped by Ctrl-C or Interrupted, what is finished saved: `message` on stderr, then
+    the code a shell reports (128 + the signal: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
     print(message, file=sys.stderr)
-    raise SystemExit(exit_code(interrupt)) from None
+    raise SystemExit(128 + getattr(interrupt, "signum", signal.SIGINT)) from None
 
 
 def run_script(main, interrupted, quick_exit=False):
-    """A script's entry point: handle_signals, then main(); an interrupt that main does not
-    end with a line of its own ends with the line `interrupted` (exit_interrupted).
-    quick_exit: once main has returned or raised SystemExit, its outputs written and closed,
-    flush stdout and stderr, release the locks and end at once (os._exit), skipping the
-    interpreter's teardown of torch, scipy and numba, a fixed cost at the end of a run."""
+    """A script's entry point: handle_signals, then main(); an interrupt it does not handle ends with the
+    line `interrupted`. quick_exit: once main has returned or exited, flush, release the locks and
+    os._exit, skipping the slow teardown of torch, scipy and numba."""
     handle_signals()
     code = 0
     try:
@@ -342,16 +301,19 @@ def run_script(main, interrupted, quick_exit=False):
     os._exit(code or 0)
 
 
-# -----------------------------------------------------------------------------
 # Command-line values (checked at parse time, before any work) and optional matplotlib
+def parsed(text, convert, what):
+    """convert(text) (float or int), else argparse's error `not {what}: 'text'`."""
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+
+
 def float_in(low, high, low_closed=False, high_closed=False):
-    """An argparse type: a float in the interval from low to high, each end open unless
-    closed; NaN is refused (it is in no interval)."""
+    """An argparse type: a float from low to high, each end open unless closed; NaN is in no interval."""
     def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        value = parsed(text, float, "a number")
         above = value >= low if low_closed else value > low
         below = value <= high if high_closed else value < high
         if not (above and below):
@@ -364,10 +326,7 @@ def float_in(low, high, low_closed=False, high_closed=False):
 def at_least(minimum):
     """An argparse type: an integer of at least `minimum`."""
     def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        value = parsed(text, int, "an integer")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
@@ -375,8 +334,7 @@ def at_least(minimum):
 
 
 def import_pyplot():
-    """matplotlib.pyplot drawing into files (the Agg backend: no display needed), or None
-    when matplotlib is not installed: it is optional, for figures only."""
+    """matplotlib.pyplot drawing into files (Agg: no display), or None: matplotlib is optional."""
     try:
         import matplotlib
     except ImportError:
@@ -386,10 +344,8 @@ def import_pyplot():
     return pyplot
 
 
-# -----------------------------------------------------------------------------
 # The worker pool: gen_spectrograms.py's and predict.py's, with one policy
-def usable_cores():
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+def usable_cores():  # the cores this process may run on: its affinity mask where the OS has one
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -398,8 +354,7 @@ class WorkerDied(Exception):
 
 
 class WorkersKeepDying(Exception):
-    """Full pools died twice with no task finished in between: something kills any worker
-    (memory?), not one task. .tasks: the indices of the tasks in flight meanwhile."""
+    """Full pools died twice with no task finished in between: not one task kills them. .tasks: in flight."""
 
     def __init__(self, tasks, described):
         super().__init__(f"worker processes keep dying (twice with no task finished in between; "
@@ -411,10 +366,8 @@ blas_limit = None  # a worker's one-thread BLAS limit, kept alive as long as the
 
 
 def start_worker(parent_pid, initializer, initargs):
-    """Every worker's start: Ctrl-C ignored, SIGTERM/SIGHUP back to their defaults (the main
-    process stops the pool; a fork inherits its handlers), death with the main process, one
-    BLAS thread (the parallelism is across tasks: W workers x T threads would oversubscribe
-    the cores), then the caller's initializer."""
+    """Every worker's start: Ctrl-C ignored, SIGTERM/SIGHUP default (the main process stops the pool),
+    death with the main process, one BLAS thread (the parallelism is across tasks), the initializer."""
     global blas_limit
     from threadpoolctl import threadpool_limits
 
@@ -428,8 +381,7 @@ def start_worker(parent_pid, initializer, initargs):
 
 
 def exit_with(parent_pid):
-    """Have the kernel kill this worker when the main process dies (PR_SET_PDEATHSIG): after
-    a kill -9 or the OOM killer, orphans would wait for work forever, holding their memory."""
+    """Die with the main process: after its kill -9, orphans would wait forever, holding memory."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: orphans wait, as they do without this
@@ -439,10 +391,8 @@ def exit_with(parent_pid):
 
 
 def stop_pool(pool, others=()):
-    """Kill the pool's workers (they ignore Ctrl-C and would finish their tasks; SIGKILL, as
-    one just forked may still hold this process's SIGTERM handler), then shut the pool down
-    and reap them. Before Python 3.14's kill_workers, its workers are this process's
-    multiprocessing children but `others` (those alive before the pool was made)."""
+    """Kill the pool's workers (SIGKILL: one just forked may still hold our SIGTERM handler) and reap them.
+    Before Python 3.14's kill_workers, they are this process's children but `others`."""
     if hasattr(pool, "kill_workers"):
         pool.kill_workers()
     else:
@@ -454,18 +404,12 @@ def stop_pool(pool, others=()):
 
 def pool_results(fn, tasks, workers, initializer=None, initargs=(), ordered=False, ahead=1,
                  tick_s=None, describe=str):
-    """Run fn(task) for every task in `workers` worker processes, forked (so that they inherit
-    what this process has loaded). Yields (index, result) as tasks finish, in task order when
-    `ordered`; an exception fn raises is yielded as its result; with tick_s, None whenever
-    tick_s seconds pass without a result (the caller saves its progress). At most ahead x
-    workers tasks are in flight or finished and waiting for their turn.
-
-    A worker that dies (OOM killer, kill -9, a crash in a decoder) breaks the pool: its tasks
-    in flight run again one at a time in a fresh pool of one, with a warning naming them
-    (describe(task)); one whose worker dies again, alone, yields WorkerDied. Two deaths of
-    full pools with no task finished in between raise WorkersKeepDying. Workers ignore
-    Ctrl-C and die with this process; when the generator ends, fails or is closed (close it
-    on Ctrl-C, e.g. with contextlib.closing), its workers are killed and reaped."""
+    """fn(task) for every task in `workers` forked processes: yields (index, result) as tasks finish (in
+    task order when `ordered`; fn's exception as its result; with tick_s, None after tick_s s without one),
+    at most ahead x workers tasks in flight or waiting. A worker's death breaks the pool: its tasks in flight
+    run again one at a time, named in a warning (describe); one that dies again alone yields WorkerDied.
+    Two deaths of full pools with no task finished between raise WorkersKeepDying. When the generator
+    ends, fails or is closed (close it on Ctrl-C), its workers are killed and reaped."""
     context = multiprocessing.get_context("fork")
     todo, suspects, held = collections.deque(range(len(tasks))), collections.deque(), {}
     next_out, streak, full_deaths = 0, [], 0  # tasks lost, full-pool deaths, since a task finished
