@@ -303,9 +303,11 @@ def save_best_model(path, state_dict, tag_names, norm, args, epoch, metrics, pro
 def load_model(checkpoint_path, device="cpu"):
     """A best_model.pt read once -> (its MSCNN on `device`, eval mode; its dict + sha256), else ValueError"""
     checkpoint = read_checkpoint(checkpoint_path, CHECKPOINT_KEYS, "a PyTorch checkpoint of this project")
-    if checkpoint["feature_params"] != common.feature_params():
+    resampler = checkpoint["feature_params"].get("resampler")  # either of RESAMPLERS: the caller uses it
+    wanted = common.feature_params(resampler if resampler in common.RESAMPLERS else None)
+    if checkpoint["feature_params"] != wanted:
         raise ValueError(f"{checkpoint_path}: trained on features {checkpoint['feature_params']}, "
-                         f"but this code computes {common.feature_params()}")
+                         f"but this code computes {wanted}")
     tensors = dict(checkpoint["state_dict"], **{key: checkpoint[key] for key in ("norm_mean", "norm_std")})
     bad = [name for name, t in tensors.items()
            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]

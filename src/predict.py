@@ -207,14 +207,11 @@ def load_checkpoint(path, device):
         path = path / "best_model.pt"
     if not path.exists():
         raise SystemExit(f"error: checkpoint {path} not found; {CHECKPOINT_FIX}")
-    with contextlib.suppress(Exception):  # the features' resampler first; load_model checks them all
-        params = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["feature_params"]
-        if params["resampler"] in common.RESAMPLERS:
-            common.RESAMPLER = params["resampler"]  # the workers, forked later, decode with it
     try:
         model, checkpoint = formats.load_model(path, device)
     except ValueError as error:  # one whole line naming the file (formats.load_error_reason)
         raise SystemExit(f"error: {error}; {CHECKPOINT_FIX}") from None
+    common.RESAMPLER = checkpoint["feature_params"]["resampler"]  # the workers, forked later, decode with it
     norm_mean, norm_std = (checkpoint[key].float().to(device) for key in ("norm_mean", "norm_std"))
     return model, list(checkpoint["tag_names"]), norm_mean, norm_std, checkpoint
 
