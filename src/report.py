@@ -5,10 +5,8 @@
     python src/report.py --splits data/annotations_final.csv   # split sizes and leakage
     python src/report.py --splits tests/fixtures/annotations_final.csv.gz   # the same, shipped copy
 
-Prints a Markdown report of run folders of trainer.py and writes it to OUT/report.md, with matplotlib also
-OUT/curves.png (ROC-AUC and training loss per epoch) and OUT/per_tag_gain.png: per split and --scales, the
-mean and sample standard deviation (ddof=1) over its runs; from test_scores.npz, 95% bootstrap intervals over
-the test clips and paired differences between --scales, overall and per tag (docs/results.md).
+Prints a Markdown report and writes OUT/report.md (with matplotlib also curves.png, per_tag_gain.png): per
+split and --scales, mean and std (ddof=1) over its runs; 95% bootstrap intervals, paired differences.
 """
 import argparse
 import csv
@@ -25,36 +23,27 @@ import formats
 import plumbing
 import uncertainty
 
-# Published figures, each measured on one split (docs/results.md, "Reference figures").
-# Dabral et al. 2018, this network on the paper split (docs/original.md); no PR-AUC published.
-PAPER_2018 = {"val_roc_auc": 0.904, "test_roc_auc": 0.900}
-# Won et al. 2020, "Evaluation of CNN-based automatic music tagging models", on the clean split (50
-# unmerged tags): model, ROC-AUC, PR-AUC (src/splits/README.md).
+# Won et al. 2020, "Evaluation of CNN-based automatic music tagging models", on the clean split (50 unmerged
+# tags): model, ROC-AUC, PR-AUC (src/splits/README.md; all figures: docs/results.md, "Reference figures").
 WON_2020 = [("FCN", 0.9005, 0.4295), ("Musicnn", 0.9106, 0.4493), ("Sample-level", 0.9058, 0.4422),
             ("Sample-level + SE", 0.9103, 0.4520), ("CRNN", 0.8722, 0.3625),
             ("Self-attention", 0.9077, 0.4445), ("Harmonic CNN", 0.9127, 0.4611),
             ("Short-chunk CNN", 0.9126, 0.4590), ("Short-chunk CNN + Res", 0.9129, 0.4614)]
-# The MARBLE benchmark on the folder split (common.folder_split): ROC-AUC of probes on frozen
-# self-supervised features; PR-AUC "about 0.40" for all three.
+# MARBLE on the folder split: ROC-AUC of probes on frozen self-supervised features; PR-AUC "about 0.40".
 MARBLE_FOLDER = [("MERT-330M", 0.913), ("MusicFM", 0.913), ("MuQ", 0.914)]
 MARBLE_PR_AUC = 0.40
 WON_RANGES = (f"ROC-AUC {min(m[1] for m in WON_2020):.4f}–{max(m[1] for m in WON_2020):.4f}, "
               f"PR-AUC {min(m[2] for m in WON_2020):.4f}–{max(m[2] for m in WON_2020):.4f}")
 MARBLE_FIGURES = (", ".join(f"{name} {roc:.3f}" for name, roc in MARBLE_FOLDER)
                   + f" ROC-AUC, PR-AUC about {MARBLE_PR_AUC:.2f}")
-# Per published split: (its cell in the per-split table, its entry among the references)
+# Per published split: (its cell in the per-split table, its clips); Dabral et al. 2018 is this network
 REFERENCES = {
-    "paper": (f"Dabral et al. 2018: test ROC-AUC {PAPER_2018['test_roc_auc']:.3f} "
-              f"(val {PAPER_2018['val_roc_auc']:.3f}); no PR-AUC published",
-              "(the original's draw of clips, 18,000 / 2,000 / 5,863; clips of one song on both sides): "
-              f"Dabral et al. 2018, this network: test ROC-AUC {PAPER_2018['test_roc_auc']:.3f} "
-              f"(validation {PAPER_2018['val_roc_auc']:.3f}); no PR-AUC published."),
+    "paper": ("Dabral et al. 2018: test ROC-AUC 0.900 (val 0.904); no PR-AUC published",
+              "the original's draw of clips, 18,000 / 2,000 / 5,863; clips of one song on both sides"),
     "clean": (f"Won et al. 2020, {len(WON_2020)} models: {WON_RANGES} (table below)",
-              "(Lee et al. 2017's lists, 15,244 / 1,529 / 4,332, the 50 most frequent tags unmerged): "
-              f"Won et al. 2020, {len(WON_2020)} networks trained end to end: {WON_RANGES}."),
+              "Lee et al. 2017's lists, 15,244 / 1,529 / 4,332, the 50 most frequent tags unmerged"),
     "folder": (f"MARBLE, frozen features probed: {MARBLE_FIGURES}",
-               "(MTAT's folders 0-b / c / d-f with every usable clip, 18,706 / 1,825 / 5,329, the same "
-               f"tags): the MARBLE benchmark, probes on frozen self-supervised features: {MARBLE_FIGURES}.")}
+               "MTAT's folders 0-b / c / d-f with every usable clip, 18,706 / 1,825 / 5,329, the same tags")}
 # Per split with a table of the field: its heading and the published rows as (ROC-AUC, row)
 FIELD = {
     "clean": ("The clean split against the field (Won et al. 2020)",
@@ -71,8 +60,7 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "val_roc_auc", "test_roc_auc")  # of m
 
 
 def find_runs(paths):
-    """The run folders (with results.json) among paths and their subfolders; an unfinished run (only
-    last.pt) in a parent gets a note. Exits in one line for a path that leads to none."""
+    """The run folders (with results.json) among paths and their subfolders; notes unfinished ones."""
     runs = []
     for path in map(Path, paths):
         if not path.is_dir():
@@ -96,8 +84,7 @@ def find_runs(paths):
 
 
 def load_run(run_dir):
-    """-> results.json's fields (scales as a tuple), plus name (the folder's), run_dir and history
-    (metrics.csv's rows as dicts of floats; [] without the file)."""
+    """-> results.json's fields (scales a tuple), name, run_dir and history (metrics.csv's rows, or [])."""
     path = run_dir / "results.json"
     try:
         results = json.loads(path.read_text())
@@ -158,7 +145,6 @@ def split_key(split):
 
 
 def run_key(run):
-    """The order of runs in the tables: by split, seed, the paper's scales first, name."""
     return split_key(run["split"]), run["seed"], run["scales"] != common.SCALES, run["name"]
 
 
@@ -170,8 +156,7 @@ def share(count, total):
 
 
 def format_report(runs):
-    """Markdown: the runs; per split and --scales the mean ± std beside the published reference; the
-    references; for clean- or folder-split runs, where their mean stands in Won et al.'s or MARBLE's table."""
+    """Markdown: the runs; per split and --scales mean ± std beside the references; tables of the field."""
     runs = sorted(runs, key=run_key)
     lines = ["# Results", "", "## Runs", "",
              *table("run", "split", "seed", "epochs", "best epoch", "val ROC-AUC", "val PR-AUC",
@@ -203,7 +188,7 @@ def format_report(runs):
         name = f"**this project: {what}, mean of {len(group)} run(s)**"
         ours.setdefault(split, []).append((roc, row(name, f"{roc:.4f}", f"{pr:.4f}")))
     lines += ["", "## Published references, by split", ""]
-    lines += [f"- **{split} split** {entry}" for split, (_, entry) in REFERENCES.items()]
+    lines += [f"- **{split} split** ({clips}): {cell}." for split, (cell, clips) in REFERENCES.items()]
     lines += ["", "A figure compares only with runs on its own split: the three differ in their clips."]
     for split, (heading, published) in FIELD.items():
         if split in ours:
@@ -234,8 +219,7 @@ def plot_curves(plt, runs):
 
 
 def paired_comparisons(group):
-    """Within runs on the same clips, each other --scales against the one with the most branches, runs
-    paired by seed. -> [(scales_a, scales_b, [(run index a, run index b, seed), ...]), ...]."""
+    """Each other --scales against the one with most branches, by seed. -> [(scales_a, scales_b, pairs)]."""
     by_scales = {}
     for index, run in enumerate(group):
         by_scales.setdefault(run["scales"], {}).setdefault(run["seed"], []).append(index)
@@ -261,9 +245,8 @@ def interval(low, high, form=".4f"):
 
 
 def uncertainty_report(runs, n_resamples):
-    """Markdown: each run's test scores with 95% bootstrap intervals (from test_scores.npz, kept as
-    run['scores']); the paired comparisons. -> (text, uncertainty.bootstrap_runs' comparisons plus split,
-    scales_a, scales_b, pairs [(run a, run b, seed)], tag_names, labels)."""
+    """Markdown: each run's 95% bootstrap intervals (test_scores.npz, kept as run['scores']); the paired
+    comparisons. -> (text, bootstrap_runs' comparisons plus split, scales_a/b, pairs, tag_names, labels)."""
     groups = {}  # by what the runs were scored on (so --split random runs of other --split-seed never pair)
     for run in runs:
         try:
@@ -312,8 +295,7 @@ def uncertainty_report(runs, n_resamples):
 
 
 def comparison_lines(c, n_resamples):
-    """Markdown of one paired comparison: the verdict (for three scales against branch 1 alone, on the
-    paper's claim), the overall table, the per-tag table."""
+    """Markdown of one paired comparison: the verdict, the overall table, the per-tag table."""
     a, b, n_pairs = scales_text(c["scales_a"]), scales_text(c["scales_b"]), len(c["pairs"])
     point, low, high, p = c["roc"]
     claim = c["scales_a"] == common.SCALES and c["scales_b"] == (1,)
@@ -340,12 +322,11 @@ def comparison_lines(c, n_resamples):
         difference = (f"{point:+.4f}", interval(low, high, "+.4f"), f"{p:.4f}")
         lines.append(row(name, *means, *difference, seeds))
     signs = {np.sign(run_a["test_roc_auc"] - run_b["test_roc_auc"]) for run_a, run_b, _ in c["pairs"]}
+    disagree = " The seed pairs disagree in sign: the seeds move the difference more than its interval shows."
     lines += ["", "The difference is the mean over the seed pairs (same seed, same clips) of the first "
               f"scales' score minus the second's; its interval and p come from the same {n_resamples:,} "
               "resamples of the test clips, each scoring every run (paired): p = 2 (1 + k) / (N + 1), k the "
-              "resamples on the far side of 0." + (" The seed pairs disagree in sign: the seeds move the "
-                                                   "difference more than its interval shows."
-                                                   if len(signs - {0.0}) > 1 else "")]
+              "resamples on the far side of 0." + (disagree if len(signs - {0.0}) > 1 else "")]
     point, low, high, p = c["roc_per_tag"]
     per_run = [np.mean([common.roc_auc(c["labels"], pair[side]["scores"]["scores"], per_tag=True)
                         for pair in c["pairs"]], axis=0) for side in (0, 1)]
@@ -362,8 +343,7 @@ def comparison_lines(c, n_resamples):
 
 
 def plot_per_tag_gain(plt, compared):
-    """Per comparison, each tag's test ROC-AUC difference with its 95% interval, largest gain first
-    (green: interval above 0, red: below, grey: includes 0)."""
+    """Per comparison, each tag's test ROC-AUC difference and 95% interval (green above 0, red below)."""
     n_tags = max(len(c["tag_names"]) for c in compared)
     fig, axes = plt.subplots(1, len(compared), figsize=(6 * len(compared), 1.2 + 0.2 * n_tags), squeeze=False)
     for ax, c in zip(axes[0], compared):
@@ -392,8 +372,7 @@ def save_png(plt, fig, path):
 
 
 def split_table(csv_path):
-    """Markdown table of the paper, clean and folder splits on MTAT's annotations: clips per part and,
-    for validation and test, how many share a song, album, artist with training (common.split_overlap)."""
+    """Markdown: clips per part of each split, and how many share a song, album, artist with training."""
     clip_ids, _, _, mp3_paths = common.read_annotations(csv_path)
     lines = table("split", "part", "clips", "sharing a song with training", "an album", "an artist")
     for split, (train, val, test) in (("paper", common.paper_split(len(clip_ids))),
