@@ -1,8 +1,7 @@
 """Stage 1: get MagnaTagATune into DATA/annotations_final.csv and DATA/mp3/<mp3_path>.
 
-Downloads mp3.zip.001..003 and annotations_final.csv (default host, then the older one), resuming
-with HTTP Range requests, checks both MD5s and extracts the archive into DATA/mp3/. Every step leaves
-finished files or `.part` files that a rerun picks up; on a complete DATA/ it touches no network.
+Downloads mp3.zip.001..003 and annotations_final.csv with resume, checks both MD5s and extracts into
+DATA/mp3/. A rerun picks up finished and `.part` files; on a complete DATA/ it touches no network.
 
     python src/get_data.py                        # download into data/
     python src/get_data.py --from-dir ~/mtat      # files already downloaded
@@ -49,10 +48,8 @@ def part_name(path):
 
 
 def fetch(url, part):
-    """Stream url into the file part, resuming from its size with 'Range: bytes=K-' (a reply of 200, the
-    range ignored, rewrites it from zero). Connection errors, timeouts, cut bodies and 5xx are retried with
-    back-off, the count restarting whenever bytes were gained. DownloadError on a 4xx, a host name that
-    does not resolve, or RETRIES tries without progress."""
+    """Stream url into part, resuming with 'Range: bytes=K-' (a 200 rewrites it). Network errors and 5xx
+    are retried with back-off; DownloadError on a 4xx, an unresolved host, or RETRIES tries without gain."""
     failures = 0
     while True:
         have = part.stat().st_size if part.exists() else 0
@@ -121,8 +118,7 @@ def download(name, hosts, part):
 
 
 def get_annotations(data_dir, hosts, from_dir):
-    """DATA/annotations_final.csv, made to exist and match its MD5. Its final name only ever holds a
-    verified file: the download (or copy) goes to `.part`, is checked, then renamed."""
+    """DATA/annotations_final.csv, verified: fetched or copied to `.part`, checked, then renamed."""
     path = data_dir / ANNOTATIONS
     if path.exists():
         actual = plumbing.file_digest(path, progress=f"md5 {path.name}")
@@ -152,9 +148,8 @@ def get_annotations(data_dir, hosts, from_dir):
 
 
 def get_archive(data_dir, hosts, from_dir):
-    """The paths of the three archive parts, whose concatenation is verified: from DATA/, else read in
-    place from --from-dir, else downloaded. The marker VERIFIED records the parts checked (path, size,
-    mtime), so that a rerun does not hash 2.7 GB again."""
+    """The paths of the verified archive parts (DATA/, else --from-dir in place, else downloaded). The
+    VERIFIED marker records the parts checked (path, size, mtime): a rerun does not hash 2.7 GB again."""
     paths = []
     for name in PARTS:
         path = data_dir / name
@@ -191,8 +186,7 @@ def get_archive(data_dir, hosts, from_dir):
 
 
 class ConcatenatedFile(io.RawIOBase):
-    """A read-only, seekable view of files laid end to end, for zipfile to extract straight from the
-    parts: no concatenated 2.7 GB copy on disk nor the archive in memory, --from-dir parts used in place."""
+    """A read-only, seekable view of files laid end to end: zipfile extracts straight from the parts."""
 
     def __init__(self, paths):
         self.files = [open(p, "rb") for p in paths]  # noqa: SIM115 (closed by close())
@@ -228,8 +222,7 @@ class ConcatenatedFile(io.RawIOBase):
 
 
 def safe_target(mp3_dir, name):
-    """DATA/mp3/<name>, or None when the entry would land outside DATA/mp3 (zip-slip). A lexical check
-    (no absolute path, drive or '..') is enough: DATA/mp3 holds only what this script wrote, no symlinks."""
+    """DATA/mp3/<name>, or None when it would land outside (absolute path, drive or '..': zip-slip)."""
     parts = name.replace("\\", "/").split("/")
     if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
         return None
@@ -237,9 +230,8 @@ def safe_target(mp3_dir, name):
 
 
 def extract(archive_paths, mp3_dir):
-    """Extract the zip spread over archive_paths into mp3_dir; -> the number of files. Every entry name
-    is checked before anything is written. Each file goes to `<file>.part`, renamed when complete, and
-    a file already there with the right size is skipped: an interrupted extraction resumes."""
+    """Extract the zip over archive_paths into mp3_dir (names checked first); -> the number of files.
+    Each file goes to `.part`, then is renamed; one already there with the right size is skipped."""
     with zipfile.ZipFile(io.BufferedReader(ConcatenatedFile(archive_paths), CHUNK_BYTES)) as zf:
         entries = [info for info in zf.infolist() if not info.is_dir()]
         targets = [safe_target(mp3_dir, info.filename) for info in entries]
@@ -276,8 +268,7 @@ def require(from_dir, data_dir, names):
 
 
 def get_mtat(data_dir, hosts=None, from_dir=None, keep_archives=False):
-    """Bring DATA/ to complete MTAT: verified annotations and DATA/mp3/<mp3_path> for all rows; hosts:
-    base URLs tried in turn for each file (default HOSTS)."""
+    """Bring DATA/ to complete MTAT; hosts: base URLs tried in turn for each file (default HOSTS)."""
     data_dir, hosts = Path(data_dir), hosts or HOSTS
     mp3_dir = data_dir / "mp3"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -310,21 +301,16 @@ def get_mtat(data_dir, hosts=None, from_dir=None, keep_archives=False):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=None,
-                        help="where annotations_final.csv and mp3/ go (default: data, or "
-                             "data/demo with --synthetic, so a demo never lands on MTAT)")
+                        help="where the annotations and mp3/ go (default: data; data/demo for --synthetic)")
     parser.add_argument("--base-url", default=None,
                         help="a mirror serving the four files (default: try "
                              + ", then ".join(HOSTS) + ")")
     parser.add_argument("--from-dir", default=None,
-                        help="take annotations_final.csv and mp3.zip.001..003 from this folder "
-                             "instead of the network (the parts are read in place, not copied)")
-    parser.add_argument("--keep-archives", action="store_true",
-                        help="keep the downloaded mp3.zip.00N in DATA after extraction")
+                        help="take annotations_final.csv and mp3.zip.001..003 from this folder, no network")
+    parser.add_argument("--keep-archives", action="store_true", help="keep the downloaded mp3.zip.00N")
     parser.add_argument("--synthetic", type=int, default=None, metavar="N",
-                        help="instead of MTAT, write a small synthetic set of N clips in the "
-                             "same layout (for the demo and tests; no network)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="random seed of --synthetic (default: 0)")
+                        help="instead of MTAT, write a synthetic set of N clips in the same layout")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of --synthetic (default: 0)")
     args = parser.parse_args(argv)
     if args.data_dir is None:
         args.data_dir = "data/demo" if args.synthetic is not None else "data"
