@@ -3,9 +3,8 @@
     python src/gen_spectrograms.py             # all clips of data/, 8 workers (at most the cores)
     python src/gen_spectrograms.py --limit 1000 --workers 2
 
-Reads DATA/annotations_final.csv (or .csv.gz) and DATA/mp3/; writes DATA/spectrograms.npy (N, N_MELS,
-N_FRAMES) and its .json, which lists the clips that could not be decoded (their rows are zeros, as in the
-original). After a crash or Ctrl-C, the same command computes only the missing rows (docs/faults.md).
+Reads DATA/annotations_final.csv (or .csv.gz) and DATA/mp3/; writes DATA/spectrograms.npy and its .json,
+which lists the undecodable clips (zero rows). A rerun after a crash computes only the missing rows.
 """
 import argparse
 import contextlib
@@ -35,22 +34,15 @@ DEFAULT_WORKERS = 8  # the original's
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=Path("data"),
-                   help="folder with annotations_final.csv (or .csv.gz) and mp3/; the outputs go here too "
-                        "(default: data)")
+                   help="folder with annotations_final.csv(.gz) and mp3/; outputs go here (default: data)")
     p.add_argument("--workers", type=plumbing.at_least(1), default=None,
-                   help=f"worker processes (default: {DEFAULT_WORKERS}, the original's, or the usable CPU "
-                        "cores if fewer: more workers than cores is slower, docs/gen_spectrograms.md#speed)")
-    p.add_argument("--limit", type=plumbing.at_least(1), default=None,
-                   help="only the first N annotation rows (default: all)")
+                   help=f"worker processes (default: {DEFAULT_WORKERS}, or the usable CPU cores if fewer)")
+    p.add_argument("--limit", type=plumbing.at_least(1), default=None, help="only the first N rows")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
-                   help="storage type of spectrograms.npy; float16 halves the file, at the "
-                        "precision docs/gen_spectrograms.md states (default: float16)")
+                   help="storage type of spectrograms.npy; float16 halves the file (default: float16)")
     p.add_argument("--resampler", choices=common.RESAMPLERS, default="soxr_hq",
-                   help="to 11,025 Hz: soxr_hq (librosa 0.11's default) or kaiser_best (resampy, librosa's "
-                        "default in 2018: the original's features; slower, and a file is resampled whole) "
-                        "(default: soxr_hq)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="compute every row again, replacing a finished or partial file")
+                   help="to 11,025 Hz: soxr_hq (librosa's default) or kaiser_best (the original's, slower)")
+    p.add_argument("--overwrite", action="store_true", help="compute every row again, replacing any outputs")
     args = p.parse_args(argv)
     cores = plumbing.usable_cores()
     if args.workers is None:
@@ -61,8 +53,7 @@ def parse_args(argv=None):
     return args
 
 
-# --- The workers (plumbing.pool_results): each opens the output memmap once and writes its rows
-out_rows = None  # the worker's (N, N_MELS, N_FRAMES) memmap of the partial file
+out_rows = None  # each worker's (N, N_MELS, N_FRAMES) memmap of the partial file, opened once
 
 
 def init_worker(partial_path):
@@ -87,7 +78,6 @@ def extract(task):
         return row, message if isinstance(error, ValueError) else f"{type(error).__name__}: {message}"
 
 
-# --- Files and progress
 def describe(settings):
     return f"{settings.get('n_clips')} clips, {settings.get('dtype')}"
 
@@ -100,26 +90,11 @@ def can_carry_over(old, new, mp3_paths):
 
 
 def no_space(path, n_bytes, reason):
-    """The line that refuses to start when the output does not fit on its disk."""
     def size(n):
         return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
     free = size(shutil.disk_usage(path.parent).free)
     return (f"error: cannot reserve {size(n_bytes)} for {path}: {reason}; {free} free there. Free some space "
             "(or use another --data-dir) and rerun: rows already computed are kept")
-
-
-def reserve(path):
-    """Allocate the file's disk blocks now: a sparse memmap on a full disk is a SIGBUS in a worker, later."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as error:
-        if error.errno in plumbing.DISK_ERRORS:
-            raise SystemExit(no_space(path, os.fstat(fd).st_size, os.strerror(error.errno))) from None
-        if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # these: cannot reserve here
-            raise
-    finally:
-        os.close(fd)
 
 
 def leading_rows(path, n_rows):
@@ -175,7 +150,18 @@ def create_partial(partial, settings, source_rows=None):
     os.close(fd)
     try:
         rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=settings["dtype"], shape=shape)
-        reserve(Path(tmp))
+        # allocate the disk blocks now: a sparse memmap on a full disk is a SIGBUS in a worker, later
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as error:
+            if error.errno in plumbing.DISK_ERRORS:
+                reason = os.strerror(error.errno)
+                raise SystemExit(no_space(Path(tmp), os.fstat(fd).st_size, reason)) from None
+            if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # these: cannot reserve here
+                raise
+        finally:
+            os.close(fd)
         n_source = 0 if source_rows is None else len(source_rows)
         for start in range(0, n_source, COPY_ROWS):  # in chunks: memory stays bounded
             rows[start:min(start + COPY_ROWS, n_source)] = source_rows[start:start + COPY_ROWS]
@@ -233,8 +219,7 @@ def prepare(args, settings, mp3_paths, files):
             if (version := finished.get("format_version")) != formats.SPECTROGRAMS_FORMAT:
                 raise SystemExit(f"error: {files['json']} is of format {version}, this code writes "
                                  f"{formats.SPECTROGRAMS_FORMAT}; {fix}")
-            missing = [key for key in ("n_clips", "dtype", "failed") if key not in finished]
-            if missing:
+            if missing := [key for key in ("n_clips", "dtype", "failed") if key not in finished]:
                 raise SystemExit(f"error: {files['json']} lacks {', '.join(missing)}; {fix}")
         if finished is None:
             create_partial(files["partial"], settings)
