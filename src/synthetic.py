@@ -1,11 +1,9 @@
 """Synthetic MTAT-shaped demo data: synthesised music whose tags can be heard.
 
-`write_synthetic_mtat(data_dir, n_clips)` writes annotations_final.csv in exactly MTAT's format (its 188
-tag names, in order) and a 16 kHz mono 29.15 s MP3 per row under mp3/<hex folder>/, so the pipeline cannot
-tell it from MTAT. Each clip is a random arrangement in one of four styles, with a random key, tempo and
-level, tagged only with what can be heard: instruments and singer (timbre and pitch range: the fine spectral
-scale), drums, beat and tempo (the long time scales), loud or quiet, style. MTAT's synonyms spell the tags
-at random (drum/drums, ...), so only common.merge_synonyms merges them. Clip i depends only on (seed, i).
+`write_synthetic_mtat(data_dir, n_clips)` writes annotations_final.csv in MTAT's format (188 tag names, in
+order) and a 16 kHz mono 29.15 s MP3 per row in mp3/<hex folder>/. Each clip is a random arrangement in one of
+four styles, random key, tempo and level, tagged with what is heard (instruments, singer, drums, beat, tempo,
+loudness, style) in random MTAT synonyms that only common.merge_synonyms merges. Clip i is fixed by (seed, i).
 """
 import io
 import itertools
@@ -91,9 +89,9 @@ def make_timbre(**params):
     return params
 
 
-# spectrum: harmonic amplitudes of the sustained tone; attack_spectrum: those of the attack, fading into
-# spectrum with time constant brightness (s); attack, decay: the envelope (s); vibrato: relative depth;
-# noise: breath, relative to the tone; low, high: the register (MIDI), where harmonics stay below 8 kHz.
+# spectrum: harmonic amplitudes of the tone; attack_spectrum: the attack's, fading into spectrum with time
+# constant brightness (s); attack, decay: the envelope (s); vibrato: relative depth; noise: relative breath;
+# low, high: the register (MIDI), harmonics below 8 kHz. male, female: glottal sources (formants come later).
 TIMBRES = {
     "piano": make_timbre(spectrum=power_law(4, 2), attack_spectrum=power_law(10, 1), brightness=0.15,
                          attack=0.002, decay=0.8, low=48, high=79),
@@ -109,7 +107,6 @@ TIMBRES = {
     "flute": make_timbre(spectrum=[1, 0.2, 0.05], attack=0.06, decay=4.0, vibrato=0.004, noise=0.08,
                          low=72, high=96),
     "synth": make_timbre(spectrum=power_law(15, 1, odd_only=True), attack=0.005, decay=0.4, low=48, high=72),
-    # glottal sources, formants come later: a man sings at ~87-165 Hz, a woman ~175-330 Hz
     "male": make_timbre(spectrum=power_law(45, 1), attack=0.04, decay=5.0, vibrato=0.012, low=41, high=52),
     "female": make_timbre(spectrum=power_law(22, 1), attack=0.04, decay=5.0, vibrato=0.012, low=53, high=64),
 }
@@ -120,9 +117,7 @@ VOWELS = np.array([[730, 1090, 2440], [530, 1840, 2480], [270, 2290, 3010],
 
 
 def render_line(onsets, midi, timbre, rng, detune=1.0):
-    """A monophonic line, float32 (CLIP_SAMPLES,) at 16 kHz: note i starts at sample onsets[i] (increasing)
-    and sounds until the next onset; midi[i] <= 0 is a rest. Vectorised over samples: envelopes are looked
-    up by the samples since the note's onset (and until the next), the phase is a fixed-point running sum."""
+    """A monophonic line, float32 (CLIP_SAMPLES,): note i from sample onsets[i] (sorted); midi <= 0 rests."""
     sr, keep = CLIP_SAMPLE_RATE, np.asarray(onsets) < CLIP_SAMPLES
     onsets, midi = np.append(0, onsets[keep]), np.append(0, np.asarray(midi)[keep])  # rest first
     durations = np.diff(np.append(onsets, CLIP_SAMPLES))
@@ -149,8 +144,7 @@ def render_line(onsets, midi, timbre, rng, detune=1.0):
 
 
 def render_voice(onsets, midi, female, rng):
-    """A sung line, float32 (CLIP_SAMPLES,): a glottal source through a cascade of 3 formant resonators
-    (F1-F3 of a random vowel per note)."""
+    """A sung line, float32 (CLIP_SAMPLES,): a glottal source through 3 formant resonators (random vowel)."""
     source = render_line(onsets, midi, TIMBRES["female" if female else "male"], rng)
     bounds, voice = np.append(onsets, CLIP_SAMPLES), np.zeros(CLIP_SAMPLES, np.float32)
     for start, stop in itertools.pairwise(bounds):
@@ -270,9 +264,8 @@ def synthesise_clip(rng):
         tags.add("no singer")
     if tempo in ("slow", "fast"):
         tags.add(tempo)
-    # Mix each part at its gain (+-2 dB) relative to unit RMS, then set the clip's level
     mix = sum(part / (np.sqrt(np.mean(part ** 2)) + 1e-9) * 10 ** ((gain + rng.uniform(-2, 2)) / 20)
-              for part, gain in parts)
+              for part, gain in parts)  # each part at its gain (+-2 dB) relative to unit RMS
     level = str(rng.choice(["loud", "normal", "quiet"], p=[0.2, 0.6, 0.2]))
     rms_db = {"loud": -12.0, "normal": rng.uniform(-26, -18), "quiet": -38.0}[level]
     if level != "normal":
@@ -304,15 +297,12 @@ def write_clip(data_dir, seed, clip_id):
     sf.write(encoded, audio, CLIP_SAMPLE_RATE, format="MP3")
     with plumbing.atomic_write(path, "wb") as f:
         f.write(encoded.getbuffer())
-    row = [str(int(name in spelled)) for name in MTAT_TAG_NAMES]
-    return annotation_line([str(clip_id)] + row + [mp3_path])
+    return annotation_line([str(clip_id)] + [str(int(tag in spelled)) for tag in MTAT_TAG_NAMES] + [mp3_path])
 
 
 def write_synthetic_mtat(data_dir, n_clips, seed=0, progress=True, workers=None):
-    """Write data_dir/mp3/<mp3_path> for clip ids 1..n_clips, then data_dir/annotations_final.csv, removed
-    first and written last (temp name, then rename), so an interrupted run never looks complete; just before
-    it, synthetic.json records its MD5 (formats.mark_synthetic), so what is trained on it says "synthetic".
-    workers: threads (MP3 encoding and numpy release the GIL); None = all cores."""
+    """Write mp3/ for clips 1..n_clips (`workers` threads; None: all cores), then annotations_final.csv:
+    removed first, written last, atomically, after synthetic.json: an interrupted run never looks complete."""
     data_dir = Path(data_dir)
     csv_path = data_dir / "annotations_final.csv"
     csv_path.unlink(missing_ok=True)
