@@ -1,5 +1,4 @@
-"""Speed figures for the docs, of the scripts' own functions: a log-mel's stages, gen_spectrograms.py's
-clips/s by workers, trainer.py's training (its fast path against a plain port), predict.py's, the paper's run.
+"""Speed figures: a log-mel's stages, gen_spectrograms.py, trainer.py, predict.py, the paper's run.
 
     python src/benchmark.py                              # features, train, predict
     python src/benchmark.py --what paper --device cuda   # trainer.py at the paper's size
@@ -40,8 +39,7 @@ LIBRARY_TEXT = " + ".join(f"{n} x {m * 60:g} s" for n, m in LIBRARY) + " of 44.1
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add, at_least = p.add_argument, plumbing.at_least
-    n = at_least(1)
+    add, at_least, n = p.add_argument, plumbing.at_least, plumbing.at_least(1)
     add("--what", choices=[*BENCHMARKS, "all"], default="all", help="default: all = features, train, predict")
     add("--clip", type=Path, default=FIXTURES / "joram-moments_of_clarity-08-solipsism-59-88.mp3",
         help="audio clip to time; its copies make the data sets (default: the MTAT clip in tests/fixtures/)")
@@ -56,19 +54,14 @@ def parse_args(argv=None):
     add("--scales", type=int, nargs="+", choices=common.SCALES, default=list(common.SCALES), metavar="S",
         help="train, paper: the network's branches, as trainer.py --scales (default: 1 2 3, the paper's)")
     add("--compile", action="store_true", help="train: also time the fast path with trainer.py --compile")
-    add("--eval-clips", type=n, default=7863, help="train: clips scored per evaluation pass "
-        "(default: 7,863, validation + test of the paper's split; ~64 on a CPU)")
+    add("--eval-clips", type=n, default=7863, help="train: clips scored per pass (default: 7,863)")
     add("--folder", type=Path, help=f"predict: a folder of your music (default: {LIBRARY_TEXT} from --clip)")
-    add("--predict-workers", type=n, nargs="+", help="predict: predict.py --workers settings, taking "
-        "turns in each round (default: 1 and predict.py's default, one per core)")
-    add("--memory-minutes", type=n, nargs="*", default=[10, 30, 60], help="predict: minutes of the 44.1 kHz "
-        "stereo WAV files whose peak memory is measured (default: 10 30 60; none: skipped)")
+    add("--predict-workers", type=n, nargs="+", help="predict: predict.py --workers (default: 1, all cores)")
+    add("--memory-minutes", type=n, nargs="*", default=[10, 30, 60], help="predict: peak MiB of N-min WAVs")
     add("--epochs", type=at_least(2), default=3, help="paper: epochs timed, projected to 40 (default: 3)")
-    add("--paper-clips", type=at_least(20), default=common.N_CLIPS, help="paper: spectrogram rows "
-        f"(default: {common.N_CLIPS:,}, the paper's split; fewer: --split random, a quick try on a CPU)")
+    add("--paper-clips", type=at_least(20), default=common.N_CLIPS, help="paper: rows (fewer: random split)")
     add("--data-dir", type=Path, help="paper: this data folder's spectrograms (default: random ones)")
-    add("--trainer-flags", default="", help="paper: more trainer.py flags in one string, e.g. \"--precision "
-        "fp32 --no-fused-adam --no-resident --no-cudnn-benchmark\" (the trainer's fp32 baseline)")
+    add("--trainer-flags", default="", help="paper: more trainer.py flags, e.g. \"--precision fp32\"")
     args = p.parse_args(argv)
     if args.what in ("all", "features", "predict") and not args.clip.is_file():
         p.error(f"--clip {args.clip}: not found; pass --clip with any audio file")
@@ -143,10 +136,9 @@ def features_benchmark(args):
     for name, threads in (("log_mel_s", 1), ("log_mel_s_default_blas_threads", None)):
         results[name] = stages = time_log_mel(args.clip, args.repeats, blas_threads=threads)
         print(f"{name}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in stages.items()), flush=True)
-    code = ("import json, sys, time; sys.path.insert(0, sys.argv[1]); t0 = time.perf_counter(); "
-            "import common; t1 = time.perf_counter(); common.log_mel(sys.argv[2]); t2 = time.perf_counter(); "
-            "common.log_mel(sys.argv[2]); print(json.dumps(dict(import_common=t1 - t0, "
-            "first_log_mel=t2 - t1, second_log_mel=time.perf_counter() - t2)))")  # one-off seconds
+    code = ("import json, sys, time; t = time.perf_counter; sys.path.insert(0, sys.argv[1]); t0 = t(); "
+            "import common; t1 = t(); common.log_mel(sys.argv[2]); t2 = t(); common.log_mel(sys.argv[2]); "
+            "print(json.dumps(dict(import_common=t1 - t0, first_log_mel=t2 - t1, second_log_mel=t() - t2)))")
     for name, cache in [("first_call_s", "warm")] + [("first_call_cold_s", "cold")] * args.cold_start:
         with tempfile.TemporaryDirectory() as empty:  # a cold cache: numba compiles, as on a fresh install
             env = {**os.environ, "NUMBA_CACHE_DIR": empty} if cache == "cold" else None
@@ -202,9 +194,8 @@ def time_mode(device, mode, steps, batch_size, eval_clips, scales=common.SCALES)
     names.update(common=common, torch=torch, labels=labels.to(device) if args else labels)
     step_s = timed(step, 3, **names)[0] / steps
     _, names["source"], names["model"], _ = setup(device, mode, eval_clips, scales)
-    names.update(rows=np.arange(eval_clips), batch_size=args.eval_batch_size if args else 32)
-    return step_s, timed("trainer.predict_rows(model, source, rows, norm, batch_size, device, bf16)", 2,
-                         **names)[0]
+    names.update(rows=np.arange(eval_clips), bs=args.eval_batch_size if args else 32)
+    return step_s, timed("trainer.predict_rows(model, source, rows, norm, bs, device, bf16)", 2, **names)[0]
 
 
 def train_benchmark(args):
@@ -214,11 +205,12 @@ def train_benchmark(args):
     print(f"MSCNN, scales {' '.join(map(str, scales))}, forward: {flops / 1e9:.2f} GFLOP per clip, "
           f"training step ~3x: {3 * flops / 1e9:.2f} GFLOP per clip; device {device}", flush=True)
     results = {"device": str(device), "scales": list(scales), "forward_gflop_per_clip": flops / 1e9}
+    paper_steps = len(trainer.epoch_batches(np.arange(18000), args.batch_size))  # an epoch's, 18,000 clips
     print("path           ms/step   clips/s  TFLOP/s  eval clips/s  40 epochs speed-up")
     for mode in ("baseline", "fast") + ("fast+compile",) * args.compile:
         step_s, eval_s = time_mode(device, mode, args.steps, args.batch_size, args.eval_clips, scales)
         eval_rate = args.eval_clips / eval_s
-        projected_s = 40 * (18000 // args.batch_size * step_s + 7863 / eval_rate)
+        projected_s = 40 * (paper_steps * step_s + 7863 / eval_rate)
         results[mode] = row = {"ms_per_step": 1000 * step_s, "clips_per_s": args.batch_size / step_s,
                                "tflops": 3 * flops * args.batch_size / step_s / 1e12,
                                "eval_clips_per_s": eval_rate, "projected_40_epochs_s": projected_s}
@@ -249,23 +241,20 @@ def stage_seconds(task):
     torch.set_num_threads(1)  # BLAS and OpenMP: one thread already (plumbing.start_worker)
     model, tags, mean, std, _ = predict.load_checkpoint(task[1], torch.device("cpu"))
     times = dict.fromkeys(("decode", "resample", "log-mel", "network"), 0.0)
+    names = dict(predict=predict, model=model, tags=tags, mean=mean, std=std)
     for path in task[0]:
-        stages, spec, duration_s = pipeline_seconds(path)
-        stages["network"] = timed("predict.score_file(spec, duration_s, model, tags, mean, std)",
-                                  predict=predict, spec=spec, duration_s=duration_s, model=model,
-                                  tags=tags, mean=mean, std=std)[0]
+        stages, names["spec"], names["duration_s"] = pipeline_seconds(path)
+        stages["network"] = timed("predict.score_file(spec, duration_s, model, tags, mean, std)", **names)[0]
         times = {stage: seconds + stages[stage] for stage, seconds in times.items()}
     return times
 
 
 def run_predict(label, *arguments):
-    """(wall s, CPU s, peak MiB) of `python src/predict.py ARGUMENTS`, printed after label; started by a
-    small process: Linux keeps the maxrss of a process forked from a large one."""
-    code = ("import resource, subprocess, sys, time; t0 = time.perf_counter(); done = subprocess.run("
-            "sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); wall = "
-            "time.perf_counter() - t0; use = resource.getrusage(resource.RUSAGE_CHILDREN); print("
-            "done.returncode, wall, use.ru_utime + use.ru_stime, use.ru_maxrss, "
-            "(done.stderr.strip().splitlines() or [''])[-1])")
+    """(wall s, CPU s, peak MiB) of `python src/predict.py ARGUMENTS`, printed; via a small process."""
+    code = ("import resource, subprocess as sp, sys, time; t = time.perf_counter; t0 = t(); done = "
+            "sp.run(sys.argv[1:], stdout=sp.DEVNULL, stderr=sp.PIPE, text=True); wall = t() - t0; use = "
+            "resource.getrusage(resource.RUSAGE_CHILDREN); print(done.returncode, wall, use.ru_utime + "
+            "use.ru_stime, use.ru_maxrss, (done.stderr.strip().splitlines() or [''])[-1])")
     command = [sys.executable, "-c", code, sys.executable, ROOT / "src" / "predict.py", *map(str, arguments)]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split(maxsplit=4)
     if out[0] != "0":
@@ -298,8 +287,7 @@ def predict_benchmark(args):
         paths = sorted(folder.glob("*.mp3")) if args.folder is None else [
             Path(p) for p in predict.expand_inputs([str(folder)])[0] if folder.is_dir()]
         if not paths:
-            raise SystemExit(f"error: --folder {folder}: not a folder holding audio files "
-                             f"({' '.join(predict.AUDIO_EXTENSIONS)})")
+            raise SystemExit(f"error: --folder {folder}: no {'/'.join(predict.AUDIO_EXTENSIONS)} files")
         hours = sum(soundfile.info(str(p)).duration for p in paths) / 3600
         print(f"folder: {len(paths)} files, {hours:.2f} h of audio{f' ({LIBRARY_TEXT})' * (not args.folder)}")
         [(_, stages)] = plumbing.pool_results(stage_seconds, [(paths, checkpoint)], 1)
@@ -331,29 +319,6 @@ def predict_benchmark(args):
     return results
 
 
-def write_random_spectrograms(data_dir, n_clips, device, seed=0, chunk_rows=1024):
-    """DATA/spectrograms.npy + .json of random float16 log-mels, labelled by the real MTAT annotations."""
-    t0 = time.perf_counter()
-    annotations, csv_path = FIXTURES / "annotations_final.csv.gz", data_dir / "annotations_final.csv"
-    if not annotations.is_file():
-        raise SystemExit(f"error: {annotations} not found: the real MTAT annotations label the random "
-                         "spectrograms; restore tests/fixtures/ from git (or fix $MTAT_FIXTURES)")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    csv_path.write_bytes(gzip.decompress(annotations.read_bytes()))
-    shape, rng = (n_clips, common.N_MELS, common.N_FRAMES), torch.Generator(device).manual_seed(seed)
-    spectrograms = np.lib.format.open_memmap(data_dir / "spectrograms.npy", "w+", np.float16, shape)
-    for start in range(0, n_clips, chunk_rows):
-        chunk = torch.randn((min(chunk_rows, n_clips - start), *shape[1:]), generator=rng, device=device)
-        spectrograms[start:start + chunk_rows] = chunk.mul_(2).sub_(8).half().cpu().numpy()
-    spectrograms.flush()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the GPU's memory is the run's (the trainer checks what is free)
-    settings = formats.spectrogram_settings(n_clips, "float16", common.read_annotations(csv_path)[3])
-    plumbing.write_json(data_dir / "spectrograms.json", formats.spectrogram_meta(
-        settings, note="random values written by src/benchmark.py --what paper, for timing only"))
-    print(f"random spectrograms: {n_clips:,} rows written in {time.perf_counter() - t0:.1f} s", flush=True)
-
-
 def paper_benchmark(args):
     """trainer.main for --epochs on --paper-clips rows: seconds per epoch, start-up, 40 epochs projected."""
     device = devices.resolve_device(args.device)
@@ -363,9 +328,25 @@ def paper_benchmark(args):
                   str(args.paper_clips // 10), "--batch-size", str(args.batch_size)]
     flags += shlex.split(args.trainer_flags)
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = args.data_dir or Path(tmp) / "data"
-        if args.data_dir is None:
-            write_random_spectrograms(data_dir, args.paper_clips, device)
+        data_dir, n = args.data_dir or Path(tmp) / "data", args.paper_clips
+        if args.data_dir is None:  # random float16 log-mels, labelled by the real MTAT annotations
+            t0, annotations = time.perf_counter(), FIXTURES / "annotations_final.csv.gz"
+            if not annotations.is_file():
+                raise SystemExit(f"error: {annotations} not found: restore tests/fixtures/")
+            data_dir.mkdir(parents=True, exist_ok=True)
+            csv_path = data_dir / "annotations_final.csv"
+            csv_path.write_bytes(gzip.decompress(annotations.read_bytes()))
+            shape, rng = (n, common.N_MELS, common.N_FRAMES), torch.Generator(device).manual_seed(0)
+            spectrograms = np.lib.format.open_memmap(data_dir / "spectrograms.npy", "w+", np.float16, shape)
+            for start in range(0, n, 1024):
+                chunk = torch.randn((min(1024, n - start), *shape[1:]), generator=rng, device=device)
+                spectrograms[start:start + 1024] = chunk.mul_(2).sub_(8).half().cpu().numpy()
+            spectrograms.flush()
+            torch.cuda.empty_cache()  # (no-op without CUDA) the trainer checks the GPU's free memory
+            settings = formats.spectrogram_settings(n, "float16", common.read_annotations(csv_path)[3])
+            plumbing.write_json(data_dir / "spectrograms.json", formats.spectrogram_meta(
+                settings, note="random values written by src/benchmark.py --what paper, for timing only"))
+            print(f"random spectrograms: {n:,} rows written in {time.perf_counter() - t0:.1f} s", flush=True)
         t0 = time.perf_counter()
         trainer.main(["--data-dir", str(data_dir), "--out", tmp, "--run", "paper"] + flags)
         wall_s = time.perf_counter() - t0
@@ -379,8 +360,8 @@ def paper_benchmark(args):
             "projected_40_epochs_s": projected_s}
 
 
-BENCHMARKS = {"features": features_benchmark, "train": train_benchmark,  # --what: args -> a dict of figures
-              "predict": predict_benchmark, "paper": paper_benchmark}
+BENCHMARKS = {"features": features_benchmark, "train": train_benchmark, "predict": predict_benchmark,
+              "paper": paper_benchmark}  # --what: args -> a dict of figures
 ALL = ("features", "train", "predict")  # --what all: what a CPU can run in minutes
 
 
