@@ -1,9 +1,6 @@
-"""Synthetic MTAT-shaped demo data: synthesised music whose tags can be heard.
-
-`write_synthetic_mtat(data_dir, n_clips)` writes annotations_final.csv in MTAT's format (188 tag names, in
-order) and a 16 kHz mono 29.15 s MP3 per row in mp3/<hex folder>/. Each clip is a random arrangement in one of
-four styles, random key, tempo and level, tagged with what is heard (instruments, singer, drums, beat, tempo,
-loudness, style) in random MTAT synonyms that only common.merge_synonyms merges. Clip i is fixed by (seed, i).
+"""Synthetic MTAT-shaped demo data: synthesised music whose tags can be heard. write_synthetic_mtat writes
+annotations_final.csv in MTAT's format and a 16 kHz mono 29.15 s MP3 per row: a random arrangement in one of
+four styles, tagged with what is heard in random MTAT synonyms (common.merge_synonyms merges them).
 """
 import io
 import itertools
@@ -20,28 +17,23 @@ import formats
 import plumbing
 
 # MTAT's tag columns, in order (from the real annotations_final.csv, whose MD5 get_data.py checks)
-MTAT_TAG_NAMES = [
-    "no voice", "singer", "duet", "plucking", "hard rock", "world", "bongos", "harpsichord", "female singing",
-    "clasical", "sitar", "chorus", "female opera", "male vocal", "vocals", "clarinet", "heavy", "silence",
-    "beats", "men", "woodwind", "funky", "no strings", "chimes", "foreign", "no piano", "horns", "classical",
-    "female", "no voices", "soft rock", "eerie", "spacey", "jazz", "guitar", "quiet", "no beat", "banjo",
-    "electric", "solo", "violins", "folk", "female voice", "wind", "happy", "ambient", "new age", "synth",
-    "funk", "no singing", "middle eastern", "trumpet", "percussion", "drum", "airy", "voice", "repetitive",
-    "birds", "space", "strings", "bass", "harpsicord", "medieval", "male voice", "girl", "keyboard",
-    "acoustic", "loud", "classic", "string", "drums", "electronic", "not classical", "chanting", "no violin",
-    "not rock", "no guitar", "organ", "no vocal", "talking", "choral", "weird", "opera", "soprano", "fast",
-    "acoustic guitar", "electric guitar", "male singer", "man singing", "classical guitar", "country",
-    "violin", "electro", "reggae", "tribal", "dark", "male opera", "no vocals", "irish", "electronica",
-    "horn", "operatic", "arabic", "lol", "low", "instrumental", "trance", "chant", "strange", "drone",
-    "synthesizer", "heavy metal", "modern", "disco", "bells", "man", "deep", "fast beat", "industrial",
-    "hard", "harp", "no flute", "jungle", "pop", "lute", "female vocal", "oboe", "mellow", "orchestral",
-    "viola", "light", "echo", "piano", "celtic", "male vocals", "orchestra", "eastern", "old", "flutes",
-    "punk", "spanish", "sad", "sax", "slow", "male", "blues", "vocal", "indian", "no singer", "scary",
-    "india", "woman", "woman singing", "rock", "dance", "piano solo", "guitars", "no drums", "jazzy",
-    "singing", "cello", "calm", "female vocals", "voices", "different", "techno", "clapping", "house",
-    "monks", "flute", "not opera", "not english", "oriental", "beat", "upbeat", "soft", "noise", "choir",
-    "female singer", "rap", "metal", "hip hop", "quick", "water", "baroque", "women", "fiddle", "english",
-]
+MTAT_TAG_NAMES = (
+    "no voice,singer,duet,plucking,hard rock,world,bongos,harpsichord,female singing,clasical,sitar,"
+    "chorus,female opera,male vocal,vocals,clarinet,heavy,silence,beats,men,woodwind,funky,no strings,"
+    "chimes,foreign,no piano,horns,classical,female,no voices,soft rock,eerie,spacey,jazz,guitar,quiet,"
+    "no beat,banjo,electric,solo,violins,folk,female voice,wind,happy,ambient,new age,synth,funk,"
+    "no singing,middle eastern,trumpet,percussion,drum,airy,voice,repetitive,birds,space,strings,bass,"
+    "harpsicord,medieval,male voice,girl,keyboard,acoustic,loud,classic,string,drums,electronic,"
+    "not classical,chanting,no violin,not rock,no guitar,organ,no vocal,talking,choral,weird,opera,"
+    "soprano,fast,acoustic guitar,electric guitar,male singer,man singing,classical guitar,country,"
+    "violin,electro,reggae,tribal,dark,male opera,no vocals,irish,electronica,horn,operatic,arabic,lol,"
+    "low,instrumental,trance,chant,strange,drone,synthesizer,heavy metal,modern,disco,bells,man,deep,"
+    "fast beat,industrial,hard,harp,no flute,jungle,pop,lute,female vocal,oboe,mellow,orchestral,viola,"
+    "light,echo,piano,celtic,male vocals,orchestra,eastern,old,flutes,punk,spanish,sad,sax,slow,male,"
+    "blues,vocal,indian,no singer,scary,india,woman,woman singing,rock,dance,piano solo,guitars,no drums,"
+    "jazzy,singing,cello,calm,female vocals,voices,different,techno,clapping,house,monks,flute,not opera,"
+    "not english,oriental,beat,upbeat,soft,noise,choir,female singer,rap,metal,hip hop,quick,water,"
+    "baroque,women,fiddle,english").split(",")
 
 CLIP_SAMPLE_RATE = 16000  # Hz, as MTAT's MP3s
 CLIP_SAMPLES = 466400  # 29.15 s: decodes to 321,379 samples at 11,025 Hz = 628 frames, no padding needed
@@ -81,35 +73,31 @@ def plucked(n_harmonics, position):
     return np.abs(np.sin(np.pi * k * position)) / k
 
 
-def make_timbre(**params):
-    """An entry of TIMBRES: params with their wavetables, table and (given attack_spectrum) attack_table."""
-    params["table"] = wavetable(params["spectrum"])
-    if "attack_spectrum" in params:
-        params["attack_table"] = wavetable(params["attack_spectrum"])
-    return params
-
-
 # spectrum: harmonic amplitudes of the tone; attack_spectrum: the attack's, fading into spectrum with time
 # constant brightness (s); attack, decay: the envelope (s); vibrato: relative depth; noise: relative breath;
 # low, high: the register (MIDI), harmonics below 8 kHz. male, female: glottal sources (formants come later).
 TIMBRES = {
-    "piano": make_timbre(spectrum=power_law(4, 2), attack_spectrum=power_law(10, 1), brightness=0.15,
-                         attack=0.002, decay=0.8, low=48, high=79),
-    "guitar": make_timbre(spectrum=power_law(3, 2), attack_spectrum=plucked(12, 1 / 5), brightness=0.08,
-                          attack=0.002, decay=0.5, low=40, high=71),
-    "harpsichord": make_timbre(spectrum=plucked(10, 1 / 8), attack_spectrum=power_law(10, 0.5),
-                               brightness=0.1, attack=0.001, decay=0.6, low=48, high=79),
-    "harp": make_timbre(spectrum=[1, 0.1], attack_spectrum=[1, 0.3, 0.1, 0.05], brightness=0.2,
-                        attack=0.003, decay=1.2, low=60, high=91),
-    "sitar": make_timbre(spectrum=power_law(13, 0.9), attack_spectrum=power_law(13, 0.4), brightness=0.3,
-                         attack=0.002, decay=1.2, low=50, high=74),
-    "violin": make_timbre(spectrum=power_law(9, 1), attack=0.08, decay=4.0, vibrato=0.006, low=55, high=81),
-    "flute": make_timbre(spectrum=[1, 0.2, 0.05], attack=0.06, decay=4.0, vibrato=0.004, noise=0.08,
-                         low=72, high=96),
-    "synth": make_timbre(spectrum=power_law(15, 1, odd_only=True), attack=0.005, decay=0.4, low=48, high=72),
-    "male": make_timbre(spectrum=power_law(45, 1), attack=0.04, decay=5.0, vibrato=0.012, low=41, high=52),
-    "female": make_timbre(spectrum=power_law(22, 1), attack=0.04, decay=5.0, vibrato=0.012, low=53, high=64),
+    "piano": dict(spectrum=power_law(4, 2), attack_spectrum=power_law(10, 1), brightness=0.15, attack=0.002,
+                  decay=0.8, low=48, high=79),
+    "guitar": dict(spectrum=power_law(3, 2), attack_spectrum=plucked(12, 1 / 5), brightness=0.08,
+                   attack=0.002, decay=0.5, low=40, high=71),
+    "harpsichord": dict(spectrum=plucked(10, 1 / 8), attack_spectrum=power_law(10, 0.5), brightness=0.1,
+                        attack=0.001, decay=0.6, low=48, high=79),
+    "harp": dict(spectrum=[1, 0.1], attack_spectrum=[1, 0.3, 0.1, 0.05], brightness=0.2, attack=0.003,
+                 decay=1.2, low=60, high=91),
+    "sitar": dict(spectrum=power_law(13, 0.9), attack_spectrum=power_law(13, 0.4), brightness=0.3,
+                  attack=0.002, decay=1.2, low=50, high=74),
+    "violin": dict(spectrum=power_law(9, 1), attack=0.08, decay=4.0, vibrato=0.006, low=55, high=81),
+    "flute": dict(spectrum=[1, 0.2, 0.05], attack=0.06, decay=4.0, vibrato=0.004, noise=0.08,
+                  low=72, high=96),
+    "synth": dict(spectrum=power_law(15, 1, odd_only=True), attack=0.005, decay=0.4, low=48, high=72),
+    "male": dict(spectrum=power_law(45, 1), attack=0.04, decay=5.0, vibrato=0.012, low=41, high=52),
+    "female": dict(spectrum=power_law(22, 1), attack=0.04, decay=5.0, vibrato=0.012, low=53, high=64),
 }
+for timbre in TIMBRES.values():  # the wavetables: table, and attack_table given an attack_spectrum
+    timbre["table"] = wavetable(timbre["spectrum"])
+    if "attack_spectrum" in timbre:
+        timbre["attack_table"] = wavetable(timbre["attack_spectrum"])
 
 # Formants F1-F3 (Hz) of a man's a, e, i, o, u (Peterson and Barney); a woman's are ~17% higher
 VOWELS = np.array([[730, 1090, 2440], [530, 1840, 2480], [270, 2290, 3010],
