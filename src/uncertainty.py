@@ -1,9 +1,6 @@
-"""How sure a test score is: bootstrap intervals over the test clips, and paired comparisons of runs scored
-on the same clips (the uncertainty sections of report.py; docs/results.md). One set of resamples of the test
-clips (scipy.stats.bootstrap, percentile intervals) serves every run, so a difference between two runs is
-resampled paired: each resample draws clips with replacement and scores every run on that draw. A tag that a
-resample leaves with no positive or no negative clip is left out of its macro averages (the rule of
-common.roc_auc) and gets no interval of its own (NaN).
+"""How sure a test score is (report.py; docs/results.md): percentile bootstrap intervals over the test clips,
+one set of resamples scoring every run, so differences between runs are paired. A tag that a resample leaves
+without a positive or a negative clip is left out of its macro means (common.roc_auc's rule), NaN per tag.
 
     result = bootstrap_runs(labels, [a1, a2, b1, b2], comparisons=[[(0, 2), (1, 3)]])  # a - b, paired by seed
 """
@@ -19,9 +16,8 @@ BATCH = 50  # resamples scored at once: bounds memory (a few arrays of BATCH x c
 
 
 def tag_orders(labels, scores):
-    """What resampled metrics need of one run (labels 0/1, scores float, (clips, T)), computed once: T tuples
-    of int ndarrays, negatives (n_neg,) and positives (n_pos,) in order of score, and per positive (n_pos,):
-    the negatives scored lower (neg_below) or at most as high (neg_up_to), the positives lower (pos_below)."""
+    """Per tag of one run (labels 0/1, scores (clips, T)): negatives, positives in order of score, and per
+    positive the negatives scored lower (neg_below), at most as high (neg_up_to), the positives lower."""
     prepared = []
     for tag in range(labels.shape[1]):
         positive = labels[:, tag].astype(bool)
@@ -36,12 +32,8 @@ def tag_orders(labels, scores):
 
 
 def weighted_per_tag(prepared, counts):
-    """ROC-AUC and PR-AUC (average precision) per tag of resampled test sets. prepared: tag_orders of one run;
-    counts: int ndarray (B, clips), how often each of B resamples draws each clip. Returns roc, pr: float
-    ndarrays (B, T), NaN where a resample has no positive or no negative clip of the tag. They equal
-    scikit-learn's roc_auc_score and average_precision_score of the resampled clips, ties included (tests
-    check it), but those sort the scores anew per call, too slow for thousands of resamples x 50 tags x
-    several runs: here each tag's order is fixed and a resample costs a cumulative sum over its negatives."""
+    """(roc, pr) (B, T) per tag of B resampled test sets, counts (B, clips) the draws of each clip; NaN where
+    a tag is unscorable. scikit-learn's figures, ties included, without its sort per resample and tag."""
     roc, pr = np.full((2, len(counts), len(prepared)), np.nan)
     zeros = np.zeros((len(counts), 1), dtype=counts.dtype)
     for tag, (negatives, positives, neg_below, neg_up_to, pos_below) in enumerate(prepared):
@@ -61,18 +53,9 @@ def weighted_per_tag(prepared, counts):
     return roc, pr
 
 
-def nan_mean(values, axis):
-    """np.nanmean without the warning for an all-NaN slice (it is NaN)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(values, axis=axis)
-
-
 def bootstrap_p_value(differences):
-    """Two-sided p-value of 'no difference' from a paired bootstrap distribution (B,): 2 (1 + k) / (B + 1),
-    at most 1, with k the resamples at or beyond 0 on the side away from most of them (0 counts as that side).
-    So p < 1 - CONFIDENCE goes with a percentile interval that leaves 0 out (up to the +1 and the
-    interpolation of the percentiles). NaN if any resample is NaN."""
+    """Two-sided p of 'no difference' from a bootstrap distribution (B,): min(1, 2 (1 + k) / (B + 1)), k the
+    resamples at or beyond 0 on its far side; NaN if any resample is NaN."""
     differences = np.asarray(differences, dtype=np.float64)
     if np.isnan(differences).any():
         return float("nan")
@@ -81,15 +64,9 @@ def bootstrap_p_value(differences):
 
 
 def bootstrap_runs(labels, run_scores, comparisons=(), n_resamples=N_RESAMPLES, seed=SEED):
-    """Intervals for runs scored on the same test clips, and paired differences between them. labels: 0/1
-    ndarray (clips, T), shared by the runs; run_scores: R float ndarrays (clips, T); comparisons: lists of
-    (a, b) run indices, one list per comparison of two configurations, its pairs matched by seed (the
-    difference: the mean over the pairs of run a's score minus run b's). One scipy.stats.bootstrap call
-    ('percentile', CONFIDENCE, n_resamples resamples of the clips, a generator seeded with seed) does it all.
-    Returns dict: runs: R dicts {'roc', 'pr'}: (point, low, high) of the macro test ROC-AUC / PR-AUC;
-    comparisons: dicts {'roc', 'pr'}: (point, low, high, p) of the mean paired difference of the macro scores,
-    and {'roc_per_tag', 'pr_per_tag'}: those four as ndarrays (T,) (NaN for a tag some resample cannot score);
-    n_resamples, confidence."""
+    """Intervals of R runs' scores (clips, T) on the same 0/1 labels (clips, T), and per comparison (a list of
+    (a, b) run indices paired by seed) the mean of a - b. -> dict: runs: R {'roc', 'pr': (point, low, high)};
+    comparisons: {'roc', 'pr': (point, low, high, p), 'roc_per_tag', 'pr_per_tag': the four per tag (T,)}."""
     labels = np.asarray(labels)
     n_clips, n_tags = labels.shape
     prepared = [tag_orders(labels, np.asarray(scores)) for scores in run_scores]
@@ -103,18 +80,18 @@ def bootstrap_runs(labels, run_scores, comparisons=(), n_resamples=N_RESAMPLES, 
         counts = np.bincount((clips + offsets).ravel(), minlength=clips.size).reshape(clips.shape)
         counts = counts.astype(np.int32)  # cumulative sums of at most n_clips: exact, and half the memory
         per_run = [weighted_per_tag(p, counts) for p in prepared]
-        rows = [nan_mean(metric, axis=1) for roc, pr in per_run for metric in (roc, pr)]
+        rows = [np.nanmean(metric, axis=1) for roc, pr in per_run for metric in (roc, pr)]
         for pairs in comparisons:
             for metric in (0, 1):
                 gain = np.mean([per_run[a][metric] - per_run[b][metric] for a, b in pairs], axis=0)  # (B, T)
-                rows.append(nan_mean(gain, axis=1))  # the same tags are scorable in a and b
+                rows.append(np.nanmean(gain, axis=1))  # the same tags are scorable in a and b
                 rows.extend(gain.T)
         values = np.stack(rows)
         return values[:, 0] if single else values
 
-    point = statistic(np.arange(n_clips))
     with warnings.catch_warnings():  # NaN (an unscorable tag) is handled below, not warned about
         warnings.simplefilter("ignore")
+        point = statistic(np.arange(n_clips))
         result = scipy.stats.bootstrap((np.arange(n_clips),), statistic, vectorized=True, batch=BATCH,
                                        n_resamples=n_resamples, method="percentile",
                                        confidence_level=CONFIDENCE, random_state=np.random.default_rng(seed))
