@@ -38,9 +38,8 @@ def feature_params(resampler=None):
 # Each stage holds back its last block until it knows it is the last: a one-block file (an MTAT clip)
 # is computed exactly as librosa.load + melspectrogram do, longer ones to float32 rounding.
 def decode(path, block_s=BLOCK_S):
-    """Audio file -> (sample rate, iterator of mono float32 blocks (n,) of block_s seconds; None: one
-    block). soundfile reads what it can, librosa (audioread) decodes the rest whole; channels averaged.
-    ValueError naming the file: not a regular file, empty, or (while iterating) samples not finite."""
+    """Audio file -> (sample rate, mono float32 blocks (n,) of block_s seconds, None: one); soundfile, else
+    librosa whole. ValueError naming the file: not a regular file, empty, or samples not finite."""
     import soundfile
 
     if not os.path.isfile(path):
@@ -76,8 +75,7 @@ def finite_blocks(path, blocks, rate):
 
 def resample(rate, blocks, resampler=None):
     """Mono blocks at `rate` -> blocks at SAMPLE_RATE, ceil(n * SAMPLE_RATE / rate) samples in all as
-    librosa.resample gives. soxr_hq streams (the samples of soxr's one-shot call, padded to length);
-    kaiser_best (resampy) cannot stream: the whole file in one block."""
+    librosa.resample gives; soxr_hq streams, kaiser_best (resampy) yields the whole file as one block."""
     import soxr
 
     if rate == SAMPLE_RATE:
@@ -106,9 +104,8 @@ def resample(rate, blocks, resampler=None):
 
 
 def log_mel_frames(blocks):
-    """Mono blocks at SAMPLE_RATE -> float32 log-mel frames (N_MELS, k) per block; together librosa's
-    centred (PAD_MODE) mel power spectrogram of the whole waveform, clipped at LOG_FLOOR, natural log:
-    1 + n_samples // HOP_LENGTH frames in all."""
+    """Mono blocks at SAMPLE_RATE -> float32 (N_MELS, k) per block: librosa's centred mel power spectrogram
+    of the whole waveform, clipped at LOG_FLOOR, natural log; 1 + n_samples // HOP_LENGTH frames in all."""
     import librosa
 
     half, started = N_FFT // 2, False
@@ -133,9 +130,8 @@ def log_mel_frames(blocks):
 
 
 def read_log_mel(path, block_s=BLOCK_S, resampler=None):
-    """Every log-mel frame of an audio file (resampler: one of RESAMPLERS, None: RESAMPLER) ->
-    (spec float32 (N_MELS, 1 + n_samples // HOP_LENGTH), duration_s of the resampled audio).
-    ValueError naming the file when it does not decode, holds no samples, or its log-mel is not finite."""
+    """Audio file -> (spec float32 (N_MELS, 1 + n_samples // HOP_LENGTH), duration_s); ValueError naming
+    the file when it does not decode, holds no samples, or its log-mel is not finite."""
     n_samples = 0
 
     def counted(blocks):
@@ -146,11 +142,9 @@ def read_log_mel(path, block_s=BLOCK_S, resampler=None):
     try:
         rate, blocks = decode(path, block_s)
         frames = list(log_mel_frames(counted(resample(rate, blocks, resampler))))
-    except ValueError as error:
-        if str(error).startswith(str(path)):
-            raise
-        error_text = error
     except Exception as error:  # each decoder raises its own types, often with no message
+        if isinstance(error, ValueError) and str(error).startswith(str(path)):
+            raise
         error_text = error
     else:
         if n_samples == 0:
@@ -171,21 +165,18 @@ def load_audio(path, resampler=None):
 
 
 def warm_up():
-    """The pipeline once on a second of 16 kHz silence: librosa's imports and numba's compilation
-    paid in this process, before a pool forks its workers, instead of in every worker."""
+    """The pipeline on a second of silence: imports and numba's compilation paid before a pool forks."""
     list(log_mel_frames(resample(16000, [np.zeros(16000, np.float32)])))
 
 
 def log_mel(path, n_frames=N_FRAMES, block_s=BLOCK_S, resampler=None):
-    """read_log_mel's spectrogram fitted to n_frames (fit_frames): float32 (N_MELS, n_frames); None:
-    every frame, (N_MELS, 1 + n_samples // HOP_LENGTH)."""
+    """read_log_mel's spectrogram, float32 (N_MELS, n_frames) by fit_frames; n_frames None: every frame."""
     spec = read_log_mel(path, block_s, resampler)[0]
     return spec if n_frames is None else fit_frames(spec, n_frames)
 
 
 def fit_frames(spec, n_frames=N_FRAMES):
-    """(N_MELS, n) log-mel -> (N_MELS, n_frames), same dtype: the first n_frames frames, or padded at
-    the end with log(LOG_FLOOR), the value of silence."""
+    """(N_MELS, n) -> (N_MELS, n_frames), same dtype: cut, or padded at the end with log(LOG_FLOOR)."""
     if spec.shape[1] >= n_frames:
         return spec[:, :n_frames]
     pad = np.full((spec.shape[0], n_frames - spec.shape[1]), np.log(LOG_FLOOR), spec.dtype)
@@ -296,9 +287,8 @@ PAPER_WEIGHT_SHAPES = [(50, 1, 3, 7), (100, 50, 3, 5), (70, 100, 3, 3), (100, 1,
 
 
 def original_draws(rng, shapes=PAPER_WEIGHT_SHAPES):
-    """The original's initial weights drawn from rng (a numpy RandomState), float64 in its layouts:
-    per shape normal(0, Glorot std sqrt(2 / (fan_in + fan_out)), the kernel area in a conv's fans),
-    times 4 for the last, the sigmoid output layer."""
+    """The original's initial weights from rng (a RandomState), float64: per shape normal(0, Glorot std
+    sqrt(2 / (fan_in + fan_out))), a conv's fans times its kernel area; the last (sigmoid output) times 4."""
     draws = []
     for i, shape in enumerate(shapes):
         area = int(np.prod(shape[2:]))
@@ -320,8 +310,7 @@ def original_order(n_clips=N_CLIPS, seed=1337):
 
 
 def paper_split(n_clips=N_CLIPS, seed=1337):
-    """The original split, exactly (original_order) -> sorted, disjoint int64 train_idx, val_idx,
-    test_idx covering 0..N-1: (18000,), (2000,), (5863,) on the full annotations."""
+    """The original split (original_order) -> sorted int64 train, val, test: (18000,), (2000,), (5863,)."""
     n_val, n_test = 2000, n_clips - 2000 - 18000
     if n_test < 0:
         raise ValueError(f"paper_split needs at least 20,000 clips, got {n_clips}")
@@ -331,8 +320,7 @@ def paper_split(n_clips=N_CLIPS, seed=1337):
 
 
 def random_split(n_clips, n_train, n_val, seed=1337):
-    """A seeded split of any size -> sorted, disjoint int64 train_idx (n_train,), val_idx (n_val,),
-    test_idx (the rest) covering 0..n_clips-1."""
+    """A seeded split -> sorted, disjoint int64 train (n_train,), val (n_val,), test (the rest)."""
     if n_train <= 0 or n_val <= 0 or n_train + n_val >= n_clips:
         raise ValueError(f"cannot split {n_clips} clips into {n_train} training, "
                          f"{n_val} validation and at least 1 test clip")
@@ -346,9 +334,8 @@ CLEAN_SPLIT_FILES = ("mtat_clean_train.txt", "mtat_clean_valid.txt", "mtat_clean
 
 
 def clean_split(clip_ids, splits_dir=SPLITS_DIR):
-    """The field's song-disjoint split of MTAT (Lee et al. 2017, Won et al. 2020; splits/README.md):
-    listed clip ids found in clip_ids (N,) -> sorted, disjoint int64 train_idx, val_idx, test_idx, (15244,),
-    (1529,), (4332,) on the full annotations. ValueError naming how many listed clips are missing."""
+    """The field's song-disjoint split (Lee et al. 2017; splits/README.md): clip_ids (N,) -> sorted int64
+    train, val, test rows, (15244,), (1529,), (4332,); ValueError naming the listed clips missing."""
     row_of = {int(clip_id): row for row, clip_id in enumerate(clip_ids)}
     parts, missing = [], []
     for name in CLEAN_SPLIT_FILES:
@@ -373,10 +360,8 @@ FOLDER_PARTS = ("0123456789ab", "c", "def")  # MTAT's folders of training, valid
 
 
 def folder_split(mp3_paths):
-    """MTAT's folder split of every usable clip (that of the self-supervised benchmarks, e.g. MARBLE):
-    '<folder>/<name>.mp3' paths (N,) -> sorted, disjoint int64 train_idx, val_idx, test_idx, (18706,),
-    (1825,), (5329,) on the full annotations; BROKEN_CLIPS left out, no clip dropped for its tags.
-    Keeps songs and albums on one side. ValueError naming a path outside MTAT's folders (0..f)."""
+    """MTAT's folder split (MARBLE's): '<folder>/<name>.mp3' paths (N,) -> sorted int64 train, val, test
+    rows, (18706,), (1825,), (5329,), BROKEN_CLIPS left out; ValueError naming a path outside 0..f."""
     folders = [path.split("/", 1)[0] if "/" in path else "" for path in mp3_paths]
     outside = [path for path, folder in zip(mp3_paths, folders)
                if len(folder) != 1 or folder not in "0123456789abcdef"]
@@ -402,23 +387,15 @@ def parse_mp3_path(mp3_path):
 
 
 def split_overlap(mp3_paths, train_idx, eval_idx):
-    """Leakage audit -> dict: n_clips (len(eval_idx)); song, album, artist: evaluation clips sharing that
-    with a training clip (parse_mp3_path); unparsed: names that do not parse, never shared. Blind to a song
-    spelt twice and to compilations' artists ('various_artists' counts as one artist)."""
-    train_keys = [set(), set(), set()]
-    for row in train_idx:
-        keys = parse_mp3_path(mp3_paths[row])
-        for seen, key in zip(train_keys, keys or ()):
-            seen.add(key)
-    counts = dict(n_clips=len(eval_idx), song=0, album=0, artist=0, unparsed=0)
-    for row in eval_idx:
-        keys = parse_mp3_path(mp3_paths[row])
-        if keys is None:
-            counts["unparsed"] += 1
-            continue
-        for what, seen, key in zip(("song", "album", "artist"), train_keys, keys):
-            counts[what] += key in seen
-    return counts
+    """Leakage audit -> dict: n_clips; song, album, artist: evaluation clips sharing that with a training
+    clip (parse_mp3_path); unparsed: names that do not parse. Blind to a song spelt twice and to
+    compilations' artists ('various_artists' counts as one artist)."""
+    trained = [parse_mp3_path(mp3_paths[row]) for row in train_idx]
+    seen = [{keys[k] for keys in trained if keys} for k in range(3)]  # song, album, artist keys
+    evaluated = [parse_mp3_path(mp3_paths[row]) for row in eval_idx]
+    shared = {what: sum(keys is not None and keys[k] in seen[k] for keys in evaluated)
+              for k, what in enumerate(("song", "album", "artist"))}
+    return dict(n_clips=len(eval_idx), **shared, unparsed=evaluated.count(None))
 
 
 # -----------------------------------------------------------------------------
@@ -525,17 +502,14 @@ class MSCNN(nn.Module):
 
 
 def normalise(log_mel_batch, norm_mean, norm_std):
-    """(B, N_MELS, n) log-mel -> float32 (B, 1, N_MELS, n) standardised per mel band by the
-    (N_MELS,) tensors norm_mean, norm_std on the batch's device."""
+    """(B, N_MELS, n) log-mel -> float32 (B, 1, N_MELS, n) standardised per band by (N_MELS,) tensors."""
     return ((log_mel_batch.float() - norm_mean[:, None]) / norm_std[:, None]).unsqueeze(1)
 
 
 @torch.no_grad()
 def score(model, log_mel_batch, norm_mean, norm_std, bf16=False, embed=False):
-    """The one scorer (training's evaluation, predict.py): normalise -> model -> sigmoid, on the device
-    of model (an MSCNN in eval mode; without embed, anything that calls like one), log_mel_batch
-    (B, N_MELS, N_FRAMES) and norm_mean, norm_std (N_MELS,); bf16: under bfloat16 autocast.
-    -> float32 probabilities (B, n_tags); with embed, also float32 embeddings (B, 500) (MSCNN.embed)."""
+    """The one scorer (training, predict.py): log_mel_batch (B, N_MELS, N_FRAMES) -> normalise -> model in
+    eval mode -> float32 probabilities (B, n_tags); with embed, also float32 embeddings (B, 500)."""
     x = normalise(log_mel_batch, norm_mean, norm_std)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         if not embed:
