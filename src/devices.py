@@ -46,10 +46,8 @@ def add_speed_flags(p):
 
 
 def resolve_speed_choices(args, device, data_bytes):
-    """Decide each speed choice left at auto, in args (printed, saved with the checkpoints); set
-    cudnn.benchmark; -> the line stating them. On a CPU fp32 (bf16 does not speed it up) and the memory
-    map; on CUDA bf16, fused Adam, cudnn.benchmark, and resident data when data_bytes fit in free GPU
-    memory with GPU_RESERVE_BYTES to spare (else pinned host batches; --resident then exits)."""
+    """Decide in args each speed choice left at auto, set cudnn.benchmark; -> the line stating them. A CPU
+    gets fp32 (bf16 does not speed it up); CUDA all the rest, resident data if data_bytes fit the GPU."""
     cuda = device.type == "cuda"
     if args.precision == "auto":
         args.precision = "bf16" if cuda else "fp32"

@@ -32,17 +32,16 @@ WON_2020 = [("FCN", 0.9005, 0.4295), ("Musicnn", 0.9106, 0.4493), ("Sample-level
 # MARBLE on the folder split: ROC-AUC of probes on frozen self-supervised features; PR-AUC "about 0.40".
 MARBLE_FOLDER = [("MERT-330M", 0.913), ("MusicFM", 0.913), ("MuQ", 0.914)]
 MARBLE_PR_AUC = 0.40
-WON_RANGES = (f"ROC-AUC {min(m[1] for m in WON_2020):.4f}–{max(m[1] for m in WON_2020):.4f}, "
-              f"PR-AUC {min(m[2] for m in WON_2020):.4f}–{max(m[2] for m in WON_2020):.4f}")
-MARBLE_FIGURES = (", ".join(f"{name} {roc:.3f}" for name, roc in MARBLE_FOLDER)
-                  + f" ROC-AUC, PR-AUC about {MARBLE_PR_AUC:.2f}")
+WON_ROC, WON_PR = [m[1] for m in WON_2020], [m[2] for m in WON_2020]
 # Per published split: (its cell in the per-split table, its clips); Dabral et al. 2018 is this network
 REFERENCES = {
     "paper": ("Dabral et al. 2018: test ROC-AUC 0.900 (val 0.904); no PR-AUC published",
               "the original's draw of clips, 18,000 / 2,000 / 5,863; clips of one song on both sides"),
-    "clean": (f"Won et al. 2020, {len(WON_2020)} models: {WON_RANGES} (table below)",
+    "clean": (f"Won et al. 2020, {len(WON_2020)} models: ROC-AUC {min(WON_ROC):.4f}–{max(WON_ROC):.4f}, "
+              f"PR-AUC {min(WON_PR):.4f}–{max(WON_PR):.4f} (table below)",
               "Lee et al. 2017's lists, 15,244 / 1,529 / 4,332, the 50 most frequent tags unmerged"),
-    "folder": (f"MARBLE, frozen features probed: {MARBLE_FIGURES}",
+    "folder": ("MARBLE, frozen features probed: " + ", ".join(f"{m} {roc:.3f}" for m, roc in MARBLE_FOLDER)
+               + f" ROC-AUC, PR-AUC about {MARBLE_PR_AUC:.2f}",
                "MTAT's folders 0-b / c / d-f with every usable clip, 18,706 / 1,825 / 5,329, the same tags")}
 # Per split with a table of the field: its heading and the published rows as (ROC-AUC, row)
 FIELD = {
@@ -245,8 +244,7 @@ def interval(low, high, form=".4f"):
 
 
 def uncertainty_report(runs, n_resamples):
-    """Markdown: each run's 95% bootstrap intervals (test_scores.npz, kept as run['scores']); the paired
-    comparisons. -> (text, bootstrap_runs' comparisons plus split, scales_a/b, pairs, tag_names, labels)."""
+    """Markdown of each run's bootstrap intervals and the paired comparisons -> (text, the comparisons)."""
     groups = {}  # by what the runs were scored on (so --split random runs of other --split-seed never pair)
     for run in runs:
         try:
