@@ -11,6 +11,9 @@ from tqdm import tqdm
 
 from plumbing import at_least
 
+GPU_RESERVE_BYTES = 6 * 2 ** 30  # GPU memory left free beside resident data: model, activations
+
+
 def resolve_device(name="auto"):
     """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
     if name == "auto":
@@ -19,9 +22,6 @@ def resolve_device(name="auto"):
         raise SystemExit("error: --device cuda asked for, but PyTorch sees no CUDA GPU "
                          f"(torch {torch.__version__}); use --device cpu or install a CUDA build")
     return torch.device(name)
-
-
-GPU_RESERVE_BYTES = 6 * 2 ** 30  # GPU memory left free beside resident data: model, activations
 
 
 def add_speed_flags(p):
