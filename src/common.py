@@ -1,8 +1,6 @@
-"""The paper, shared by the scripts: features, tags, splits and their audit, the multi-scale CNN,
-metrics. Dabral, Deshmukh and Malapati, "A Multi-scale Convolutional Neural Network Architecture for
-Music Auto-Tagging", Springer 2018. Every constant is the original system's (docs/original.md; the
-README's table of deviations says where we differ); files, pools, devices, checkpoints: plumbing.py.
-"""
+"""The paper (Dabral, Deshmukh and Malapati, "A Multi-scale Convolutional Neural Network Architecture for
+Music Auto-Tagging", Springer 2018): features, tags, splits and their audit, the multi-scale CNN, metrics.
+Every constant is the original system's (docs/original.md; the README's table of deviations: where not)."""
 import csv
 import gzip
 import os
@@ -386,8 +384,7 @@ def parse_mp3_path(mp3_path):
 
 def split_overlap(mp3_paths, train_idx, eval_idx):
     """Leakage audit -> dict: n_clips; song, album, artist: evaluation clips sharing that with a training
-    clip (parse_mp3_path); unparsed: names that do not parse. Blind to a song spelt twice and to
-    compilations' artists ('various_artists' counts as one artist)."""
+    clip; unparsed: names that do not parse. Blind to a song spelt twice and to compilations' artists."""
     trained = [parse_mp3_path(mp3_paths[row]) for row in train_idx]
     seen = [{keys[k] for keys in trained if keys} for k in range(3)]  # song, album, artist keys
     evaluated = [parse_mp3_path(mp3_paths[row]) for row in eval_idx]
