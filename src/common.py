@@ -175,8 +175,10 @@ def log_mel(path, n_frames=N_FRAMES, block_s=BLOCK_S, resampler=None):
 
 def fit_frames(spec, n_frames=N_FRAMES):
     """(N_MELS, n) -> (N_MELS, n_frames), same dtype: cut, or padded at the end with log(LOG_FLOOR)."""
-    padding = (0, max(n_frames - spec.shape[1], 0))
-    return np.pad(spec[:, :n_frames], ((0, 0), padding), constant_values=np.log(LOG_FLOOR))
+    if spec.shape[1] >= n_frames:
+        return spec[:, :n_frames]
+    pad = np.full((spec.shape[0], n_frames - spec.shape[1]), np.log(LOG_FLOOR), spec.dtype)
+    return np.concatenate([spec, pad], axis=1)
 
 
 # -----------------------------------------------------------------------------
