@@ -14,27 +14,28 @@ import plumbing
 import uncertainty
 
 
+
 def make_card(name, model, checkpoint, run_dir):
     """model.json: what the model is, was trained on and scored (save_model_folder adds the rest)."""
     metrics = {key: checkpoint["metrics"][key] for key in ("epoch", *formats.METRICS_COLUMNS)}
-    scores = formats.read_test_scores(run_dir, checkpoint["epoch"])
-    if scores is not None:  # report.py's intervals; NaN (a tag some resample cannot score) is null
+    if (scores := formats.read_test_scores(run_dir, checkpoint["epoch"])) is not None:  # as report.py's
         figure = uncertainty.bootstrap_runs(scores["labels"], [scores["scores"]])["runs"][0]
-        metrics.update({f"test_{m}_auc_95": [None if math.isnan(v) else v for v in figure[m][1:]]
+        metrics.update({f"test_{m}_auc_95": [None if math.isnan(v) else v for v in figure[m][1:]]  # NaN: null
                         for m in ("roc", "pr")}, interval=f"{uncertainty.CONFIDENCE:.0%} bootstrap over the "
                        f"{len(scores['rows'])} test clips; none for validation (its scores are not kept)")
     words = ["python", "src/trainer.py"]
-    for key, value in checkpoint["args"].items():  # every flag as the run recorded it (False: not given)
-        words += [] if value is None or value is False else [f"--{key.replace('_', '-')}"] + (
-            value if isinstance(value, list) else [] if value is True else [value])
+    for key, value in checkpoint["args"].items():  # every flag as recorded; --no-X: devices.py's speed flags
+        if value is not None and (value is not False or key in ("fused_adam", "resident", "cudnn_benchmark")):
+            words += [f"--{'no-' * (value is False)}{key.replace('_', '-')}",
+                      *(value if isinstance(value, list) else [] if isinstance(value, bool) else [value])]
     commit = shutil.which("git") and subprocess.run(["git", "-C", Path(__file__).parent, "rev-parse", "HEAD"],
                                                     capture_output=True, text=True).stdout.strip()
     prov, warning = checkpoint["provenance"], formats.describe_training(checkpoint)[1]
-    overlap = plumbing.read_json(run_dir / "results.json").get("split_overlap")  # the split's leakage
     return dict(name=name, model="MSCNN (Dabral et al. 2018), PyTorch", tags=checkpoint["tag_names"],
                 network=dict(scales=list(model.scales), n_tags=len(checkpoint["tag_names"])),
-                feature_params=checkpoint["feature_params"], training_data=prov["data"],
-                split=dict(prov["split"], overlap=overlap), metrics=metrics,
+                feature_params=checkpoint["feature_params"], training_data=prov["data"], metrics=metrics,
+                split=dict(prov["split"], overlap=plumbing.read_json(run_dir / "results.json").get(
+                    "split_overlap")),
                 trained_with=shlex.join(map(str, words)), code_commit=commit or None,
                 weights_licence="CC BY-NC-SA 3.0 (MTAT's)" if prov["data"]["dataset"] == "MTAT" else None,
                 source_checkpoint_sha256=checkpoint["sha256"], warning=warning and warning[len("warning: "):])

@@ -347,8 +347,7 @@ def save_model_folder(folder, checkpoint, card):
 
 
 def read_model_folder(folder):
-    """A model folder -> a dict as read_checkpoint's (sha256: model.safetensors'), else ValueError.
-    JSON and safetensors only: no pickle is read, so a folder from anyone is safe to load."""
+    """A model folder -> a dict as read_checkpoint's (sha256: model.safetensors'), read with no pickle."""
     weights, card_path = Path(folder) / MODEL_WEIGHTS, Path(folder) / MODEL_CARD
     if missing := [path.name for path in (card_path, weights) if not path.is_file()]:
         raise ValueError(f"{folder}: no {' or '.join(missing)} in it: not a whole model folder of export.py")

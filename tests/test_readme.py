@@ -35,7 +35,7 @@ def test_readme_is_short_and_its_local_links_exist():
 
 
 @pytest.mark.parametrize("script", ["get_data", "gen_spectrograms", "trainer", "predict", "report",
-                                    "benchmark"])
+                                    "benchmark", "export"])
 def test_each_help_states_a_default_once_and_never_none(script, capsys):
     with pytest.raises(SystemExit) as stop:
         importlib.import_module(script).main(["--help"])
