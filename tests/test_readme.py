@@ -57,6 +57,7 @@ def test_what_the_readme_commands_write_stays_out_of_git_status(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", ".venv"], cwd=tmp_path, check=True)
     for written in ("data/demo/annotations_final.csv", "data/demo/mp3/0/synthetic-000001.mp3",
                     "data/demo/spectrograms.npy", "experiments/demo-20260101-000000/best_model.pt",
+                    "models/demo/model.safetensors",
                     "src/__pycache__/common.cpython-311.pyc", ".pytest_cache/README.md"):
         (tmp_path / written).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / written).write_bytes(b"x")
