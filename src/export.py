@@ -14,7 +14,6 @@ import plumbing
 import uncertainty
 
 
-
 def make_card(name, model, checkpoint, run_dir):
     """model.json: what the model is, was trained on and scored (save_model_folder adds the rest)."""
     metrics = {key: checkpoint["metrics"][key] for key in ("epoch", *formats.METRICS_COLUMNS)}
