@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 
 import common
@@ -301,8 +302,9 @@ def save_best_model(path, state_dict, tag_names, norm, args, epoch, metrics, pro
 
 
 def load_model(checkpoint_path, device="cpu"):
-    """A best_model.pt read once -> (its MSCNN on `device`, eval mode; its dict + sha256), else ValueError"""
-    checkpoint = read_checkpoint(checkpoint_path, CHECKPOINT_KEYS, "a PyTorch checkpoint of this project")
+    """A best_model.pt or model folder read once -> (its MSCNN on `device`, eval mode; its dict + sha256)"""
+    checkpoint = (read_model_folder(checkpoint_path) if is_model_folder(checkpoint_path) else
+                  read_checkpoint(checkpoint_path, CHECKPOINT_KEYS, "a PyTorch checkpoint of this project"))
     resampler = checkpoint["feature_params"].get("resampler")  # either of RESAMPLERS: the caller uses it
     wanted = common.feature_params(resampler if resampler in common.RESAMPLERS else None)
     if checkpoint["feature_params"] != wanted:
@@ -324,6 +326,44 @@ def load_model(checkpoint_path, device="cpu"):
         raise ValueError(f"{checkpoint_path}: its weights do not fit the MSCNN of {n_tags} tags and scales "
                          f"{' '.join(map(str, model.scales))} ({' '.join(str(error).split())})") from None
     return on_device(model, device).eval(), checkpoint
+
+
+# --- A model folder (export.py): model.safetensors (the weights, norm_mean, norm_std) + model.json (its card)
+MODEL_FORMAT, MODEL_WEIGHTS, MODEL_CARD = 1, "model.safetensors", "model.json"  # MODEL_FORMAT: only one read
+
+
+def is_model_folder(path):  # either file: read_model_folder names the other if missing
+    return Path(path).is_dir() and any((Path(path) / name).exists() for name in (MODEL_WEIGHTS, MODEL_CARD))
+
+
+def save_model_folder(folder, checkpoint, card):
+    """Write a best_model.pt's tensors and `card`, with their SHA-256, into `folder`; -> that card."""
+    tensors = dict(checkpoint["state_dict"], **{key: checkpoint[key] for key in ("norm_mean", "norm_std")})
+    with atomic_write(Path(folder) / MODEL_WEIGHTS, "wb") as f:
+        f.write(data := safetensors.torch.save({name: t.contiguous() for name, t in tensors.items()}))
+    card = dict(card, format_version=MODEL_FORMAT, weights_sha256=hashlib.sha256(data).hexdigest())
+    write_json(Path(folder) / MODEL_CARD, card, indent=2)
+    return card
+
+
+def read_model_folder(folder):
+    """A model folder -> a dict as read_checkpoint's (sha256: model.safetensors'), read with no pickle."""
+    weights, card_path = Path(folder) / MODEL_WEIGHTS, Path(folder) / MODEL_CARD
+    if missing := [path.name for path in (card_path, weights) if not path.is_file()]:
+        raise ValueError(f"{folder}: no {' or '.join(missing)} in it: not a whole model folder of export.py")
+    card = read_json(card_path)
+    if (version := card.get("format_version")) != MODEL_FORMAT:
+        raise ValueError(f"{card_path}: of format {version}, this code reads {MODEL_FORMAT}")
+    if (sha256 := file_digest(weights, "sha256")) != card.get("weights_sha256"):
+        raise ValueError(f"{weights}: damaged or replaced (its SHA-256 is not the one {MODEL_CARD} records)")
+    try:
+        tensors = safetensors.torch.load_file(weights)
+        return dict(norm_mean=tensors.pop("norm_mean"), norm_std=tensors.pop("norm_std"), state_dict=tensors,
+                    tag_names=card["tags"], feature_params=card["feature_params"],
+                    epoch=card["metrics"]["epoch"], metrics=card["metrics"], sha256=sha256,
+                    provenance=dict(data=card["training_data"], split=card["split"]))
+    except Exception as error:  # SafetensorError, or a KeyError: a tensor or a key of the card missing
+        raise ValueError(f"{folder}: not export.py's ({type(error).__name__}: {error})") from None
 
 
 def load_error_reason(error):

@@ -198,9 +198,9 @@ def newest_checkpoint(experiments_dir):
 
 
 def load_checkpoint(path, device):
-    """-> model, tag_names, norm_mean, norm_std (on device), checkpoint; a folder: its best_model.pt."""
+    """-> model, tag_names, norm_mean, norm_std (on device), checkpoint; a run folder: its best_model.pt."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not formats.is_model_folder(path):  # export.py's: formats.load_model reads it
         if not (path / "best_model.pt").is_file():
             raise SystemExit(f"error: checkpoint {path} is a folder with no best_model.pt in it; "
                              f"{CHECKPOINT_FIX} (or its run folder)")

@@ -35,7 +35,7 @@ def test_readme_is_short_and_its_local_links_exist():
 
 
 @pytest.mark.parametrize("script", ["get_data", "gen_spectrograms", "trainer", "predict", "report",
-                                    "benchmark"])
+                                    "benchmark", "export"])
 def test_each_help_states_a_default_once_and_never_none(script, capsys):
     with pytest.raises(SystemExit) as stop:
         importlib.import_module(script).main(["--help"])
@@ -57,6 +57,7 @@ def test_what_the_readme_commands_write_stays_out_of_git_status(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", ".venv"], cwd=tmp_path, check=True)
     for written in ("data/demo/annotations_final.csv", "data/demo/mp3/0/synthetic-000001.mp3",
                     "data/demo/spectrograms.npy", "experiments/demo-20260101-000000/best_model.pt",
+                    "models/demo/model.safetensors",
                     "src/__pycache__/common.cpython-311.pyc", ".pytest_cache/README.md"):
         (tmp_path / written).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / written).write_bytes(b"x")
