@@ -222,6 +222,10 @@ def read_annotations(csv_path):
         raise ValueError(f"{csv_path}: not an MTAT annotations file (expected a header "
                          "'clip_id', tag names..., 'mp3_path', tab-separated)")
     header, numbered = rows[0], [(line, r) for line, r in enumerate(rows[1:], 2) if r]
+    twice = sorted({name for name in header[1:-1] if header[1:-1].count(name) > 1})
+    if twice:  # one name, two columns: a tag's labels would be those of one of them, unsaid
+        raise ValueError(f"{csv_path}: the header names the tag(s) {', '.join(map(repr, twice))} more than "
+                         "once; give each tag column a name of its own")
     if not numbered:
         raise ValueError(f"{csv_path}: a header but no clip rows")
     binary = {"0", "1"}
@@ -229,8 +233,10 @@ def read_annotations(csv_path):
         if len(r) != len(header):
             raise ValueError(f"{csv_path}: line {line} has {len(r)} fields, the header {len(header)}; "
                              "the file is truncated or corrupt")
-        if not r[0].strip().lstrip("-").isdigit():
-            raise ValueError(f"{csv_path}: line {line}: clip_id {r[0]!r} is not an integer")
+        digits = r[0].strip().removeprefix("-")
+        if not (digits.isascii() and digits.isdigit() and len(digits) < 20 and int(digits) < 2**63):
+            raise ValueError(f"{csv_path}: line {line}: clip_id {r[0]!r} is not an integer of digits 0-9 "
+                             "within int64 (MTAT's are below 60000)")
         if not binary.issuperset(r[1:-1]):
             i = next(i for i, value in enumerate(r[1:-1], 1) if value not in binary)
             raise ValueError(f"{csv_path}: line {line}: tag {header[i]!r} is {r[i]!r}, not 0 or 1")

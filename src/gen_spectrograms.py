@@ -122,20 +122,27 @@ def intact_rows(npy, meta):
     return min(meta["n_clips"], max(os.path.getsize(npy) - offset, 0) // row_bytes), damage
 
 
+def failures_of(n, failed):
+    """Whether `failed` lists failures as this code writes them: rows of n clips, each with its error."""
+    def whole(f):
+        return isinstance(f, dict) and type(f.get("row")) is int and 0 <= f["row"] < n and isinstance(
+            f.get("error"), str)
+    return type(n) is int and isinstance(failed, list) and all(map(whole, failed))
+
+
 def read_progress(files):
     """(state: an interrupted run's settings, done and failed, checked in full, or None; why not, or None)."""
     if not files["partial"].is_file():
+        files["progress"].unlink(missing_ok=True)  # left by a kill after finish's rename: of no use
         return None, None
     try:
         state = plumbing.read_json(files["progress"])
-        n, done, failed = state["n_clips"], state["done"], state["failed"]
-        if not (isinstance(n, int) and isinstance(done, list) and isinstance(failed, list)
-                and all(type(row) is int and 0 <= row < n for row in done)
-                and all(isinstance(f, dict) and type(f.get("row")) is int and 0 <= f["row"] < n
-                        and isinstance(f.get("error"), str) for f in failed)):
+        n, done = state.get("n_clips"), state.get("done")
+        if not (failures_of(n, state.get("failed")) and isinstance(done, list)
+                and all(type(row) is int and 0 <= row < n for row in done)):
             raise ValueError(f"{files['progress']} does not hold rows of its {n!r} clips")
-        plumbing.check_npy(files["partial"], (n, common.N_MELS, common.N_FRAMES), state["dtype"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        plumbing.check_npy(files["partial"], (n, common.N_MELS, common.N_FRAMES), state.get("dtype"))
+    except (OSError, ValueError, TypeError) as error:
         return None, f"cannot be resumed ({type(error).__name__}: {error})"
     return state, None
 
@@ -208,7 +215,9 @@ def prepare(args, settings, mp3_paths, files):
     else:
         if files["partial"].exists():
             why = why_not or f"was started with {describe(state)} (or other features or clips)"
-            say(f"{files['partial']} {why}; this run asks for {describe(settings)}: starting again")
+            say(f"{files['partial']} {why}; this run asks for {describe(settings)}: removing it")
+            files["partial"].unlink()  # a finished pair may need no new one: none stays behind
+            files["progress"].unlink(missing_ok=True)
         finished = None
         if files["json"].is_file() and files["npy"].is_file() and not args.overwrite:
             fix = f"{files['npy'].name} cannot be trusted without it: pass --overwrite to compute it again"
@@ -219,8 +228,9 @@ def prepare(args, settings, mp3_paths, files):
             if (version := finished.get("format_version")) != formats.SPECTROGRAMS_FORMAT:
                 raise SystemExit(f"error: {files['json']} is of format {version}, this code writes "
                                  f"{formats.SPECTROGRAMS_FORMAT}; {fix}")
-            if missing := [key for key in ("n_clips", "dtype", "failed") if key not in finished]:
-                raise SystemExit(f"error: {files['json']} lacks {', '.join(missing)}; {fix}")
+            if not failures_of(finished.get("n_clips"), finished.get("failed")) or "dtype" not in finished:
+                raise SystemExit(f"error: {files['json']} lacks n_clips, dtype or the failed rows as this "
+                                 f"code writes them; {fix}")
         if finished is None:
             create_partial(files["partial"], settings)
         elif not can_carry_over(finished, settings, mp3_paths):

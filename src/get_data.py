@@ -16,6 +16,7 @@ import shutil
 import socket
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -32,6 +33,8 @@ ARCHIVE = "mp3.zip"
 PARTS = ["mp3.zip.001", "mp3.zip.002", "mp3.zip.003"]  # a zip split by byte concatenation
 MD5 = {ARCHIVE: "f12add0eb4cd6c2a3ab7e4afaf7b7467",  # of the three parts concatenated
        ANNOTATIONS: "f04fa01752a8cc64f6e1ca142a0fef1d"}
+# the most bytes a file may have: MTAT's annotations exactly; a part, at most the whole archive (~2.7 GB)
+MAX_BYTES = {ANNOTATIONS: 21_517_373, **{name: 3 << 30 for name in PARTS}}
 VERIFIED = ARCHIVE + ".verified"  # marker (JSON): these parts passed the MD5 check
 RETRIES = 5  # tries of a host in a row without progress (a host name that does not resolve: one)
 BACKOFF_S = 2.0  # wait before retry k is BACKOFF_S * 2**k seconds, at most 60
@@ -50,7 +53,7 @@ def part_name(path):
 def fetch(url, part):
     """Stream url into part, resuming with 'Range: bytes=K-' (a 200 rewrites it). Network errors and 5xx
     are retried with back-off; DownloadError on a 4xx, an unresolved host, or RETRIES tries without gain."""
-    failures = 0
+    failures, name = 0, part.name[:-len(".part")]
     while True:
         have = part.stat().st_size if part.exists() else 0
         total = None
@@ -78,9 +81,13 @@ def fetch(url, part):
                 length = r.headers.get("Content-Length")
                 total = start + int(length) if length is not None else None
                 with open(part, "ab" if start else "wb") as f, \
-                        tqdm(desc=part.name[:-len(".part")], total=total, initial=start,
+                        tqdm(desc=name, total=total, initial=start,
                              unit="B", unit_scale=True, unit_divisor=1024) as bar:
                     for chunk in r.iter_content(CHUNK_BYTES):
+                        if f.tell() + len(chunk) > MAX_BYTES[name]:  # a body that never ends: the disk fills
+                            part.unlink()
+                            raise DownloadError(f"{url}: {urlsplit(url).hostname} sends more than the "
+                                                f"{MAX_BYTES[name]:,} bytes of {name}: not MTAT's file")
                         f.write(chunk)
                         bar.update(len(chunk))
                 if total is not None and part.stat().st_size != total:
@@ -246,8 +253,15 @@ def extract(archive_paths, mp3_dir):
                 if not (target.exists() and target.stat().st_size == info.file_size):
                     target.parent.mkdir(parents=True, exist_ok=True)
                     part = part_name(target)
-                    with zf.open(info) as src, open(part, "wb") as dst:
-                        shutil.copyfileobj(src, dst, CHUNK_BYTES)
+                    try:
+                        with zf.open(info) as src, open(part, "wb") as dst:
+                            shutil.copyfileobj(src, dst, CHUNK_BYTES)
+                    except (zipfile.BadZipFile, zlib.error, EOFError) as error:  # a CRC or inflate error
+                        part.unlink()
+                        (mp3_dir.parent / VERIFIED).unlink(missing_ok=True)  # the rerun hashes them again
+                        raise SystemExit(f"error: {ARCHIVE} ({' + '.join(p.name for p in archive_paths)}): "
+                                         f"its member {info.filename} is damaged ({error}); rerun: the parts "
+                                         "are checked again, and downloaded again if damaged") from None
                     part.replace(target)
                 bar.update(info.file_size)
     return len(entries)
@@ -311,6 +325,8 @@ def main(argv=None):
     parser.add_argument("--synthetic", type=int, default=None, metavar="N",
                         help="instead of MTAT, write a synthetic set of N clips in the same layout")
     parser.add_argument("--seed", type=int, default=0, help="random seed of --synthetic (default: 0)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--synthetic: replace other annotations in --data-dir (never MTAT's)")
     args = parser.parse_args(argv)
     if args.data_dir is None:
         args.data_dir = "data/demo" if args.synthetic is not None else "data"
@@ -320,12 +336,15 @@ def main(argv=None):
                          "name a folder (it is created if missing)")
     try:
         if args.synthetic is not None:
-            real = Path(args.data_dir) / ANNOTATIONS
-            if real.is_file() and plumbing.file_digest(real, progress=f"md5 {real.name}") == MD5[ANNOTATIONS]:
-                raise SystemExit(f"error: {args.data_dir} holds MTAT (its verified {ANNOTATIONS}), "
-                                 "which --synthetic would replace; choose another --data-dir "
-                                 "(default for --synthetic: data/demo)")
-            import synthetic  # only this branch needs it
+            import formats  # only this branch needs them
+            import synthetic
+            for csv in (Path(args.data_dir) / ANNOTATIONS, Path(args.data_dir) / (ANNOTATIONS + ".gz")):
+                found = csv.is_file() and ("other" if csv.suffix == ".gz" else  # --synthetic writes no .gz
+                                           formats.dataset_of(csv, plumbing.file_digest(csv, progress="md5")))
+                if found == "MTAT" or found == "other" and not args.overwrite:  # not an earlier run's set
+                    raise SystemExit(f"error: {args.data_dir} holds {found} annotations ({csv.name}), which "
+                                     "--synthetic would replace; choose another --data-dir (default for "
+                                     f"--synthetic: data/demo){', or pass --overwrite' * (found == 'other')}")
             synthetic.write_synthetic_mtat(Path(args.data_dir), args.synthetic, args.seed)
             print(f"wrote a synthetic set (not MTAT) of {args.synthetic} clips in {args.data_dir}: "
                   f"{ANNOTATIONS} and mp3/; next: python src/gen_spectrograms.py --data-dir {args.data_dir}")

@@ -557,7 +557,8 @@ DAMAGED_ANNOTATIONS = {
     "missing column": (lambda lines: lines[:2] + [lines[2].rsplit(b"\t", 2)[0] + b'\t"x.mp3"'] + lines[3:],
                        r"line 3 has 5 fields, the header 6; the file is truncated or corrupt"),
     "non-numeric id": (lambda lines: lines[:3] + [b'"x' + lines[3][1:]] + lines[4:],
-                       r"line 4: clip_id 'x2' is not an integer"),
+                       r"line 4: clip_id 'x2' is not an integer of digits 0-9 within int64 \(MTAT's are "
+                       r"below 60000\)"),
     "byte-order mark": (lambda lines: [b"\xef\xbb\xbf" + lines[0]] + lines[1:],
                         (r"starts with a byte-order mark \(saved by a spreadsheet\?\); save it as UTF-8 "
                          r"without one")),
