@@ -45,3 +45,17 @@ def test_synthetic_data_to_trained_model(tmp_path, mtat_clip):
         f"{results['test_roc_auc']:.4f}",
         "warning: this model was trained on a synthetic demo set (get_data.py --synthetic), not MTAT: its "
         "tags say little about real music"]
+    # shared as a model folder, it tags as its checkpoint does, and still says what it was trained on
+    run_script("export.py", "experiments/demo", "--out", "models/demo", cwd=tmp_path)
+    card = json.loads((tmp_path / "models/demo/model.json").read_text())
+    assert card["training_data"]["dataset"] == "synthetic" and "synthetic" in card["warning"]
+    rows = {}
+    for checkpoint in ("experiments/demo", "models/demo"):
+        tagged = run_script("predict.py", str(mtat_clip), "--checkpoint", checkpoint, "--csv", "tags.csv",
+                            cwd=tmp_path)
+        assert "warning: this model was trained on a synthetic demo set" in tagged.stderr
+        header, row = (tmp_path / "tags.csv").read_text().splitlines()
+        rows[checkpoint] = row.split(",")
+    column = header.split(",").index("checkpoint_sha256")
+    assert [cell for i, cell in enumerate(rows["models/demo"]) if i != column] == \
+        [cell for i, cell in enumerate(rows["experiments/demo"]) if i != column]
