@@ -4,6 +4,7 @@ Every constant is the original system's (docs/original.md; the README's table of
 import csv
 import gzip
 import os
+import shutil
 import zlib
 from pathlib import Path
 
@@ -44,12 +45,18 @@ def decode(path, block_s=BLOCK_S):
         raise ValueError(f"{path}: {'not a regular file' if os.path.exists(path) else 'no such file'}")
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: empty file (0 bytes)")
+    try:  # not blocking: a FIFO put in its place meanwhile
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+    except OSError as error:  # a decoder would call it "not audio"
+        raise ValueError(f"{path}: cannot be read ({error.strerror.lower()})") from None
     try:
-        f = soundfile.SoundFile(path)
-    except soundfile.LibsndfileError:
+        f = soundfile.SoundFile(os.fsencode(path))  # a name that is not UTF-8 too
+    except soundfile.LibsndfileError:  # audioread, as librosa.load(path) would, with any name
+        import audioread
         import librosa
 
-        audio, rate = librosa.load(path, sr=None, mono=True)
+        with audioread.audio_open(path) as source:
+            audio, rate = librosa.load(source, sr=None, mono=True)
         return rate, finite_blocks(path, iter([audio]), rate)
 
     def blocks():  # not f.blocks: its last block keeps stale frames when an MP3 decodes short
@@ -152,8 +159,10 @@ def read_log_mel(path, block_s=BLOCK_S, resampler=None):
             raise ValueError(f"{path}: its log-mel holds NaN or inf (the audio's power overflows float32)")
         return spec, n_samples / SAMPLE_RATE
     message = str(error_text).splitlines()[0][:200] if str(error_text) else ""
+    fix = "" if type(error_text).__name__ != "NoBackendError" else "; not audio, or damaged" if shutil.which(
+        "ffmpeg") else "; not audio, or a format only ffmpeg decodes (.m4a, .aac, .wma ...): install ffmpeg"
     raise ValueError(f"{path}: cannot decode audio ({type(error_text).__name__}"
-                     f"{': ' + message if message else ''})")
+                     f"{': ' + message if message else ''}){fix}")
 
 
 def load_audio(path, resampler=None):

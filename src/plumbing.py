@@ -123,6 +123,24 @@ def check_file(path, flag):
     return path
 
 
+def file_key(path):  # what names one file: its inode when it exists (links too), else its real path
+    with contextlib.suppress(OSError):
+        stat = os.stat(path)
+        return stat.st_dev, stat.st_ino
+    return os.path.realpath(path)
+
+
+def check_distinct(outputs, inputs):
+    """SystemExit in one line, before any work, when an output ({flag: path}) is an input ({what: paths})
+    or another output: as spelt differently, through a link, or not made yet."""
+    taken = {file_key(path): f"{what} {path}" for what, paths in inputs.items() for path in paths}
+    for flag, path in outputs.items():
+        if file_key(path) in taken:
+            raise SystemExit(f"error: {flag} {path}: the same file as {taken[file_key(path)]}, which it "
+                             f"would overwrite; name another file for {flag}")
+        taken[file_key(path)] = f"{flag} {path}"
+
+
 held_locks = {}  # lock file path -> (the descriptor holding this process's lock, remove_empty_folder)
 
 

@@ -12,6 +12,7 @@ import csv
 import errno
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -19,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import soundfile
 import torch
 from tqdm import tqdm
 
@@ -33,8 +35,10 @@ TAGGED_AHEAD = 64  # files per CPU worker tagged ahead of the one printed next
 SAVE_EVERY_S = 60  # outputs are rewritten (atomically) this often during a run
 OUTPUT_FORMAT = 1  # format_version of the CSV, JSON and .npz outputs; --resume refuses any other
 CPU_BATCH, CUDA_BATCH = 8, 64  # windows per forward pass; on a CPU larger ones only cost memory
-AUDIO_EXTENSIONS = (".aif", ".aifc", ".aiff", ".au", ".caf", ".flac", ".mp3", ".oga", ".ogg",
-                    ".opus", ".w64", ".wav")  # what soundfile (libsndfile >= 1.1) decodes
+FALLBACK_EXTENSIONS = (".aac", ".m4a", ".mp3", ".mp4", ".webm", ".wma")  # what ffmpeg decodes (audioread)
+AUDIO_EXTENSIONS = tuple(sorted({".aif", ".aifc", ".oga", ".opus", *FALLBACK_EXTENSIONS} | {
+    "." + name.lower() for name in soundfile.available_formats() if name != "RAW"}))  # RAW: no header
+FORMULA_STARTS = tuple("=+-@\t\r'")  # a CSV cell starting so is put behind a ': no spreadsheet runs it
 CHECKPOINT_FIX = "pass the best_model.pt of a run trained with src/trainer.py"
 CSV_COLUMNS = ["path", "duration_s", "windows"]  # then one column per tag, then CSV_LAST_COLUMNS
 CSV_LAST_COLUMNS = ["error", "checkpoint_sha256", "format_version"]
@@ -115,10 +119,8 @@ def start_scorer(*settings, one_thread=True):
 
 def tag_one(path):
     """A tagging worker's task: path -> tag_file's dict, or its ValueError."""
-    try:
-        return tag_file(path, *scorer)
-    except ValueError as error:
-        return error
+    decoded = decode_one(path)
+    return decoded if isinstance(decoded, ValueError) else score_file(*decoded, *scorer)
 
 
 def tag_all(paths, workers, model, tag_names, norm_mean, norm_std, hop_frames, batch_size,
@@ -174,18 +176,21 @@ def expand_inputs(arguments):
                 path = Path(root) / name
                 if name.startswith(".") or path.suffix.lower() not in AUDIO_EXTENSIONS:
                     continue
-                if path.is_file():
-                    found.append(path)
-                elif path.is_symlink():  # os.walk lists a link it cannot follow as a file
-                    try:
-                        path.stat()  # a link to something other than a file: left out
-                    except OSError as error:
+                try:
+                    path.stat()  # a FIFO or a device is listed too: decoding says what it is
+                except OSError as error:
+                    if path.is_symlink():  # os.walk lists a link it cannot follow as a file
                         why = "symbolic link loop" if error.errno == errno.ELOOP else "broken symbolic link"
                         skipped[str(path)] = f"{path}: a {why} ({os.readlink(path)}); nothing to tag"
+                        continue
+                found.append(path)
         paths += [str(p) for p in sorted(found)]
         if not found:
             skipped[argument] = f"{argument}: a folder with no audio file ({' '.join(AUDIO_EXTENSIONS)})"
-    return paths, skipped
+    unique = {}  # ./a.wav, a.wav, a link to it, a folder's a.wav: one file, tagged once as first named
+    for path in paths:
+        unique.setdefault(plumbing.file_key(path), path)
+    return list(unique.values()), skipped
 
 
 def newest_checkpoint(experiments_dir):
@@ -284,12 +289,13 @@ def save_outputs(args, results, tag_names):
             writer.writerow(CSV_COLUMNS + tag_names + CSV_LAST_COLUMNS)
             for audio, entry in results.items():
                 if "error" in entry:
-                    row = [audio, "", ""] + [""] * len(tag_names)
+                    row = [csv_cell(audio), "", ""] + [""] * len(tag_names)
                 else:
                     probs = dict(entry["tags"])
-                    row = [audio, f"{entry['duration_s']:.3f}", entry["windows"]]
+                    row = [csv_cell(audio), f"{entry['duration_s']:.3f}", entry["windows"]]
                     row += [f"{probs[name]:.6f}" for name in tag_names]
-                writer.writerow(row + [entry.get("error", ""), entry["checkpoint_sha256"], OUTPUT_FORMAT])
+                writer.writerow(row + [csv_cell(entry.get("error", "")), entry["checkpoint_sha256"],
+                                       OUTPUT_FORMAT])
     if args.embeddings:
         tagged = [(audio, entry) for audio, entry in results.items() if "embedding" in entry]
         arrays = dict(paths=np.array([audio for audio, _ in tagged], dtype=str),
@@ -310,6 +316,20 @@ def save_outputs(args, results, tag_names):
 def outputs(args):
     """{flag: path} of the outputs asked for, in OUTPUTS order."""
     return {flag: getattr(args, flag) for flag in OUTPUTS if getattr(args, flag)}
+
+
+def csv_cell(text):
+    """A path or message as a CSV cell, kept whole (docs/predict.md): \\ doubled, each byte of a name that
+    is not UTF-8 as \\xNN (Python holds it as a surrogate), a ' before a formula's start or a '."""
+    text = re.sub(r"[\\\udc80-\udcff]", lambda m: "\\\\" if m[0] == "\\" else f"\\x{ord(m[0]) - 0xdc00:02x}",
+                  text)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def cell_text(cell):  # csv_cell undone
+    cell = cell[1:] if cell.startswith("'") else cell
+    return re.sub(r"\\(\\|x[89a-f][0-9a-f])", lambda m: chr(0xdc00 + int(m[1][1:], 16)) if len(m[1]) == 3
+                  else "\\", cell)
 
 
 def check_format(found):
@@ -345,13 +365,14 @@ def read_csv_output(path, tag_names, per_window):
             if len(row) != len(rows[0]) or len(row[-2]) != 64:  # a SHA-256 in hex
                 raise ValueError
             check_format(int(row[-1]))
+            audio = cell_text(row[0])
             if row[-3]:
-                entries[row[0]] = {"error": row[-3], "checkpoint_sha256": row[-2]}
+                entries[audio] = {"error": cell_text(row[-3]), "checkpoint_sha256": row[-2]}
                 continue
             probs = [float(v) for v in row[3:-3]]
             order = np.argsort(-np.array(probs), kind="stable")
-            entries[row[0]] = dict(tags=[[tag_names[i], probs[i]] for i in order], duration_s=float(row[1]),
-                                   windows=int(row[2]), checkpoint_sha256=row[-2])
+            entries[audio] = dict(tags=[[tag_names[i], probs[i]] for i in order], duration_s=float(row[1]),
+                                  windows=int(row[2]), checkpoint_sha256=row[-2])
         except ValueError as error:
             if str(error).startswith("it is of format"):
                 raise
@@ -429,6 +450,7 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=plumbing.at_least(0), default=default_workers(),
                         help=f"worker processes; 0: none (default: one per CPU core, at most {MAX_WORKERS})")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto, cuda if there)")
+    parser.add_argument("--quiet", action="store_true", help="only errors and summaries: no tags, no bar")
     parser.add_argument("--batch-size", type=plumbing.at_least(1),
                         help=f"windows per forward pass (default: {CUDA_BATCH} on GPU, {CPU_BATCH} on CPU)")
     args = parser.parse_args(argv)
@@ -443,10 +465,13 @@ def parse_args(argv=None):
 def main(argv=None):
     """{path: score_file's dict or {"error": ...}, with checkpoint_sha256}; exits non-zero if any failed."""
     args = parse_args(argv)
-    for flag in (*OUTPUTS, "taggram"):  # checked and locked before any work
-        if getattr(args, flag):
-            plumbing.check_file(getattr(args, flag), f"--{flag}")
-            plumbing.hold_lock(f"{getattr(args, flag)}.lock", getattr(args, flag), f"pass another --{flag}")
+    for stream in (sys.stdout, sys.stderr):  # a name that is not UTF-8 is printed escaped (\udcff), not fatal
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    written = {f"--{flag}": getattr(args, flag) for flag in (*OUTPUTS, "taggram") if getattr(args, flag)}
+    for flag, path in written.items():  # checked and locked before any work
+        plumbing.check_file(path, flag)
+        plumbing.hold_lock(f"{path}.lock", path, f"pass another {flag}")
     if args.taggram:
         import_figure()  # fail before the slow part, not after it
     device = devices.resolve_device(args.device)
@@ -455,12 +480,14 @@ def main(argv=None):
         checkpoint_path = newest_checkpoint(args.experiments)
         print(f"using {checkpoint_path} (newest run in {args.experiments}/; --checkpoint picks another)",
               file=sys.stderr)
+    paths, skipped = expand_inputs(args.audio)
+    plumbing.check_distinct(written, {"the audio file": paths, "the checkpoint": [
+        checkpoint_path, Path(checkpoint_path) / "best_model.pt"]})
     model, tag_names, norm_mean, norm_std, checkpoint = load_checkpoint(checkpoint_path, device)
     sha256 = checkpoint["sha256"]
     for line in filter(None, formats.describe_training(checkpoint)):  # its non-empty lines
         print(line, file=sys.stderr)
     batch_size = args.batch_size or (CUDA_BATCH if device.type == "cuda" else CPU_BATCH)
-    paths, skipped = expand_inputs(args.audio)
     results = {path: {"error": message, "checkpoint_sha256": sha256} for path, message in skipped.items()}
     failed = list(skipped)
     for message in skipped.values():
@@ -474,7 +501,7 @@ def main(argv=None):
               file=sys.stderr)
     png_paths = dict(zip(paths, taggram_paths(args.taggram, paths))) if args.taggram and paths else {}
     tagged = tag_all(paths, args.workers, model, tag_names, norm_mean, norm_std, args.hop_frames, batch_size)
-    bar = tqdm(total=len(paths), unit="file", disable=len(paths) <= BAR_ABOVE_N_FILES)
+    bar = tqdm(total=len(paths), unit="file", disable=args.quiet or len(paths) <= BAR_ABOVE_N_FILES)
     last_save = time.monotonic()
     try:
         for path, result in tagged:
@@ -485,11 +512,14 @@ def main(argv=None):
                 tqdm.write(f"error: {result}", file=sys.stderr)
             else:
                 results[path] = dict(result, checkpoint_sha256=sha256)  # before it is printed: then kept
-                tqdm.write(format_tags(path, result, args.top))
+                text = format_tags(path, result, args.top)
                 if path in png_paths:
                     save_taggram(png_paths[path], result["window_probs"], result["starts"],
-                                 result["duration_s"], tag_names, Path(path).name)
-                    tqdm.write(f"  taggram: {png_paths[path]}")
+                                 result["duration_s"], tag_names,  # a name that is not UTF-8: \xNN
+                                 os.fsencode(Path(path).name).decode(errors="backslashreplace"))
+                    text += f"\n  taggram: {png_paths[path]}"
+                if not args.quiet:
+                    tqdm.write(text)
             if time.monotonic() - last_save >= SAVE_EVERY_S:  # a killed run keeps all but this much
                 save_outputs(args, results, tag_names)
                 last_save = time.monotonic()
