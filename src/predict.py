@@ -39,7 +39,7 @@ FALLBACK_EXTENSIONS = (".aac", ".m4a", ".mp3", ".mp4", ".webm", ".wma")  # what 
 AUDIO_EXTENSIONS = tuple(sorted({".aif", ".aifc", ".oga", ".opus", *FALLBACK_EXTENSIONS} | {
     "." + name.lower() for name in soundfile.available_formats() if name != "RAW"}))  # RAW: no header
 FORMULA_STARTS = tuple("=+-@\t\r'")  # a CSV cell starting so is put behind a ': no spreadsheet runs it
-CHECKPOINT_FIX = "pass the best_model.pt of a run trained with src/trainer.py"
+CHECKPOINT_FIX = "pass the best_model.pt of a run trained with src/trainer.py, or a folder of src/export.py"
 CSV_COLUMNS = ["path", "duration_s", "windows"]  # then one column per tag, then CSV_LAST_COLUMNS
 CSV_LAST_COLUMNS = ["error", "checkpoint_sha256", "format_version"]
 JSON_KEYS = ("tags", "windows", "duration_s", "error", "checkpoint_sha256")  # what the JSON holds of a file
@@ -436,7 +436,8 @@ def default_workers():
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Tag audio with a trained CNN (docs/predict.md).")
     parser.add_argument("audio", nargs="+", help="audio files, and folders searched recursively for them")
-    parser.add_argument("--checkpoint", help="best_model.pt or run folder (default: newest in --experiments)")
+    parser.add_argument("--checkpoint", help="best_model.pt, its run folder, or a model folder of export.py "
+                        "(default: the newest run in --experiments)")
     parser.add_argument("--experiments", default="experiments", help="folder of runs (default: experiments)")
     parser.add_argument("--top", type=plumbing.at_least(1), default=5, help="top tags printed (default: 5)")
     parser.add_argument("--hop-frames", type=plumbing.at_least(1), default=common.N_FRAMES // 2,

@@ -686,7 +686,7 @@ def test_short_audio_nan_audio_and_checkpoint_folders(checkpoint, tmp_path, recw
     assert message == (f"error: {unsafe}: not a PyTorch checkpoint of this project "
                        "(weights-only loading refused it: Unsupported global: GLOBAL "
                        "test_predict.NotAWeight was not an allowed global by default); pass the "
-                       "best_model.pt of a run trained with src/trainer.py")
+                       "best_model.pt of a run trained with src/trainer.py, or a folder of src/export.py")
 
 
 @pytest.mark.slow
