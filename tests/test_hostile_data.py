@@ -1,8 +1,9 @@
 """Hostile inputs to the data stages, through the real scripts: get_data.py --synthetic over other data,
 a zip member that fails its CRC, a mirror whose body never ends; annotations with a tag column named
 twice or a clip id that is no int64; state files that are JSON but not sane; a kill inside
-gen_spectrograms.py's finish. Each ends in one line naming the file, or is recovered from."""
+gen_spectrograms.py's finish; a FIFO or an unreadable clip. Each ends in one line naming the file, or is recovered from."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -254,3 +255,27 @@ def test_a_kill_at_any_moment_of_finish_loses_no_row(finished, tmp_path, moment,
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert gen(data_dir)["n_computed"] == 0
     same_outputs(data_dir, finished)
+
+
+NO_DAC = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]  # root, held to permissions
+
+
+@pytest.mark.slow
+def test_a_fifo_or_an_unreadable_clip_is_a_failed_row_not_a_hang(tmp_path):
+    """A FIFO in a clip's place would block a decoder forever; an unreadable clip is no "audio?" riddle."""
+    data_dir = make_clips(tmp_path / "data")
+    fifo, locked = (data_dir / "mp3" / f"{row:x}/clip-{row}.wav" for row in (1, 2))
+    fifo.unlink()
+    os.mkfifo(fifo)
+    os.chmod(locked, 0)
+    command = [sys.executable, str(SRC / "gen_spectrograms.py"), "--data-dir", str(data_dir),
+               "--workers", "1"]
+    if os.geteuid() == 0:  # root reads any file: it runs without that capability
+        if not shutil.which("setpriv") or subprocess.run(NO_DAC + ["true"]).returncode != 0:
+            pytest.skip("root reads a file whatever its permissions, and setpriv cannot drop that here")
+        command = NO_DAC + command
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    failed = plumbing.read_json(data_dir / "spectrograms.json")["failed"]
+    assert failed == [dict(row=1, clip_id=1, path="1/clip-1.wav", error="not a regular file"),
+                      dict(row=2, clip_id=2, path="2/clip-2.wav", error="cannot be read (permission denied)")]
