@@ -1,7 +1,8 @@
 """Hostile inputs to the data stages, through the real scripts: get_data.py --synthetic over other data,
 a zip member that fails its CRC, a mirror whose body never ends; annotations with a tag column named
 twice or a clip id that is no int64; state files that are JSON but not sane; a kill inside
-gen_spectrograms.py's finish; a FIFO or an unreadable clip. Each ends in one line naming the file, or is recovered from."""
+gen_spectrograms.py's finish; a FIFO or an unreadable clip. Each ends in one line naming the file, or
+is recovered from."""
 import json
 import os
 import shutil
