@@ -200,9 +200,8 @@ def save_progress(files, settings, done, failed):
 def prepare(args, settings, mp3_paths, files):
     """Resume, extend, repair or start afresh -> (done: bool (N,), failed) so far; None: nothing to do."""
     say = functools.partial(print, file=sys.stderr)
-    if args.overwrite:  # earlier partial work goes; a finished pair stays until replaced
+    if args.overwrite:  # earlier partial work goes (read_progress drops its record); a finished pair stays
         files["partial"].unlink(missing_ok=True)
-        files["progress"].unlink(missing_ok=True)
     done, failed = np.zeros(settings["n_clips"], bool), []
     state, why_not = read_progress(files)
     if state is not None and can_carry_over(state, settings, mp3_paths):

@@ -316,10 +316,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.data_dir is None:
         args.data_dir = "data/demo" if args.synthetic is not None else "data"
-    existing = next(p for p in [Path(args.data_dir), *Path(args.data_dir).parents] if p.exists())
-    if not existing.is_dir():  # else mkdir would say only "[Errno 17] File exists"
-        raise SystemExit(f"error: --data-dir {args.data_dir}: {existing} is a file, not a folder; "
-                         "name a folder (it is created if missing)")
+    plumbing.check_folder(args.data_dir, "--data-dir")  # else mkdir would say only "[Errno 17] File exists"
     try:
         if args.synthetic is not None:
             import formats  # only this branch needs them
