@@ -99,7 +99,7 @@ def time_log_mel(clip_path, repeats=20, blas_threads=1):
         return {**pipeline_seconds(clip_path, repeats, log_mel="mel")[0], "total": total_s}
 
 
-def time_extraction(workers, n_clips, clip_path, runs=3, dtype="float16"):
+def time_extraction(workers, n_clips, clip_path, runs=3):
     """Clips/s of gen_spectrograms.main on n_clips copies of the clip: the best of `runs`, each printed."""
     def busy_cpu_seconds():  # the whole machine's since boot (Linux's /proc/stat), or None
         if not os.path.exists("/proc/stat"):
@@ -116,8 +116,7 @@ def time_extraction(workers, n_clips, clip_path, runs=3, dtype="float16"):
         common.warm_up()
         for _ in range(runs):
             busy0, mine0 = busy_cpu_seconds(), os.times()
-            done = gen_spectrograms.main(["--data-dir", data_dir, "--workers", str(workers),
-                                          "--dtype", dtype, "--overwrite"])
+            done = gen_spectrograms.main(["--data-dir", data_dir, "--workers", str(workers), "--overwrite"])
             busy1, mine1 = busy_cpu_seconds(), os.times()
             rates.append(done["clips_per_s"])
             mine = sum(mine1[:4]) - sum(mine0[:4])  # this process and its (reaped) workers

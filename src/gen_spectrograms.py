@@ -154,11 +154,9 @@ def create_partial(partial, settings, source_rows=None):
     if n_bytes > shutil.disk_usage(partial.parent).free:
         raise SystemExit(no_space(partial, n_bytes, "not enough free space"))
     fd, tmp = tempfile.mkstemp(dir=partial.parent, prefix=f".{partial.name}.", suffix=".tmp")
-    os.close(fd)
     try:
         rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=settings["dtype"], shape=shape)
         # allocate the disk blocks now: a sparse memmap on a full disk is a SIGBUS in a worker, later
-        fd = os.open(tmp, os.O_RDWR)
         try:
             os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
         except OSError as error:
@@ -167,8 +165,6 @@ def create_partial(partial, settings, source_rows=None):
                 raise SystemExit(no_space(Path(tmp), os.fstat(fd).st_size, reason)) from None
             if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # these: cannot reserve here
                 raise
-        finally:
-            os.close(fd)
         n_source = 0 if source_rows is None else len(source_rows)
         for start in range(0, n_source, COPY_ROWS):  # in chunks: memory stays bounded
             rows[start:min(start + COPY_ROWS, n_source)] = source_rows[start:start + COPY_ROWS]
@@ -180,6 +176,8 @@ def create_partial(partial, settings, source_rows=None):
         if isinstance(error, OSError) and error.errno in plumbing.DISK_ERRORS:  # a size limit, a full disk
             raise SystemExit(no_space(partial, n_bytes, os.strerror(error.errno))) from None
         raise
+    finally:
+        os.close(fd)
 
 
 def save_progress(files, settings, done, failed):
@@ -200,9 +198,8 @@ def save_progress(files, settings, done, failed):
 def prepare(args, settings, mp3_paths, files):
     """Resume, extend, repair or start afresh -> (done: bool (N,), failed) so far; None: nothing to do."""
     say = functools.partial(print, file=sys.stderr)
-    if args.overwrite:  # earlier partial work goes; a finished pair stays until replaced
+    if args.overwrite:  # earlier partial work goes (read_progress drops its record); a finished pair stays
         files["partial"].unlink(missing_ok=True)
-        files["progress"].unlink(missing_ok=True)
     done, failed = np.zeros(settings["n_clips"], bool), []
     state, why_not = read_progress(files)
     if state is not None and can_carry_over(state, settings, mp3_paths):

@@ -11,6 +11,7 @@ import argparse
 import bisect
 import errno
 import io
+import itertools
 import re
 import shutil
 import socket
@@ -42,17 +43,9 @@ TIMEOUT_S = 60  # seconds to connect, and of silence while reading
 CHUNK_BYTES = 1 << 20  # read/write unit: bounds memory whatever the file size
 
 
-class DownloadError(Exception):
-    """One URL failed for good (HTTP error, or no connection after RETRIES tries)."""
-
-
-def part_name(path):
-    return path.with_name(path.name + ".part")
-
-
 def fetch(url, part):
-    """Stream url into part, resuming with 'Range: bytes=K-' (a 200 rewrites it). Network errors and 5xx
-    are retried with back-off; DownloadError on a 4xx, an unresolved host, or RETRIES tries without gain."""
+    """Stream url into part, resuming with 'Range: bytes=K-' (a 200 rewrites it), retrying network errors
+    and 5xx with back-off. -> None, or why url failed for good: 4xx, unresolved host, RETRIES failures."""
     failures, name = 0, part.name[:-len(".part")]
     while True:
         have = part.stat().st_size if part.exists() else 0
@@ -70,7 +63,7 @@ def fetch(url, part):
                 if r.status_code >= 500:
                     raise requests.ConnectionError(f"HTTP {r.status_code} {r.reason}")
                 if r.status_code not in (200, 206):
-                    raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}")
+                    return f"{url}: HTTP {r.status_code} {r.reason}"
                 start = 0
                 if r.status_code == 206:
                     sent = re.match(r"bytes (\d+)-", r.headers.get("Content-Range", ""))
@@ -86,8 +79,8 @@ def fetch(url, part):
                     for chunk in r.iter_content(CHUNK_BYTES):
                         if f.tell() + len(chunk) > MAX_BYTES[name]:  # a body that never ends: the disk fills
                             part.unlink()
-                            raise DownloadError(f"{url}: {urlsplit(url).hostname} sends more than the "
-                                                f"{MAX_BYTES[name]:,} bytes of {name}: not MTAT's file")
+                            return (f"{url}: {urlsplit(url).hostname} sends more than the "
+                                    f"{MAX_BYTES[name]:,} bytes of {name}: not MTAT's file")
                         f.write(chunk)
                         bar.update(len(chunk))
                 if total is not None and part.stat().st_size != total:
@@ -96,8 +89,7 @@ def fetch(url, part):
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
             unresolved = plumbing.in_chain(e, lambda cause: isinstance(cause, socket.gaierror))
             if unresolved is not None:  # offline, or no such host: it stays so
-                raise DownloadError(f"{url}: the host name {urlsplit(url).hostname} does not resolve "
-                                    f"({unresolved})") from None
+                return f"{url}: the host name {urlsplit(url).hostname} does not resolve ({unresolved})"
             size = part.stat().st_size if part.exists() else 0
             if total is not None and size > total:  # longer than the file: useless
                 part.unlink()
@@ -106,7 +98,7 @@ def fetch(url, part):
             if failures >= RETRIES:
                 errno_text = re.search(r"\[Errno -?\d+\][^'\")]*", str(e))  # '[Errno 111] Connection refused'
                 reason = errno_text.group(0).strip() if errno_text else str(e)[:200]
-                raise DownloadError(f"{url}: failed after {RETRIES} tries ({reason})") from None
+                return f"{url}: failed after {RETRIES} tries ({reason})"
             time.sleep(min(BACKOFF_S * 2 ** failures, 60))
 
 
@@ -116,10 +108,10 @@ def download(name, hosts, part):
     for host in hosts:
         url = host.rstrip("/") + "/" + name
         print(f"trying {url}", flush=True)
-        try:
-            return fetch(url, part)
-        except DownloadError as e:
-            failures.append(str(e))
+        failure = fetch(url, part)
+        if failure is None:
+            return
+        failures.append(failure)
     raise SystemExit(f"error: could not download {name}: {'; '.join(failures)}. Check the "
                      "network or point --base-url at a mirror; a rerun resumes the download")
 
@@ -134,7 +126,7 @@ def get_annotations(data_dir, hosts, from_dir):
                              f"{MD5[ANNOTATIONS]}; a --synthetic demo set or a damaged copy?): "
                              "delete it or choose another --data-dir, and rerun")
         return path
-    part = part_name(path)
+    part = path.with_name(path.name + ".part")
     if from_dir:
         shutil.copyfile(from_dir / ANNOTATIONS, part)
     else:
@@ -155,22 +147,21 @@ def get_annotations(data_dir, hosts, from_dir):
 
 
 def get_archive(data_dir, hosts, from_dir):
-    """The paths of the verified archive parts (DATA/, else --from-dir in place, else downloaded). The
-    VERIFIED marker records the parts checked (path, size, mtime): a rerun does not hash 2.7 GB again."""
+    """The paths of the verified archive parts: in DATA/, else in --from-dir, else downloaded into DATA/."""
     paths = []
     for name in PARTS:
         path = data_dir / name
         if not path.exists() and from_dir:
             path = from_dir / name
         if not path.exists():
-            part = part_name(path)
+            part = path.with_name(path.name + ".part")
             download(name, hosts, part)
             part.replace(path)  # complete, though only the concatenation has an MD5
         paths.append(path)
     marker = data_dir / VERIFIED
     stamps = {"md5": MD5[ARCHIVE], "parts": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
                                              for p in paths]}
-    try:  # the marker only saves rereading 2.7 GB: a damaged one means "check again"
+    try:  # the marker (the parts checked) only saves rereading 2.7 GB: a damaged one means "check again"
         if marker.exists() and plumbing.read_json(marker) == stamps:
             return paths
     except ValueError:
@@ -197,9 +188,7 @@ class ConcatenatedFile(io.RawIOBase):
 
     def __init__(self, paths):
         self.files = [open(p, "rb") for p in paths]  # noqa: SIM115 (closed by close())
-        sizes = [Path(p).stat().st_size for p in paths]
-        self.starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        self.size = sum(sizes)
+        self.starts = [0, *itertools.accumulate(Path(p).stat().st_size for p in paths)]  # and the end
         self.pos = 0
 
     def readable(self):
@@ -209,16 +198,16 @@ class ConcatenatedFile(io.RawIOBase):
         return True
 
     def seek(self, offset, whence=io.SEEK_SET):  # tell() is seek(0, io.SEEK_CUR)
-        self.pos = max(0, offset + {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence])
+        origin = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.starts[-1]}[whence]
+        self.pos = max(0, offset + origin)
         return self.pos
 
     def readinto(self, buffer):
-        if self.pos >= self.size:
+        i = bisect.bisect_right(self.starts, self.pos) - 1  # the file holding pos, skipping empty ones
+        if i >= len(self.files):
             return 0
-        i = bisect.bisect_right(self.starts, self.pos) - 1
-        end = self.starts[i + 1] if i + 1 < len(self.starts) else self.size
         self.files[i].seek(self.pos - self.starts[i])
-        n = self.files[i].readinto(memoryview(buffer)[:min(len(buffer), end - self.pos)])
+        n = self.files[i].readinto(memoryview(buffer)[:self.starts[i + 1] - self.pos])
         self.pos += n
         return n
 
@@ -237,8 +226,8 @@ def safe_target(mp3_dir, name):
 
 
 def extract(archive_paths, mp3_dir):
-    """Extract the zip over archive_paths into mp3_dir (names checked first); -> the number of files.
-    Each file goes to `.part`, then is renamed; one already there with the right size is skipped."""
+    """Extract the zip over archive_paths into mp3_dir, each file via `.part`, one there at its size skipped;
+    the names are checked first. -> the number of files."""
     with zipfile.ZipFile(io.BufferedReader(ConcatenatedFile(archive_paths), CHUNK_BYTES)) as zf:
         entries = [info for info in zf.infolist() if not info.is_dir()]
         targets = [safe_target(mp3_dir, info.filename) for info in entries]
@@ -252,7 +241,7 @@ def extract(archive_paths, mp3_dir):
             for info, target in zip(entries, targets):
                 if not (target.exists() and target.stat().st_size == info.file_size):
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    part = part_name(target)
+                    part = target.with_name(target.name + ".part")
                     try:
                         with zf.open(info) as src, open(part, "wb") as dst:
                             shutil.copyfileobj(src, dst, CHUNK_BYTES)
@@ -313,27 +302,21 @@ def get_mtat(data_dir, hosts=None, from_dir=None, keep_archives=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=None,
-                        help="where the annotations and mp3/ go (default: data; data/demo for --synthetic)")
-    parser.add_argument("--base-url", default=None,
-                        help="a mirror serving the four files (default: try "
-                             + ", then ".join(HOSTS) + ")")
-    parser.add_argument("--from-dir", default=None,
-                        help="take annotations_final.csv and mp3.zip.001..003 from this folder, no network")
-    parser.add_argument("--keep-archives", action="store_true", help="keep the downloaded mp3.zip.00N")
-    parser.add_argument("--synthetic", type=int, default=None, metavar="N",
-                        help="instead of MTAT, write a synthetic set of N clips in the same layout")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of --synthetic (default: 0)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="--synthetic: replace other annotations in --data-dir (never MTAT's)")
-    args = parser.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", help="where the annotations and mp3/ go (default: data; data/demo for "
+                   "--synthetic)")
+    p.add_argument("--base-url", help=f"a mirror with the four files (default: try {', then '.join(HOSTS)})")
+    p.add_argument("--from-dir", help="take annotations_final.csv and mp3.zip.001..003 from here, no network")
+    p.add_argument("--keep-archives", action="store_true", help="keep the downloaded mp3.zip.00N")
+    p.add_argument("--synthetic", type=int, metavar="N",
+                   help="instead of MTAT, write a synthetic set of N clips in the same layout")
+    p.add_argument("--seed", type=int, default=0, help="random seed of --synthetic (default: 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--synthetic: replace other annotations in --data-dir (never MTAT's)")
+    args = p.parse_args(argv)
     if args.data_dir is None:
         args.data_dir = "data/demo" if args.synthetic is not None else "data"
-    existing = next(p for p in [Path(args.data_dir), *Path(args.data_dir).parents] if p.exists())
-    if not existing.is_dir():  # else mkdir would say only "[Errno 17] File exists"
-        raise SystemExit(f"error: --data-dir {args.data_dir}: {existing} is a file, not a folder; "
-                         "name a folder (it is created if missing)")
+    plumbing.check_folder(args.data_dir, "--data-dir")  # else mkdir would say only "[Errno 17] File exists"
     try:
         if args.synthetic is not None:
             import formats  # only this branch needs them

@@ -391,11 +391,9 @@ def main(argv=None):
     p.add_argument("--out", type=Path, help="where report.md and the figures go (default: the parent "
                    "folder given, else the run folders' common parent)")
     p.add_argument("--resamples", type=plumbing.at_least(0), default=uncertainty.N_RESAMPLES, metavar="N",
-                   help="resamples of the test clips for the bootstrap intervals and paired comparisons "
-                   f"(default: {uncertainty.N_RESAMPLES}; 0 leaves those sections out)")
-    p.add_argument("--splits", type=Path, metavar="CSV", help="instead, print the split table (sizes and "
-                   "leakage audit of the paper, clean and folder splits) of this annotations_final.csv (or a "
-                   "gzip of it)")
+                   help="bootstrap resamples of test clips (default: %(default)s; 0: no bootstrap sections)")
+    p.add_argument("--splits", type=Path, metavar="CSV", help="instead, print the paper, clean and folder "
+                   "splits' sizes and leakage audit on this annotations_final.csv (or its .gz)")
     args = p.parse_args(argv)
     if args.splits is not None:
         try:
