@@ -30,9 +30,8 @@ def spectrogram_settings(n_clips, dtype, mp3_paths):
 
 def spectrogram_meta(settings, failed=(), **facts):
     """spectrograms.json: settings, format_version, shape, failed (row, clip_id, path, error), `facts`."""
-    return dict(settings, format_version=SPECTROGRAMS_FORMAT,
-                shape=[settings["n_clips"], common.N_MELS, common.N_FRAMES],
-                failed=sorted(failed, key=lambda f: f["row"]), **facts)
+    return dict(settings, format_version=SPECTROGRAMS_FORMAT, shape=[settings["n_clips"], common.N_MELS,
+                common.N_FRAMES], failed=sorted(failed, key=lambda f: f["row"]), **facts)
 
 
 def annotations_path(data_dir):
@@ -170,12 +169,11 @@ def describe_training(checkpoint):
     return line, f"warning: this model was trained on {kind}"
 
 
-def check_finite(model):
-    """Raise FloatingPointError naming the weights and buffers with NaN or inf: a finite loss can hide it."""
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
-    if bad:
-        raise FloatingPointError(f"the weights became non-finite ({', '.join(bad[:3])}"
-                                 f"{' and more' if len(bad) > 3 else ''})")
+def non_finite(tensors):
+    """The names of the float tensors of a dict holding NaN or inf, as 'a, b, c and more'; '' if none."""
+    bad = [name for name, t in tensors.items()
+           if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
+    return ", ".join(bad[:3]) + " and more" * (len(bad) > 3)
 
 
 def divergence_message(error, epoch, run_dir, history, best):
@@ -227,8 +225,7 @@ def read_checkpoint(path, keys, what):
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and unsafe-global errors alike
         raise ValueError(f"{path}: not {what} ({load_error_reason(error)})") from None
-    missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing:
+    if missing := [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]:
         best = "model" in missing and isinstance(checkpoint, dict) and "state_dict" in checkpoint
         raise ValueError(f"{path}: not {what}{' but a best_model.pt' * best} (missing {', '.join(missing)})")
     if (version := checkpoint.get("format_version")) != RUN_FORMAT:
@@ -246,8 +243,7 @@ def start_run(args, run_dir, prov, resume_keys, model, optimizer, scheduler, dev
         state = read_checkpoint(path, LAST_KEYS, "a last.pt of trainer.py")
     except ValueError as error:
         raise SystemExit(f"error: {error}; {fix}") from None
-    changed = [k for k in resume_keys if state["args"].get(k) != json_args(args)[k]]
-    if changed:
+    if changed := [k for k in resume_keys if state["args"].get(k) != json_args(args)[k]]:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise SystemExit(f"error: cannot resume {run_dir} with different {flags}")
     check_same_provenance(state["provenance"], prov, run_dir)
@@ -310,13 +306,10 @@ def load_model(checkpoint_path, device="cpu"):
     if checkpoint["feature_params"] != wanted:
         raise ValueError(f"{checkpoint_path}: trained on features {checkpoint['feature_params']}, "
                          f"but this code computes {wanted}")
-    tensors = dict(checkpoint["state_dict"], **{key: checkpoint[key] for key in ("norm_mean", "norm_std")})
-    bad = [name for name, t in tensors.items()
-           if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:  # a diverged run's weights: they would tag every clip with garbage
-        raise ValueError(f"{checkpoint_path}: holds non-finite values (NaN or inf) in {', '.join(bad[:3])}"
-                         f"{' and more' if len(bad) > 3 else ''}; the run that wrote it diverged: use a "
-                         "checkpoint of an earlier epoch, or train again with a lower --lr")
+    if bad := non_finite(model_tensors(checkpoint)):  # a diverged run's: it would tag every clip with garbage
+        raise ValueError(f"{checkpoint_path}: holds non-finite values (NaN or inf) in {bad}; the run that "
+                         "wrote it diverged: use a checkpoint of an earlier epoch, or train again with a "
+                         "lower --lr")
     scales = sorted({int(key[len("branch")]) for key in checkpoint["state_dict"] if key.startswith("branch")})
     n_tags = len(checkpoint["tag_names"])
     model = common.MSCNN(n_tags=n_tags, scales=scales or common.SCALES)
@@ -332,15 +325,19 @@ def load_model(checkpoint_path, device="cpu"):
 MODEL_FORMAT, MODEL_WEIGHTS, MODEL_CARD = 1, "model.safetensors", "model.json"  # MODEL_FORMAT: only one read
 
 
+def model_tensors(checkpoint):  # what a model folder's model.safetensors holds
+    return dict(checkpoint["state_dict"], norm_mean=checkpoint["norm_mean"], norm_std=checkpoint["norm_std"])
+
+
 def is_model_folder(path):  # either file: read_model_folder names the other if missing
     return Path(path).is_dir() and any((Path(path) / name).exists() for name in (MODEL_WEIGHTS, MODEL_CARD))
 
 
 def save_model_folder(folder, checkpoint, card):
     """Write a best_model.pt's tensors and `card`, with their SHA-256, into `folder`; -> that card."""
-    tensors = dict(checkpoint["state_dict"], **{key: checkpoint[key] for key in ("norm_mean", "norm_std")})
+    data = safetensors.torch.save({name: t.contiguous() for name, t in model_tensors(checkpoint).items()})
     with atomic_write(Path(folder) / MODEL_WEIGHTS, "wb") as f:
-        f.write(data := safetensors.torch.save({name: t.contiguous() for name, t in tensors.items()}))
+        f.write(data)
     card = dict(card, format_version=MODEL_FORMAT, weights_sha256=hashlib.sha256(data).hexdigest())
     write_json(Path(folder) / MODEL_CARD, card, indent=2)
     return card
