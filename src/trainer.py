@@ -186,8 +186,7 @@ def check_split(args, labels, tag_names, train_idx, val_idx, test_idx):
             raise SystemExit(f"error: the {name} set ({len(rows)} clip{'s' * (len(rows) != 1)}) has no tag "
                              "with both positive and negative clips, so it cannot be scored (ROC-AUC); "
                              f"choose {fix}")
-    untagged = [name for name, count in zip(tag_names, labels.sum(axis=0)) if count == 0]
-    if untagged:
+    if untagged := [name for name, count in zip(tag_names, labels.sum(axis=0)) if count == 0]:
         log(f"{len(untagged)} of the {len(tag_names)} tags have no clip in this data set; "
             "they are kept as outputs but cannot be scored")
 
