@@ -223,14 +223,13 @@ def epoch_order(train_idx, n_clips, seed, epoch):
 
 
 def epoch_batches(order, batch_size):
-    """This process's batches (sorted int ndarrays), as the original: runs of SUPER_BATCH rows, each cut into
-    global batches of batch_size x processes; a run's last giving a process < 2 clips (batch norm cannot
-    train on 1) joins the one before. Each process takes every world_size()-th clip of a global batch."""
+    """This process's batches (sorted rows), as the original: runs of SUPER_BATCH rows cut into global batches
+    of batch_size x processes; a run's last joins the one before if it gives a process < 2 clips."""
     global_batch, batches = batch_size * world_size(), []
     for start in range(0, len(order), SUPER_BATCH):
         run = order[start:start + SUPER_BATCH]
         batches += [run[i:i + global_batch] for i in range(0, len(run), global_batch)]
-        if len(batches) > 1 and len(batches[-1]) < 2 * world_size():
+        if len(batches) > 1 and len(batches[-1]) < 2 * world_size():  # batch norm cannot train on 1 clip
             batches[-2:] = [np.concatenate(batches[-2:])]
     return [np.sort(batch[devices.rank()::world_size()]) for batch in batches]
 
@@ -248,10 +247,9 @@ def train_step(model, optimizer, x, y, use_bf16):
 
 def train_epoch(model, optimizer, source, labels, batches, norm, use_bf16, desc=None, check_every=50):
     """One epoch; -> its mean training loss (all processes). labels: float (N, T) on the device; desc: the
-    bar's title (None: no bar). The rows go to the device once, so no step waits; the loss is read back
-    every check_every steps, to show it and to stop (FloatingPointError) when it is not finite."""
+    bar's title (None: no bar); FloatingPointError if the loss (read every check_every steps) is not finite"""
     model.train()
-    all_rows_on_device = torch.from_numpy(np.concatenate(batches)).to(labels.device)
+    all_rows_on_device = torch.from_numpy(np.concatenate(batches)).to(labels.device)  # once: no step waits
     loss_sum = torch.zeros((), device=labels.device)
     with tqdm(total=len(all_rows_on_device) * world_size(), desc=desc, unit="clip", unit_scale=True,
               leave=False, disable=desc is None or not is_main()) as bar:
