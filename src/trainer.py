@@ -195,8 +195,7 @@ def check_split(args, labels, tag_names, train_idx, val_idx, test_idx):
 # Normalisation: per mel band, over the training clips only (the original used all clips)
 def band_stats(source, rows, device, chunk_rows=256):
     """-> mean, std per mel band over the rows' frames: float32 (N_MELS,), summed on `device` in float64."""
-    total = torch.zeros(common.N_MELS, dtype=torch.float64, device=device)
-    total_sq = torch.zeros(common.N_MELS, dtype=torch.float64, device=device)
+    total, total_sq = torch.zeros(2, common.N_MELS, dtype=torch.float64, device=device)
     rows_on_device = torch.from_numpy(rows).to(device)
     for start in tqdm(range(0, len(rows), chunk_rows), desc="band statistics", unit="chunk",
                       leave=False, disable=not is_main()):
