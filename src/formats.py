@@ -30,8 +30,9 @@ def spectrogram_settings(n_clips, dtype, mp3_paths):
 
 def spectrogram_meta(settings, failed=(), **facts):
     """spectrograms.json: settings, format_version, shape, failed (row, clip_id, path, error), `facts`."""
-    return dict(settings, format_version=SPECTROGRAMS_FORMAT, shape=[settings["n_clips"], common.N_MELS,
-                common.N_FRAMES], failed=sorted(failed, key=lambda f: f["row"]), **facts)
+    return dict(settings, format_version=SPECTROGRAMS_FORMAT,
+                shape=[settings["n_clips"], common.N_MELS, common.N_FRAMES],
+                failed=sorted(failed, key=lambda f: f["row"]), **facts)
 
 
 def annotations_path(data_dir):
@@ -306,7 +307,8 @@ def load_model(checkpoint_path, device="cpu"):
     if checkpoint["feature_params"] != wanted:
         raise ValueError(f"{checkpoint_path}: trained on features {checkpoint['feature_params']}, "
                          f"but this code computes {wanted}")
-    if bad := non_finite(model_tensors(checkpoint)):  # a diverged run's: it would tag every clip with garbage
+    tensors = dict(checkpoint["state_dict"], **{key: checkpoint[key] for key in ("norm_mean", "norm_std")})
+    if bad := non_finite(tensors):  # a diverged run's weights: they would tag every clip with garbage
         raise ValueError(f"{checkpoint_path}: holds non-finite values (NaN or inf) in {bad}; the run that "
                          "wrote it diverged: use a checkpoint of an earlier epoch, or train again with a "
                          "lower --lr")
@@ -325,19 +327,15 @@ def load_model(checkpoint_path, device="cpu"):
 MODEL_FORMAT, MODEL_WEIGHTS, MODEL_CARD = 1, "model.safetensors", "model.json"  # MODEL_FORMAT: only one read
 
 
-def model_tensors(checkpoint):  # what a model folder's model.safetensors holds
-    return dict(checkpoint["state_dict"], norm_mean=checkpoint["norm_mean"], norm_std=checkpoint["norm_std"])
-
-
 def is_model_folder(path):  # either file: read_model_folder names the other if missing
     return Path(path).is_dir() and any((Path(path) / name).exists() for name in (MODEL_WEIGHTS, MODEL_CARD))
 
 
 def save_model_folder(folder, checkpoint, card):
     """Write a best_model.pt's tensors and `card`, with their SHA-256, into `folder`; -> that card."""
-    data = safetensors.torch.save({name: t.contiguous() for name, t in model_tensors(checkpoint).items()})
+    tensors = dict(checkpoint["state_dict"], **{key: checkpoint[key] for key in ("norm_mean", "norm_std")})
     with atomic_write(Path(folder) / MODEL_WEIGHTS, "wb") as f:
-        f.write(data)
+        f.write(data := safetensors.torch.save({name: t.contiguous() for name, t in tensors.items()}))
     card = dict(card, format_version=MODEL_FORMAT, weights_sha256=hashlib.sha256(data).hexdigest())
     write_json(Path(folder) / MODEL_CARD, card, indent=2)
     return card
