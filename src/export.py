@@ -19,9 +19,10 @@ def make_card(name, model, checkpoint, run_dir):
     metrics = {key: checkpoint["metrics"][key] for key in ("epoch", *formats.METRICS_COLUMNS)}
     if (scores := formats.read_test_scores(run_dir, checkpoint["epoch"])) is not None:  # as report.py's
         figure = uncertainty.bootstrap_runs(scores["labels"], [scores["scores"]])["runs"][0]
-        metrics.update({f"test_{m}_auc_95": [None if math.isnan(v) else v for v in figure[m][1:]]  # NaN: null
-                        for m in ("roc", "pr")}, interval=f"{uncertainty.CONFIDENCE:.0%} bootstrap over the "
-                       f"{len(scores['rows'])} test clips; none for validation (its scores are not kept)")
+        for m in ("roc", "pr"):
+            metrics[f"test_{m}_auc_95"] = [None if math.isnan(v) else v for v in figure[m][1:]]  # NaN: null
+        metrics["interval"] = (f"{uncertainty.CONFIDENCE:.0%} bootstrap over the {len(scores['rows'])} test "
+                               "clips; none for validation (its scores are not kept)")
     words = ["python", "src/trainer.py"]
     for key, value in checkpoint["args"].items():  # every flag as recorded; --no-X: devices.py's speed flags
         if value is not None and (value is not False or key in ("fused_adam", "resident", "cudnn_benchmark")):
@@ -30,11 +31,11 @@ def make_card(name, model, checkpoint, run_dir):
     commit = shutil.which("git") and subprocess.run(["git", "-C", Path(__file__).parent, "rev-parse", "HEAD"],
                                                     capture_output=True, text=True).stdout.strip()
     prov, warning = checkpoint["provenance"], formats.describe_training(checkpoint)[1]
+    overlap = plumbing.read_json(run_dir / "results.json").get("split_overlap")
     return dict(name=name, model="MSCNN (Dabral et al. 2018), PyTorch", tags=checkpoint["tag_names"],
                 network=dict(scales=list(model.scales), n_tags=len(checkpoint["tag_names"])),
                 feature_params=checkpoint["feature_params"], training_data=prov["data"], metrics=metrics,
-                split=dict(prov["split"], overlap=plumbing.read_json(run_dir / "results.json").get(
-                    "split_overlap")),
+                split=dict(prov["split"], overlap=overlap),
                 trained_with=shlex.join(map(str, words)), code_commit=commit or None,
                 weights_licence="CC BY-NC-SA 3.0 (MTAT's)" if prov["data"]["dataset"] == "MTAT" else None,
                 source_checkpoint_sha256=checkpoint["sha256"], warning=warning and warning[len("warning: "):])
@@ -43,8 +44,10 @@ def make_card(name, model, checkpoint, run_dir):
 def model_readme(card, out):
     """README.md: the front matter model hubs read, then the card in words."""
     data, split, m, licence = card["training_data"], card["split"], card["metrics"], card["weights_licence"]
-    cell = {key: f"{m[key]:.4f}" + ("" if None in m.get(f"{key}_95", [None]) else " [{:.4f}, {:.4f}]".format(
-        *m[f"{key}_95"])) for key in formats.METRICS_COLUMNS}  # a test score: with its interval
+    cell = {key: f"{m[key]:.4f}" for key in formats.METRICS_COLUMNS}
+    for key in ("test_roc_auc", "test_pr_auc"):  # with its interval where it has one
+        if None not in m.get(f"{key}_95", [None]):
+            cell[key] += " [{:.4f}, {:.4f}]".format(*m[f"{key}_95"])
     lines = ["---", "library_name: pytorch", f"license: {'cc-by-nc-sa-3.0' if licence else 'other'}",
              'tags: ["music", "audio", "auto-tagging"]', *['datasets: ["magnatagatune"]'] * bool(licence),
              'metrics: ["roc_auc", "pr_auc"]', "---", "", f"# {card['name']}: a multi-scale CNN music tagger",
@@ -73,10 +76,10 @@ def main(argv=None):
     p.add_argument("--out", type=Path, required=True, help="the model folder to write, e.g. models/NAME")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is a model folder already")
     args = p.parse_args(argv)
-    best, out = Path(args.run) / "best_model.pt" if Path(args.run).is_dir() else Path(args.run), args.out
+    out, best = args.out, Path(args.run) / "best_model.pt" if Path(args.run).is_dir() else Path(args.run)
     if not best.is_file() or not (best.parent / "results.json").is_file():
         raise SystemExit(f"error: {args.run}: no best_model.pt and results.json there; give a finished run")
-    if out.resolve() == best.parent.resolve() or out.resolve() in best.parent.resolve().parents:
+    if best.parent.resolve().is_relative_to(out.resolve()):
         raise SystemExit(f"error: --out {out} is or holds the run folder {best.parent}; pass another --out")
     try:
         model, checkpoint = formats.load_model(best)  # its features, weights and shapes checked

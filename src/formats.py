@@ -170,12 +170,11 @@ def describe_training(checkpoint):
     return line, f"warning: this model was trained on {kind}"
 
 
-def check_finite(model):
-    """Raise FloatingPointError naming the weights and buffers with NaN or inf: a finite loss can hide it."""
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
-    if bad:
-        raise FloatingPointError(f"the weights became non-finite ({', '.join(bad[:3])}"
-                                 f"{' and more' if len(bad) > 3 else ''})")
+def non_finite(tensors):
+    """The names of the float tensors of a dict holding NaN or inf, as 'a, b, c and more'; '' if none."""
+    bad = [name for name, t in tensors.items()
+           if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
+    return ", ".join(bad[:3]) + " and more" * (len(bad) > 3)
 
 
 def divergence_message(error, epoch, run_dir, history, best):
@@ -227,8 +226,7 @@ def read_checkpoint(path, keys, what):
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and unsafe-global errors alike
         raise ValueError(f"{path}: not {what} ({load_error_reason(error)})") from None
-    missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing:
+    if missing := [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]:
         best = "model" in missing and isinstance(checkpoint, dict) and "state_dict" in checkpoint
         raise ValueError(f"{path}: not {what}{' but a best_model.pt' * best} (missing {', '.join(missing)})")
     if (version := checkpoint.get("format_version")) != RUN_FORMAT:
@@ -246,8 +244,7 @@ def start_run(args, run_dir, prov, resume_keys, model, optimizer, scheduler, dev
         state = read_checkpoint(path, LAST_KEYS, "a last.pt of trainer.py")
     except ValueError as error:
         raise SystemExit(f"error: {error}; {fix}") from None
-    changed = [k for k in resume_keys if state["args"].get(k) != json_args(args)[k]]
-    if changed:
+    if changed := [k for k in resume_keys if state["args"].get(k) != json_args(args)[k]]:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise SystemExit(f"error: cannot resume {run_dir} with different {flags}")
     check_same_provenance(state["provenance"], prov, run_dir)
@@ -311,12 +308,10 @@ def load_model(checkpoint_path, device="cpu"):
         raise ValueError(f"{checkpoint_path}: trained on features {checkpoint['feature_params']}, "
                          f"but this code computes {wanted}")
     tensors = dict(checkpoint["state_dict"], **{key: checkpoint[key] for key in ("norm_mean", "norm_std")})
-    bad = [name for name, t in tensors.items()
-           if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:  # a diverged run's weights: they would tag every clip with garbage
-        raise ValueError(f"{checkpoint_path}: holds non-finite values (NaN or inf) in {', '.join(bad[:3])}"
-                         f"{' and more' if len(bad) > 3 else ''}; the run that wrote it diverged: use a "
-                         "checkpoint of an earlier epoch, or train again with a lower --lr")
+    if bad := non_finite(tensors):  # a diverged run's weights: they would tag every clip with garbage
+        raise ValueError(f"{checkpoint_path}: holds non-finite values (NaN or inf) in {bad}; the run that "
+                         "wrote it diverged: use a checkpoint of an earlier epoch, or train again with a "
+                         "lower --lr")
     scales = sorted({int(key[len("branch")]) for key in checkpoint["state_dict"] if key.startswith("branch")})
     n_tags = len(checkpoint["tag_names"])
     model = common.MSCNN(n_tags=n_tags, scales=scales or common.SCALES)

@@ -108,9 +108,8 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # Data: the labels, the split and its leakage audit
 def load_data(args):
-    """-> labels uint8 (N, T) of the --n-tags most frequent tags (synonyms merged unless --no-merge),
-    tag_names, clip_ids (N,), mp3_paths, spectrograms (N, N_MELS, N_FRAMES; memmap; of --limit: the first
-    N rows). Their resampler becomes common.RESAMPLER: checkpoints record it, predict.py computes the same."""
+    """-> labels uint8 (N, T) of the --n-tags most frequent tags (merged unless --no-merge), tag_names,
+    clip_ids (N,), mp3_paths, spectrograms memmap (N, N_MELS, N_FRAMES): N, the .npy's rows (of --limit)."""
     path = formats.annotations_path(args.data_dir)
     if not path.is_file():
         raise SystemExit(f"error: {path} not found; run: python src/get_data.py --data-dir {args.data_dir}")
@@ -122,15 +121,14 @@ def load_data(args):
     with contextlib.suppress(OSError, ValueError):  # open_spectrograms names what is wrong with the file
         resampler = plumbing.read_json(args.data_dir / "spectrograms.json").get("resampler")
         if resampler in common.RESAMPLERS:
-            common.RESAMPLER = resampler
+            common.RESAMPLER = resampler  # checkpoints record it, predict.py computes the same
     spectrograms = formats.open_spectrograms(args.data_dir, mp3_paths)  # these annotations' rows, finite
     n = len(spectrograms)
     return labels[:n], tag_names, clip_ids[:n], mp3_paths[:n], spectrograms
 
 
 def make_split(args, n_clips, clip_ids=None, mp3_paths=None):
-    """-> train_idx, val_idx, test_idx (sorted rows of n_clips) by --split; 'clean' needs clip_ids, 'folder'
-    mp3_paths in MTAT's layout. 'paper' and 'clean' are fixed; 'random' is drawn from --split-seed."""
+    """-> train_idx, val_idx, test_idx (sorted rows) by --split; 'clean' needs clip_ids, 'folder' mp3_paths"""
     if args.split == "folder":
         if n_clips != common.N_CLIPS:
             log(f"note: --split folder of {n_clips:,} clips, not of all {common.N_CLIPS:,} MTAT clips: "
@@ -188,8 +186,7 @@ def check_split(args, labels, tag_names, train_idx, val_idx, test_idx):
             raise SystemExit(f"error: the {name} set ({len(rows)} clip{'s' * (len(rows) != 1)}) has no tag "
                              "with both positive and negative clips, so it cannot be scored (ROC-AUC); "
                              f"choose {fix}")
-    untagged = [name for name, count in zip(tag_names, labels.sum(axis=0)) if count == 0]
-    if untagged:
+    if untagged := [name for name, count in zip(tag_names, labels.sum(axis=0)) if count == 0]:
         log(f"{len(untagged)} of the {len(tag_names)} tags have no clip in this data set; "
             "they are kept as outputs but cannot be scored")
 
@@ -197,10 +194,8 @@ def check_split(args, labels, tag_names, train_idx, val_idx, test_idx):
 # -----------------------------------------------------------------------------
 # Normalisation: per mel band, over the training clips only (the original used all clips)
 def band_stats(source, rows, device, chunk_rows=256):
-    """-> mean and standard deviation per mel band over all frames of the rows: float32 (N_MELS,) on
-    device. source: devices.to_device_source's; summed where the data lives, in float64 chunks."""
-    total = torch.zeros(common.N_MELS, dtype=torch.float64, device=device)
-    total_sq = torch.zeros(common.N_MELS, dtype=torch.float64, device=device)
+    """-> mean, std per mel band over the rows' frames: float32 (N_MELS,), summed on `device` in float64."""
+    total, total_sq = torch.zeros(2, common.N_MELS, dtype=torch.float64, device=device)
     rows_on_device = torch.from_numpy(rows).to(device)
     for start in tqdm(range(0, len(rows), chunk_rows), desc="band statistics", unit="chunk",
                       leave=False, disable=not is_main()):
@@ -227,14 +222,13 @@ def epoch_order(train_idx, n_clips, seed, epoch):
 
 
 def epoch_batches(order, batch_size):
-    """This process's batches (sorted int ndarrays), as the original: runs of SUPER_BATCH rows, each cut into
-    global batches of batch_size x processes; a run's last giving a process < 2 clips (batch norm cannot
-    train on 1) joins the one before. Each process takes every world_size()-th clip of a global batch."""
+    """This process's batches (sorted rows), as the original: runs of SUPER_BATCH rows cut into global batches
+    of batch_size x processes; a run's last joins the one before if it gives a process < 2 clips."""
     global_batch, batches = batch_size * world_size(), []
     for start in range(0, len(order), SUPER_BATCH):
         run = order[start:start + SUPER_BATCH]
         batches += [run[i:i + global_batch] for i in range(0, len(run), global_batch)]
-        if len(batches) > 1 and len(batches[-1]) < 2 * world_size():
+        if len(batches) > 1 and len(batches[-1]) < 2 * world_size():  # batch norm cannot train on 1 clip
             batches[-2:] = [np.concatenate(batches[-2:])]
     return [np.sort(batch[devices.rank()::world_size()]) for batch in batches]
 
@@ -252,16 +246,13 @@ def train_step(model, optimizer, x, y, use_bf16):
 
 def train_epoch(model, optimizer, source, labels, batches, norm, use_bf16, desc=None, check_every=50):
     """One epoch; -> its mean training loss (all processes). labels: float (N, T) on the device; desc: the
-    bar's title (None: no bar). The rows go to the device once, so no step waits; the loss is read back
-    every check_every steps, to show it and to stop (FloatingPointError) when it is not finite."""
+    bar's title (None: no bar); FloatingPointError if the loss (read every check_every steps) is not finite"""
     model.train()
-    all_rows_on_device = torch.from_numpy(np.concatenate(batches)).to(labels.device)
-    ends = np.cumsum([len(batch) for batch in batches])
+    all_rows_on_device = torch.from_numpy(np.concatenate(batches)).to(labels.device)  # once: no step waits
     loss_sum = torch.zeros((), device=labels.device)
-    with tqdm(total=int(ends[-1]) * world_size(), desc=desc, unit="clip", unit_scale=True, leave=False,
-              disable=desc is None or not is_main()) as bar:
-        for step in range(len(batches)):
-            rows_on_device = all_rows_on_device[ends[step] - len(batches[step]):ends[step]]
+    with tqdm(total=len(all_rows_on_device) * world_size(), desc=desc, unit="clip", unit_scale=True,
+              leave=False, disable=desc is None or not is_main()) as bar:
+        for step, rows_on_device in enumerate(all_rows_on_device.split([len(batch) for batch in batches])):
             x = common.normalise(devices.get_batch(source, batches[step], rows_on_device), *norm)
             loss_sum += train_step(model, optimizer, x, labels[rows_on_device], use_bf16)
             bar.update(len(batches[step]) * world_size())
@@ -351,14 +342,14 @@ def main(argv=None):
             mean_loss = train_epoch(model, optimizer, source, labels_on_device, batches, norm,
                                     args.precision == "bf16", desc=f"epoch {epoch}/{args.epochs}")
             train_seconds = time.time() - started
-            formats.check_finite(plain_model)
+            if bad := formats.non_finite(plain_model.state_dict()):  # a finite loss can hide it
+                raise FloatingPointError(f"the weights became non-finite ({bad})")
             metrics, test_scores = evaluate(model, source, labels, val_idx, test_idx, norm, args, device)
         except FloatingPointError as error:
             raise SystemExit(formats.divergence_message(error, epoch, run_dir, history, best)) from None
         scheduler.step()
-        history.append(dict(epoch=epoch, lr=lr, train_loss=round(mean_loss, 6),
-                            **{k: round(metrics[k], 6) for k in formats.METRICS_COLUMNS},
-                            seconds=round(time.time() - started, 2)))
+        history.append(dict(epoch=epoch, lr=lr, train_loss=round(mean_loss, 6), **{k: round(metrics[k], 6)
+                            for k in formats.METRICS_COLUMNS}, seconds=round(time.time() - started, 2)))
         improved = best is None or metrics["val_roc_auc"] > best["val_roc_auc"]  # the best validation epoch
         if improved:
             best = dict(metrics, epoch=epoch)
