@@ -88,3 +88,12 @@ def test_the_suite_s_temporary_files_go_with_pytest_s_folders(tmp_path_factory, 
                           timeout=300)
     assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-2000:]
     assert [p for p in system_tmp.rglob("*") if not p.is_dir()] == []
+
+
+def test_licence_and_citation_name_the_code_and_the_paper_the_readme_cites():
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License\n")
+    citation = (ROOT / "CITATION.cff").read_text()
+    doi = re.search(r"doi:(10\.\S+?)\)", README)[1]  # the paper, as the README's first lines cite it
+    assert "cff-version: 1.2.0" in citation and "license: MIT" in citation
+    assert re.search(r"^preferred-citation:\n(  .*\n)*  doi: \"" + re.escape(doi) + '"', citation, re.M)
+    assert "[LICENSE](LICENSE)" in README and "[CITATION.cff](CITATION.cff)" in README
