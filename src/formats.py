@@ -79,8 +79,7 @@ def open_spectrograms(data_dir, mp3_paths=None):
             why = (f"its {n_clips} rows were made from other annotation rows (reordered or replaced since)"
                    if "mp3_paths_md5" in meta else f"{meta_path.name} does not say which rows it holds")
             raise SystemExit(f"error: {npy} no longer matches {csv_path}: {why}; {again}")
-        bad = non_finite_rows(spectrograms)
-        if len(bad):
+        if len(bad := non_finite_rows(spectrograms)):
             raise SystemExit(f"error: {npy} holds NaN or inf in {len(bad)} row(s) (the first: row {bad[0]}, "
                              f"{mp3_paths[bad[0]]}): the file is damaged; run {rerun}: it computes those "
                              "rows again")
@@ -143,14 +142,13 @@ def check_same_provenance(saved, current, run_dir):
     for part, keys, what in (("data", DATA_IDENTITY, "other data"),
                              ("split", SPLIT_IDENTITY, "another split")):
         old, new = saved[part], current[part]
-        differ = [key for key in keys if old.get(key) != new.get(key)]
-        if not differ:
-            continue
-        found = ", ".join(f"{key} {old.get(key)} there, {new.get(key)} here" for key in differ)
-        where = (f"{old['annotations']} and {old['spectrograms']}" if part == "data"
-                 else f"split {old['name']}")
-        raise SystemExit(f"error: cannot resume {run_dir}: it was trained on {where}, this command gives it "
-                         f"{what} ({found}); pass the --data-dir it was trained on, or start a new --run")
+        if differ := [key for key in keys if old.get(key) != new.get(key)]:
+            found = ", ".join(f"{key} {old.get(key)} there, {new.get(key)} here" for key in differ)
+            where = (f"{old['annotations']} and {old['spectrograms']}" if part == "data"
+                     else f"split {old['name']}")
+            raise SystemExit(f"error: cannot resume {run_dir}: it was trained on {where}, this command gives "
+                             f"it {what} ({found}); pass the --data-dir it was trained on, or start a new "
+                             "--run")
 
 
 def describe_training(checkpoint):

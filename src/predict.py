@@ -1,8 +1,5 @@
 """Tag audio files and music folders with a trained multi-scale CNN checkpoint (docs/predict.md).
 
-    python src/predict.py song.mp3 other.wav                 # newest run in experiments/
-    python src/predict.py ~/Music --csv tags.csv --embeddings emb.npz --resume   # a whole library
-
 A file's tags are the mean of common.score over its 628-frame windows (29.1 s, every --hop-frames
 frames, the last aligned to the end); its embedding, the mean of the windows' 500-d activations.
 """
@@ -50,10 +47,7 @@ scorer = None  # a CPU worker's tag_file settings: (model, tag_names, norm_mean,
 def window_starts(n_frames, hop_frames, window_frames=common.N_FRAMES):
     """First frame of each window, int64 (K,): every hop_frames frames, the last aligned to the end."""
     last = max(n_frames - window_frames, 0)
-    starts = np.arange(0, last + 1, hop_frames)
-    if starts[-1] != last:
-        starts = np.append(starts, last)
-    return starts.astype(np.int64)
+    return np.unique(np.append(np.arange(0, last + 1, hop_frames), last)).astype(np.int64)
 
 
 def score_file(spec, duration_s, model, tag_names, norm_mean, norm_std, hop_frames=common.N_FRAMES // 2,
@@ -123,8 +117,7 @@ def tag_one(path):
     return decoded if isinstance(decoded, ValueError) else score_file(*decoded, *scorer)
 
 
-def tag_all(paths, workers, model, tag_names, norm_mean, norm_std, hop_frames, batch_size,
-            score_here=None):
+def tag_all(paths, workers, model, tag_names, norm_mean, norm_std, hop_frames, batch_size, score_here=None):
     """(path, score_file's dict or ValueError) per path, in order; score_here: scored in this process."""
     settings = (model, tag_names, norm_mean, norm_std, hop_frames, batch_size)
     if workers == 0:
@@ -194,12 +187,14 @@ def expand_inputs(arguments):
 
 
 def newest_checkpoint(experiments_dir):
-    """best_model.pt of the most recently modified run folder under experiments_dir."""
+    """best_model.pt of the most recently modified run folder under experiments_dir, named on stderr."""
     runs = [p.parent for p in Path(experiments_dir).glob("*/best_model.pt")]
     if not runs:
         raise SystemExit(f"error: no trained model in {experiments_dir}/ (no <run>/best_model.pt); "
                          "train one with src/trainer.py first, or pass --checkpoint PATH")
-    return max(runs, key=lambda run: run.stat().st_mtime) / "best_model.pt"
+    best = max(runs, key=lambda run: run.stat().st_mtime) / "best_model.pt"
+    print(f"using {best} (newest run in {experiments_dir}/; --checkpoint picks another)", file=sys.stderr)
+    return best
 
 
 def load_checkpoint(path, device):
@@ -223,12 +218,10 @@ def load_checkpoint(path, device):
 
 def format_tags(path, result, top):
     """Readable block: the file, its length, then the top tags with aligned probabilities."""
-    k = result["windows"]
-    lines = [f"{path}  ({result['duration_s']:.1f} s, {k} window{'s' if k != 1 else ''})"]
-    ranked = result["tags"][:top]
+    k, ranked = result["windows"], result["tags"][:top]
     width = max(len(name) for name, _ in ranked)
-    lines += [f"  {name:<{width}}  {prob:.3f}" for name, prob in ranked]
-    return "\n".join(lines)
+    return "\n".join([f"{path}  ({result['duration_s']:.1f} s, {k} window{'s' if k != 1 else ''})",
+                      *(f"  {name:<{width}}  {prob:.3f}" for name, prob in ranked)])
 
 
 def taggram_paths(taggram, audio_paths):
@@ -416,8 +409,7 @@ def read_previous(args, tag_names, checkpoint_sha256):
         except (ValueError, KeyError, TypeError, OSError, EOFError, csv.Error, zipfile.BadZipFile) as error:
             raise SystemExit(f"error: --resume: cannot read {path} ({type(error).__name__}: {error}); "
                              f"{fix}") from None
-        other = {entry["checkpoint_sha256"] for entry in entries.values()} - {checkpoint_sha256}
-        if other:
+        if other := {entry["checkpoint_sha256"] for entry in entries.values()} - {checkpoint_sha256}:
             raise SystemExit(f"error: --resume: {path} holds results of another checkpoint (SHA-256 "
                              f"{sorted(other)[0][:16]}..., this one's is {checkpoint_sha256[:16]}...): one "
                              f"file would mix two models; resume with the checkpoint that wrote it, or {fix}")
@@ -476,11 +468,7 @@ def main(argv=None):
     if args.taggram:
         import_figure()  # fail before the slow part, not after it
     device = devices.resolve_device(args.device)
-    checkpoint_path = args.checkpoint
-    if checkpoint_path is None:
-        checkpoint_path = newest_checkpoint(args.experiments)
-        print(f"using {checkpoint_path} (newest run in {args.experiments}/; --checkpoint picks another)",
-              file=sys.stderr)
+    checkpoint_path = args.checkpoint if args.checkpoint is not None else newest_checkpoint(args.experiments)
     paths, skipped = expand_inputs(args.audio)
     plumbing.check_distinct(written, {"the audio file": paths, "the checkpoint": [
         checkpoint_path, Path(checkpoint_path) / "best_model.pt"]})
