@@ -76,18 +76,15 @@ def on_off(flag):
     return "on" if flag else "off"
 
 
-def on_device(model, device):
-    """The model on device, channels_last: the same numbers, faster on a CPU (oneDNN) and cuDNN's bf16."""
+def on_device(model, device):  # channels_last: the same numbers, faster on a CPU (oneDNN) and cuDNN's bf16
     return model.to(device, memory_format=torch.channels_last)
 
 
-def compile_model(model, device):
-    """--compile: inductor's fused kernels; on CUDA, CUDA graphs ('reduce-overhead')."""
+def compile_model(model, device):  # --compile: inductor's fused kernels; on CUDA, CUDA graphs too
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
-def to_device_source(spectrograms, device, resident):
-    """Where batches are read: resident, the array as one tensor on device; else the host memmap itself."""
+def to_device_source(spectrograms, device, resident):  # where batches are read: on device, or the memmap
     return upload(spectrograms, device) if resident else spectrograms
 
 
@@ -126,14 +123,12 @@ def is_main():
     return rank() == 0
 
 
-def log(message):
-    """Print a line above any progress bar, from the main process only."""
+def log(message):  # a line above any progress bar, from the main process only
     if is_main():
         tqdm.write(message)
 
 
-def setup_distributed(device_name):
-    """Start the process group under torchrun; -> the device this process uses."""
+def setup_distributed(device_name):  # the process group under torchrun; -> this process's device
     device = resolve_device(device_name)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return device
