@@ -310,8 +310,7 @@ def run_script(main, interrupted, quick_exit=False):
 
 
 # Command-line values (checked at parse time, before any work) and optional matplotlib
-def parsed(text, convert, what):
-    """convert(text) (float or int), else argparse's error `not {what}: 'text'`."""
+def parsed(text, convert, what):  # convert(text) (float or int), else argparse's error `not {what}: 'text'`
     try:
         return convert(text)
     except ValueError:
@@ -331,8 +330,7 @@ def float_in(low, high, low_closed=False, high_closed=False):
     return parse
 
 
-def at_least(minimum):
-    """An argparse type: an integer of at least `minimum`."""
+def at_least(minimum):  # an argparse type: an integer of at least `minimum`
     def parse(text):
         value = parsed(text, int, "an integer")
         if value < minimum:
@@ -341,8 +339,7 @@ def at_least(minimum):
     return parse
 
 
-def import_pyplot():
-    """matplotlib.pyplot drawing into files (Agg: no display), or None: matplotlib is optional."""
+def import_pyplot():  # matplotlib.pyplot drawing into files (Agg: no display), or None: it is optional
     try:
         import matplotlib
     except ImportError:
@@ -466,10 +463,9 @@ def pool_results(fn, tasks, workers, initializer=None, initargs=(), ordered=Fals
             full_deaths += 1
             if full_deaths == 2:
                 raise WorkersKeepDying(sorted(set(streak)), names(streak))
-            tqdm.write("a worker process died (killed: out of memory? kill -9?) with "
-                       + (f"{names(lost)} in flight; computing them again, one at a time, "
-                          if lost else "nothing in flight; going on ") + "in a fresh pool",
-                       file=sys.stderr)
+            tqdm.write("a worker process died (killed: out of memory? kill -9?) with " + (
+                f"{names(lost)} in flight; computing them again, one at a time, " if lost
+                else "nothing in flight; going on ") + "in a fresh pool", file=sys.stderr)
             suspects.extend(sorted(lost))
         yield from release()
     finally:
