@@ -85,8 +85,7 @@ def write_json(path, obj, indent=1):  # atomically; NaN refused: it is not JSON
         f.write(json.dumps(obj, indent=indent, allow_nan=False) + "\n")
 
 
-def read_json(path):
-    """The JSON object in the file at path; ValueError naming the file when it is not one."""
+def read_json(path):  # the JSON object in the file at path; ValueError naming the file when it is not one
     try:
         obj = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -189,8 +188,7 @@ def hold_lock(lock_path, what, flag, remove_empty_folder=False):
         raise SystemExit(f"error: cannot lock {what}: {text}; free some space there, or {flag}") from None
 
 
-def release_lock(lock_path):
-    """Release hold_lock's lock, its file removed first: one that opened it meanwhile opens a new one."""
+def release_lock(lock_path):  # its file removed first: one that opened it meanwhile opens a new one
     fd, remove_empty_folder = held_locks.pop(Path(lock_path), (None, False))
     if fd is None:
         return
@@ -221,8 +219,7 @@ def releasing_locks(main):
     return wrapper
 
 
-def npy_header(path):
-    """(shape, dtype, fortran_order, offset of the data) from a .npy file's header; else ValueError."""
+def npy_header(path):  # (shape, dtype, fortran_order, data offset) from a .npy file's header; else ValueError
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
