@@ -14,8 +14,7 @@ from plumbing import at_least
 GPU_RESERVE_BYTES = 6 * 2 ** 30  # GPU memory left free beside resident data: model, activations
 
 
-def resolve_device(name="auto"):
-    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+def resolve_device(name="auto"):  # 'auto': CUDA when available, else CPU; 'cuda' without a GPU: an error
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -151,8 +150,3 @@ def parallel(model, device, args, start_epoch):
     if args.compile:
         model = compile_model(model, device)
     return model, plain
-
-
-def finish_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
