@@ -361,7 +361,8 @@ def main(argv=None):
         print(f"best model: {run_dir / 'best_model.pt'}\nbest validation ROC-AUC {best['val_roc_auc']:.4f} "
               f"at epoch {best['epoch']}; test ROC-AUC {best['test_roc_auc']:.4f}, "
               f"PR-AUC {best['test_pr_auc']:.4f}", flush=True)
-    devices.finish_distributed()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return results  # None in the processes other than rank 0
 
 
