@@ -14,8 +14,7 @@ from plumbing import at_least
 GPU_RESERVE_BYTES = 6 * 2 ** 30  # GPU memory left free beside resident data: model, activations
 
 
-def resolve_device(name="auto"):
-    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+def resolve_device(name="auto"):  # 'auto': CUDA when available, else CPU; 'cuda' without a GPU: an error
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -76,18 +75,15 @@ def on_off(flag):
     return "on" if flag else "off"
 
 
-def on_device(model, device):
-    """The model on device, channels_last: the same numbers, faster on a CPU (oneDNN) and cuDNN's bf16."""
+def on_device(model, device):  # channels_last: the same numbers, faster on a CPU (oneDNN) and cuDNN's bf16
     return model.to(device, memory_format=torch.channels_last)
 
 
-def compile_model(model, device):
-    """--compile: inductor's fused kernels; on CUDA, CUDA graphs ('reduce-overhead')."""
+def compile_model(model, device):  # --compile: inductor's fused kernels; on CUDA, CUDA graphs too
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
-def to_device_source(spectrograms, device, resident):
-    """Where batches are read: resident, the array as one tensor on device; else the host memmap itself."""
+def to_device_source(spectrograms, device, resident):  # where batches are read: on device, or the memmap
     return upload(spectrograms, device) if resident else spectrograms
 
 
@@ -126,14 +122,12 @@ def is_main():
     return rank() == 0
 
 
-def log(message):
-    """Print a line above any progress bar, from the main process only."""
+def log(message):  # a line above any progress bar, from the main process only
     if is_main():
         tqdm.write(message)
 
 
-def setup_distributed(device_name):
-    """Start the process group under torchrun; -> the device this process uses."""
+def setup_distributed(device_name):  # the process group under torchrun; -> this process's device
     device = resolve_device(device_name)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return device
@@ -156,8 +150,3 @@ def parallel(model, device, args, start_epoch):
     if args.compile:
         model = compile_model(model, device)
     return model, plain
-
-
-def finish_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()

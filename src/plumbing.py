@@ -54,10 +54,9 @@ def disk_error_in(error):  # the OSError of DISK_ERRORS in error's chain of caus
 
 @contextlib.contextmanager
 def atomic_write(path, mode="w", **open_kwargs):
-    """Write `path` whole or not at all: `with atomic_write(path, "wb") as f: torch.save(x, f)`.
-    f: a temporary file beside path (mkstemp: created exclusively, never through a symbolic link),
-    flushed to disk and renamed over path on success, removed on any error (Ctrl-C too). A DISK_ERRORS
-    error, even wrapped, is SystemExit in one line; a wrapped interrupt is raised as itself."""
+    """Write `path` whole or not at all: f, a temporary file beside it (mkstemp: exclusive, no symbolic
+    link), is fsynced and renamed over path, or removed on any error (Ctrl-C too). A DISK_ERRORS error,
+    even wrapped, is SystemExit in one line; a wrapped interrupt is raised as itself."""
     path, tmp = Path(path), None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
@@ -86,8 +85,7 @@ def write_json(path, obj, indent=1):  # atomically; NaN refused: it is not JSON
         f.write(json.dumps(obj, indent=indent, allow_nan=False) + "\n")
 
 
-def read_json(path):
-    """The JSON object in the file at path; ValueError naming the file when it is not one."""
+def read_json(path):  # the JSON object in the file at path; ValueError naming the file when it is not one
     try:
         obj = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -145,11 +143,10 @@ held_locks = {}  # lock file path -> (the descriptor holding this process's lock
 
 
 def hold_lock(lock_path, what, flag, remove_empty_folder=False):
-    """Make this process the only writer of `what` until it ends or releases it: an exclusive flock on
-    lock_path, which names the holder (pid, command). The system drops it when the process ends, even by
-    kill -9: a lock file left is never stale. A file system without flock: a note. remove_empty_folder:
-    on release, also remove the folder if empty. SystemExit in one line (`flag`: what to change) when
-    another process holds it, lock_path is a symbolic link, or writing the holder's line fails."""
+    """Be the only writer of `what` until this process ends or releases it: an exclusive flock on lock_path,
+    which names the holder (pid, command); the system drops it even on kill -9, so a lock file left is never
+    stale. No flock: a note. remove_empty_folder: on release, also remove the folder if empty. SystemExit
+    (`flag`: what to change) when another process holds it, lock_path is a link, or the write fails."""
     lock_path = Path(lock_path)
     if lock_path in held_locks:
         return
@@ -191,8 +188,7 @@ def hold_lock(lock_path, what, flag, remove_empty_folder=False):
         raise SystemExit(f"error: cannot lock {what}: {text}; free some space there, or {flag}") from None
 
 
-def release_lock(lock_path):
-    """Release hold_lock's lock, its file removed first: one that opened it meanwhile opens a new one."""
+def release_lock(lock_path):  # its file removed first: one that opened it meanwhile opens a new one
     fd, remove_empty_folder = held_locks.pop(Path(lock_path), (None, False))
     if fd is None:
         return
@@ -223,8 +219,7 @@ def releasing_locks(main):
     return wrapper
 
 
-def npy_header(path):
-    """(shape, dtype, fortran_order, offset of the data) from a .npy file's header; else ValueError."""
+def npy_header(path):  # (shape, dtype, fortran_order, data offset) from a .npy file's header; else ValueError
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -242,13 +237,11 @@ def check_npy(path, shape, dtype):
     found_shape, found_dtype, fortran_order, offset = npy_header(path)
     if found_shape != shape or found_dtype != dtype or fortran_order:
         raise ValueError(f"{path} holds {found_dtype} {found_shape}"
-                         f"{' in Fortran order' if fortran_order else ''}, "
-                         f"expected {dtype} {shape}")
+                         f"{' in Fortran order' if fortran_order else ''}, expected {dtype} {shape}")
     expected, size = offset + math.prod(shape) * dtype.itemsize, os.path.getsize(path)
     if size != expected:
-        raise ValueError(f"{path} is damaged: {size:,} bytes, where its header ({dtype} "
-                         f"{shape}) needs {expected:,} "
-                         f"({'cut short' if size < expected else 'extra bytes at the end'})")
+        raise ValueError(f"{path} is damaged: {size:,} bytes, where its header ({dtype} {shape}) needs "
+                         f"{expected:,} ({'cut short' if size < expected else 'extra bytes at the end'})")
 
 
 def file_digest(paths, algorithm="md5", progress=None):
@@ -276,27 +269,21 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def handle_signals():
-    """From now on SIGTERM (kill, a batch system's limit) and SIGHUP (a closed terminal) raise Interrupted."""
-    def interrupt(signum, frame):
-        raise Interrupted(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, interrupt)
-
-
 def exit_interrupted(interrupt, message):
-    """End a script stopped by Ctrl-C or Interrupted, what is finished saved: `message` on stderr, then
-    the code a shell reports (128 + the signal: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
+    """`message` on stderr, then exit with the code a shell reports: 128 + the signal (130 for Ctrl-C)."""
     print(message, file=sys.stderr)
     raise SystemExit(128 + getattr(interrupt, "signum", signal.SIGINT)) from None
 
 
 def run_script(main, interrupted, quick_exit=False):
-    """A script's entry point: handle_signals, then main(); an interrupt it does not handle ends with the
-    line `interrupted`. quick_exit: once main has returned or exited, flush, release the locks and
-    os._exit, skipping the slow teardown of torch, scipy and numba."""
-    handle_signals()
+    """A script's entry point: main(), SIGTERM (kill, a batch system's limit) and SIGHUP (a closed terminal)
+    raising Interrupted; an interrupt main does not handle ends with the line `interrupted`. quick_exit:
+    flush, release the locks and os._exit, skipping the slow teardown of torch, scipy and numba."""
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
     code = 0
     try:
         try:
@@ -320,8 +307,7 @@ def run_script(main, interrupted, quick_exit=False):
 
 
 # Command-line values (checked at parse time, before any work) and optional matplotlib
-def parsed(text, convert, what):
-    """convert(text) (float or int), else argparse's error `not {what}: 'text'`."""
+def parsed(text, convert, what):  # convert(text) (float or int), else argparse's error `not {what}: 'text'`
     try:
         return convert(text)
     except ValueError:
@@ -341,8 +327,7 @@ def float_in(low, high, low_closed=False, high_closed=False):
     return parse
 
 
-def at_least(minimum):
-    """An argparse type: an integer of at least `minimum`."""
+def at_least(minimum):  # an argparse type: an integer of at least `minimum`
     def parse(text):
         value = parsed(text, int, "an integer")
         if value < minimum:
@@ -351,8 +336,7 @@ def at_least(minimum):
     return parse
 
 
-def import_pyplot():
-    """matplotlib.pyplot drawing into files (Agg: no display), or None: matplotlib is optional."""
+def import_pyplot():  # matplotlib.pyplot drawing into files (Agg: no display), or None: it is optional
     try:
         import matplotlib
     except ImportError:
@@ -392,42 +376,24 @@ def start_worker(parent_pid, initializer, initargs):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
-    exit_with(parent_pid)
+    try:  # after the main process's kill -9, orphans would wait forever, holding memory
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:  # it died before the call above
+            os._exit(1)
+    except (OSError, AttributeError):  # not Linux: orphans wait, as they do without this
+        pass
     blas_limit = threadpool_limits(limits=1)
     if initializer is not None:
         initializer(*initargs)
 
 
-def exit_with(parent_pid):
-    """Die with the main process: after its kill -9, orphans would wait forever, holding memory."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: orphans wait, as they do without this
-        return
-    if os.getppid() != parent_pid:  # it died before the call above
-        os._exit(1)
-
-
-def stop_pool(pool, others=()):
-    """Kill the pool's workers (SIGKILL: one just forked may still hold our SIGTERM handler) and reap them.
-    Before Python 3.14's kill_workers, they are this process's children but `others`."""
-    if hasattr(pool, "kill_workers"):
-        pool.kill_workers()
-    else:
-        for process in multiprocessing.active_children():
-            if process not in others:
-                process.kill()
-    pool.shutdown(wait=True, cancel_futures=True)
-
-
 def pool_results(fn, tasks, workers, initializer=None, initargs=(), ordered=False, ahead=1,
                  tick_s=None, describe=str):
-    """fn(task) for every task in `workers` forked processes: yields (index, result) as tasks finish (in
-    task order when `ordered`; fn's exception as its result; with tick_s, None after tick_s s without one),
-    at most ahead x workers tasks in flight or waiting. A worker's death breaks the pool: its tasks in flight
-    run again one at a time, named in a warning (describe); one that dies again alone yields WorkerDied.
-    Two deaths of full pools with no task finished between raise WorkersKeepDying. When the generator
-    ends, fails or is closed (close it on Ctrl-C), its workers are killed and reaped."""
+    """fn(task) for every task in `workers` forked processes, at most ahead x workers in flight or waiting:
+    yields (index, result) as tasks finish (in task order when `ordered`; fn's exception as its result; with
+    tick_s, None after tick_s s without one). A dead worker's tasks in flight run again alone, named in a
+    warning (describe); one dying again yields WorkerDied; two full pools dying with no task finished between
+    raise WorkersKeepDying. Its end, an error or close() (call it on Ctrl-C) kills its workers."""
     context = multiprocessing.get_context("fork")
     todo, suspects, held = collections.deque(range(len(tasks))), collections.deque(), {}
     next_out, streak, full_deaths = 0, [], 0  # tasks lost, full-pool deaths, since a task finished
@@ -451,9 +417,8 @@ def pool_results(fn, tasks, workers, initializer=None, initargs=(), ordered=Fals
         while todo or suspects:
             alone = bool(suspects)  # a suspect runs alone: if its worker dies, it did it
             source, limit = (suspects, 1) if alone else (todo, ahead * workers)
-            others = multiprocessing.active_children()  # not this pool's workers (stop_pool)
-            pool = ProcessPoolExecutor(1 if alone else workers, mp_context=context,
-                                       initializer=start_worker,
+            others = multiprocessing.active_children()  # not this pool's workers (see the end)
+            pool = ProcessPoolExecutor(1 if alone else workers, mp_context=context, initializer=start_worker,
                                        initargs=(os.getpid(), initializer, initargs))
             in_flight, lost, broken = {}, [], False
             while (source or in_flight) and not broken:
@@ -465,8 +430,7 @@ def pool_results(fn, tasks, workers, initializer=None, initargs=(), ordered=Fals
                         broken = True
                         break
                     source.popleft()
-                done, _ = wait(in_flight, timeout=0 if broken else tick_s,
-                               return_when=FIRST_COMPLETED)
+                done, _ = wait(in_flight, timeout=0 if broken else tick_s, return_when=FIRST_COMPLETED)
                 if broken or any(isinstance(f.exception(), BrokenProcessPool) for f in done):
                     broken = True
                     done = wait(in_flight)[0]  # a broken pool fails all its futures at once
@@ -496,12 +460,19 @@ def pool_results(fn, tasks, workers, initializer=None, initargs=(), ordered=Fals
             full_deaths += 1
             if full_deaths == 2:
                 raise WorkersKeepDying(sorted(set(streak)), names(streak))
-            tqdm.write("a worker process died (killed: out of memory? kill -9?) with "
-                       + (f"{names(lost)} in flight; computing them again, one at a time, "
-                          if lost else "nothing in flight; going on ") + "in a fresh pool",
-                       file=sys.stderr)
+            tqdm.write("a worker process died (killed: out of memory? kill -9?) with " + (
+                f"{names(lost)} in flight; computing them again, one at a time, " if lost
+                else "nothing in flight; going on ") + "in a fresh pool", file=sys.stderr)
             suspects.extend(sorted(lost))
         yield from release()
     finally:
         if pool is not None:  # an error or Ctrl-C on the way out: no worker outlives it
-            stop_pool(pool, others)
+            # SIGKILL: one just forked may still hold our SIGTERM handler. Before Python 3.14's
+            # kill_workers, the workers are this process's children but `others`
+            if hasattr(pool, "kill_workers"):
+                pool.kill_workers()
+            else:
+                for process in multiprocessing.active_children():
+                    if process not in others:
+                        process.kill()
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -6,7 +6,6 @@
 
 Reads DATA/annotations_final.csv (or .csv.gz) and DATA/spectrograms.npy (+ .json); writes
 OUT/RUN/best_model.pt, last.pt, metrics.csv, results.json and test_scores.npz (see experiments/README.md).
-The recipe reads top to bottom; its machinery (devices, torchrun, run files, resuming) is in plumbing.py.
 """
 import argparse
 import contextlib
@@ -129,29 +128,24 @@ def load_data(args):
 
 def make_split(args, n_clips, clip_ids=None, mp3_paths=None):
     """-> train_idx, val_idx, test_idx (sorted rows) by --split; 'clean' needs clip_ids, 'folder' mp3_paths"""
-    if args.split == "folder":
-        if n_clips != common.N_CLIPS:
-            log(f"note: --split folder of {n_clips:,} clips, not of all {common.N_CLIPS:,} MTAT clips: "
-                "not the benchmarks' split")
+    if args.split == "random":
         try:
-            return common.folder_split(mp3_paths)
+            return common.random_split(n_clips, args.train_size, args.val_size, args.split_seed)
         except ValueError as error:
-            raise SystemExit(f"error: {args.data_dir / 'annotations_final.csv'}: {error}; "
-                             "use --split random") from None
-    if args.split in ("paper", "clean"):
-        if n_clips != common.N_CLIPS:
-            raise SystemExit(f"error: --split {args.split} needs all {common.N_CLIPS} MTAT clips, the data "
-                             f"has {n_clips}; use --split random --train-size N --val-size M")
-        if args.split == "paper":
-            return common.paper_split(n_clips)  # always the original's RandomState(1337) draw
-        try:
-            return common.clean_split(clip_ids)
-        except ValueError as error:
-            raise SystemExit(f"error: {args.data_dir / 'annotations_final.csv'}: {error}") from None
+            raise SystemExit(f"error: {error}; choose smaller --train-size/--val-size") from None
+    if n_clips != common.N_CLIPS and args.split == "folder":
+        log(f"note: --split folder of {n_clips:,} clips, not of all {common.N_CLIPS:,} MTAT clips: "
+            "not the benchmarks' split")
+    elif n_clips != common.N_CLIPS:
+        raise SystemExit(f"error: --split {args.split} needs all {common.N_CLIPS} MTAT clips, the data "
+                         f"has {n_clips}; use --split random --train-size N --val-size M")
+    if args.split == "paper":
+        return common.paper_split(n_clips)  # always the original's RandomState(1337) draw
     try:
-        return common.random_split(n_clips, args.train_size, args.val_size, args.split_seed)
+        return common.folder_split(mp3_paths) if args.split == "folder" else common.clean_split(clip_ids)
     except ValueError as error:
-        raise SystemExit(f"error: {error}; choose smaller --train-size/--val-size") from None
+        fix = "; use --split random" if args.split == "folder" else ""
+        raise SystemExit(f"error: {args.data_dir / 'annotations_final.csv'}: {error}{fix}") from None
 
 
 def audit_split(args, mp3_paths, train_idx, val_idx, test_idx):
@@ -367,7 +361,8 @@ def main(argv=None):
         print(f"best model: {run_dir / 'best_model.pt'}\nbest validation ROC-AUC {best['val_roc_auc']:.4f} "
               f"at epoch {best['epoch']}; test ROC-AUC {best['test_roc_auc']:.4f}, "
               f"PR-AUC {best['test_pr_auc']:.4f}", flush=True)
-    devices.finish_distributed()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return results  # None in the processes other than rank 0
 
 
