@@ -40,7 +40,6 @@ def decode(path, block_s=BLOCK_S):
     """Audio file -> (sample rate, mono float32 blocks (n,) of block_s seconds, None: one); soundfile, else
     librosa whole. ValueError naming the file: not a regular file, empty, or samples not finite."""
     import soundfile
-
     if not os.path.isfile(path):
         raise ValueError(f"{path}: {'not a regular file' if os.path.exists(path) else 'no such file'}")
     if os.path.getsize(path) == 0:
@@ -54,7 +53,6 @@ def decode(path, block_s=BLOCK_S):
     except soundfile.LibsndfileError:  # audioread, as librosa.load(path) would, with any name
         import audioread
         import librosa
-
         with audioread.audio_open(path) as source:
             audio, rate = librosa.load(source, sr=None, mono=True)
         return rate, finite_blocks(path, iter([audio]), rate)
@@ -82,13 +80,11 @@ def resample(rate, blocks, resampler=None):
     """Mono blocks at `rate` -> blocks at SAMPLE_RATE, ceil(n * SAMPLE_RATE / rate) samples in all as
     librosa.resample gives; soxr_hq streams, kaiser_best (resampy) yields the whole file as one block."""
     import soxr
-
     if rate == SAMPLE_RATE:
         yield from blocks
         return
     if (resampler or RESAMPLER) == "kaiser_best":
         import librosa
-
         audio = np.concatenate([np.zeros(0, np.float32), *blocks])
         if len(audio):  # resampy refuses an empty signal
             audio = librosa.resample(audio, orig_sr=rate, target_sr=SAMPLE_RATE, res_type="kaiser_best")
@@ -112,7 +108,6 @@ def log_mel_frames(blocks):
     """Mono blocks at SAMPLE_RATE -> float32 (N_MELS, k) per block: librosa's centred mel power spectrogram
     of the whole waveform, clipped at LOG_FLOOR, natural log; 1 + n_samples // HOP_LENGTH frames in all."""
     import librosa
-
     half, started = N_FFT // 2, False
     blocks = iter(blocks)
     pending, upcoming = np.zeros(0, np.float32), next(blocks, None)
@@ -381,9 +376,8 @@ def folder_split(mp3_paths):
     if outside:
         raise ValueError(f"{len(outside):,} mp3_path(s) are not in one of MTAT's folders 0..f (e.g. "
                          f"'{outside[0]}'); the folder split needs MTAT's layout '<folder>/<name>.mp3'")
-    broken = set(BROKEN_CLIPS)
     return tuple(np.array([row for row, (folder, path) in enumerate(zip(folders, mp3_paths))
-                           if folder in part and path not in broken], dtype=np.int64)
+                           if folder in part and path not in BROKEN_CLIPS], dtype=np.int64)
                  for part in FOLDER_PARTS)
 
 
@@ -546,7 +540,6 @@ def roc_auc(y_true, y_score, per_tag=False):
     """Macro ROC-AUC of 0/1 y_true (N, T) by any monotone y_score (N, T) over the tags with both
     classes: float (NaN if none); per_tag: the (T,) AUCs instead, NaN for the tags skipped."""
     from sklearn.metrics import roc_auc_score
-
     scores = _per_tag(roc_auc_score, y_true, y_score)
     return scores if per_tag else macro_mean(scores)
 
@@ -554,7 +547,6 @@ def roc_auc(y_true, y_score, per_tag=False):
 def pr_auc(y_true, y_score, per_tag=False):
     """Macro PR-AUC (average precision) over the tags with both classes; as roc_auc."""
     from sklearn.metrics import average_precision_score
-
     scores = _per_tag(average_precision_score, y_true, y_score)
     return scores if per_tag else macro_mean(scores)
 
