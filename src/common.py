@@ -12,8 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-# -----------------------------------------------------------------------------
-# Features: log-mel spectrogram, 128 bands x 628 frames for a 29.1 s MTAT clip
+# ---- Features: log-mel spectrogram, 128 bands x 628 frames for a 29.1 s MTAT clip
 SAMPLE_RATE = 11025  # Hz, audio is resampled to this on load
 N_FFT = 2048  # samples per FFT window (186 ms at 11,025 Hz)
 HOP_LENGTH = 512  # samples between frames (46 ms)
@@ -185,8 +184,7 @@ def fit_frames(spec, n_frames=N_FRAMES):
     return np.concatenate([spec, pad], axis=1)
 
 
-# -----------------------------------------------------------------------------
-# Tags: read MTAT annotations, merge synonyms, keep the most frequent
+# ---- Tags: read MTAT annotations, merge synonyms, keep the most frequent
 SYNONYMS = [
     ["beat", "beats"], ["chant", "chanting"], ["choir", "choral"], ["classical", "clasical", "classic"],
     ["drum", "drums"], ["electro", "electronic", "electronica", "electric"], ["fast", "fast beat", "quick"],
@@ -284,8 +282,7 @@ def load_tags(csv_path, n_tags=50, merge=True):
     return clip_ids, tags, tag_names, mp3_paths
 
 
-# -----------------------------------------------------------------------------
-# Splits
+# ---- Splits
 N_CLIPS = 25863  # rows of MTAT's annotations_final.csv
 # The original's weight tensors, in the order it drew them from the split's RandomState before
 # shuffling (conv: out, in, kh, kw; dense: in, out)
@@ -404,8 +401,7 @@ def split_overlap(mp3_paths, train_idx, eval_idx):
     return dict(n_clips=len(eval_idx), **shared, unparsed=evaluated.count(None))
 
 
-# -----------------------------------------------------------------------------
-# The multi-scale CNN
+# ---- The multi-scale CNN
 def conv(in_channels, out_channels, kernel):
     """'same'-padded convolution followed by ReLU (odd kernels only)."""
     return nn.Sequential(
@@ -524,31 +520,28 @@ def score(model, log_mel_batch, norm_mean, norm_std, bf16=False, embed=False):
         return torch.sigmoid(model.head[-1](embeddings).float()), embeddings.float()
 
 
-# -----------------------------------------------------------------------------
-# Metrics
-def _per_tag(metric, y_true, y_score):
+# ---- Metrics
+def _per_tag(metric, y_true, y_score, per_tag):
     y_true, y_score = np.asarray(y_true), np.asarray(y_score)
     positives = y_true.sum(axis=0)
     scores = np.full(y_true.shape[1], np.nan)
     scorable = (positives > 0) & (positives < len(y_true))
     if scorable.any():  # one call for all tags, not one per tag
         scores[scorable] = metric(y_true[:, scorable], y_score[:, scorable], average=None)
-    return scores
+    return scores if per_tag else macro_mean(scores)
 
 
 def roc_auc(y_true, y_score, per_tag=False):
     """Macro ROC-AUC of 0/1 y_true (N, T) by any monotone y_score (N, T) over the tags with both
     classes: float (NaN if none); per_tag: the (T,) AUCs instead, NaN for the tags skipped."""
     from sklearn.metrics import roc_auc_score
-    scores = _per_tag(roc_auc_score, y_true, y_score)
-    return scores if per_tag else macro_mean(scores)
+    return _per_tag(roc_auc_score, y_true, y_score, per_tag)
 
 
 def pr_auc(y_true, y_score, per_tag=False):
     """Macro PR-AUC (average precision) over the tags with both classes; as roc_auc."""
     from sklearn.metrics import average_precision_score
-    scores = _per_tag(average_precision_score, y_true, y_score)
-    return scores if per_tag else macro_mean(scores)
+    return _per_tag(average_precision_score, y_true, y_score, per_tag)
 
 
 def macro_mean(scores):
