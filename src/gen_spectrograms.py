@@ -124,10 +124,9 @@ def intact_rows(npy, meta):
 
 def failures_of(n, failed):
     """Whether `failed` lists failures as this code writes them: rows of n clips, each with its error."""
-    def whole(f):
-        return isinstance(f, dict) and type(f.get("row")) is int and 0 <= f["row"] < n and isinstance(
-            f.get("error"), str)
-    return type(n) is int and isinstance(failed, list) and all(map(whole, failed))
+    return type(n) is int and isinstance(failed, list) and all(
+        isinstance(f, dict) and type(f.get("row")) is int and 0 <= f["row"] < n
+        and isinstance(f.get("error"), str) for f in failed)
 
 
 def read_progress(files):

@@ -9,6 +9,7 @@ DATA/mp3/. A rerun picks up finished and `.part` files; on a complete DATA/ it t
 """
 import argparse
 import bisect
+import contextlib
 import errno
 import io
 import itertools
@@ -108,10 +109,9 @@ def download(name, hosts, part):
     for host in hosts:
         url = host.rstrip("/") + "/" + name
         print(f"trying {url}", flush=True)
-        failure = fetch(url, part)
-        if failure is None:
+        failures.append(fetch(url, part))
+        if failures[-1] is None:
             return
-        failures.append(failure)
     raise SystemExit(f"error: could not download {name}: {'; '.join(failures)}. Check the "
                      "network or point --base-url at a mirror; a rerun resumes the download")
 
@@ -161,11 +161,9 @@ def get_archive(data_dir, hosts, from_dir):
     marker = data_dir / VERIFIED
     stamps = {"md5": MD5[ARCHIVE], "parts": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
                                              for p in paths]}
-    try:  # the marker (the parts checked) only saves rereading 2.7 GB: a damaged one means "check again"
+    with contextlib.suppress(ValueError):  # the marker only saves rereading 2.7 GB; damaged: check again
         if marker.exists() and plumbing.read_json(marker) == stamps:
             return paths
-    except ValueError:
-        pass
     actual = plumbing.file_digest(paths, progress=f"md5 {paths[0].name}")
     if actual != MD5[ARCHIVE]:
         marker.unlink(missing_ok=True)
@@ -303,16 +301,13 @@ def get_mtat(data_dir, hosts=None, from_dir=None, keep_archives=False):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", help="where the annotations and mp3/ go (default: data; data/demo for "
-                   "--synthetic)")
+    p.add_argument("--data-dir", help="where annotations and mp3/ go (default: data; --synthetic: data/demo)")
     p.add_argument("--base-url", help=f"a mirror with the four files (default: try {', then '.join(HOSTS)})")
     p.add_argument("--from-dir", help="take annotations_final.csv and mp3.zip.001..003 from here, no network")
     p.add_argument("--keep-archives", action="store_true", help="keep the downloaded mp3.zip.00N")
-    p.add_argument("--synthetic", type=int, metavar="N",
-                   help="instead of MTAT, write a synthetic set of N clips in the same layout")
+    p.add_argument("--synthetic", type=int, metavar="N", help="a synthetic set of N clips instead of MTAT")
     p.add_argument("--seed", type=int, default=0, help="random seed of --synthetic (default: 0)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="--synthetic: replace other annotations in --data-dir (never MTAT's)")
+    p.add_argument("--overwrite", action="store_true", help="--synthetic: replace annotations not MTAT's")
     args = p.parse_args(argv)
     if args.data_dir is None:
         args.data_dir = "data/demo" if args.synthetic is not None else "data"
