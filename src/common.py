@@ -202,11 +202,10 @@ SYNONYMS = [
 
 
 def read_annotations(csv_path):
-    """MTAT's annotations_final.csv (quoted, tab-separated, CRLF line ends), or a gzip of it ->
-    (clip_ids int64 (N,), tags uint8 0/1 (N, T), tag_names (T str, the file's column order; T = 188),
-    mp3_paths (N str relative to the mp3 folder, e.g. 'f/artist-...mp3')).
-    ValueError naming the file (and line) when it is neither text nor gzip, or not MTAT's form: header
-    'clip_id', tag names..., 'mp3_path' (no byte-order mark), >= 1 row as long, int ids, tags 0 or 1."""
+    """MTAT's annotations_final.csv (quoted, tab-separated, CRLF), or a gzip of it -> (clip_ids int64 (N,),
+    tags uint8 0/1 (N, T), tag_names (T = 188 str, the file's column order), mp3_paths (N str under mp3/:
+    'f/artist-...mp3')). ValueError naming the file (and line) when neither text nor gzip, or not MTAT's form:
+    header 'clip_id', tag names..., 'mp3_path' (no byte-order mark), >= 1 row as long, int ids, tags 0/1."""
     with open(csv_path, "rb") as f:  # gzip by its magic bytes, whatever the name
         opener = gzip.open if f.read(2) == b"\x1f\x8b" else open
     try:
