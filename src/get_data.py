@@ -27,9 +27,8 @@ from tqdm import tqdm
 
 import plumbing  # no torch: --help and downloads start at once
 
-# The default host, then the older one that the original code used.
-HOSTS = ["https://mirg.city.ac.uk/datasets/magnatagatune/",
-         "http://mi.soi.city.ac.uk/datasets/magnatagatune/"]
+HOSTS = ["https://mirg.city.ac.uk/datasets/magnatagatune/",  # the default host
+         "http://mi.soi.city.ac.uk/datasets/magnatagatune/"]  # the older one, which the original code used
 ANNOTATIONS = "annotations_final.csv"
 ARCHIVE = "mp3.zip"
 PARTS = ["mp3.zip.001", "mp3.zip.002", "mp3.zip.003"]  # a zip split by byte concatenation
@@ -224,8 +223,7 @@ def safe_target(mp3_dir, name):
 
 
 def extract(archive_paths, mp3_dir):
-    """Extract the zip over archive_paths into mp3_dir, each file via `.part`, one there at its size skipped;
-    the names are checked first. -> the number of files."""
+    """Unzip archive_paths to mp3_dir -> n files: names checked first, each via `.part` unless there whole."""
     with zipfile.ZipFile(io.BufferedReader(ConcatenatedFile(archive_paths), CHUNK_BYTES)) as zf:
         entries = [info for info in zf.infolist() if not info.is_dir()]
         targets = [safe_target(mp3_dir, info.filename) for info in entries]
