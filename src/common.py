@@ -285,9 +285,8 @@ def load_tags(csv_path, n_tags=50, merge=True):
 N_CLIPS = 25863  # rows of MTAT's annotations_final.csv
 # The original's weight tensors, in the order it drew them from the split's RandomState before
 # shuffling (conv: out, in, kh, kw; dense: in, out)
-PAPER_WEIGHT_SHAPES = [(50, 1, 3, 7), (100, 50, 3, 5), (70, 100, 3, 3), (100, 1, 3, 5),
-                       (70, 100, 3, 3), (70, 1, 3, 3), (70, 210, 3, 3), (70, 70, 3, 3),
-                       (5040, 500), (500, 50)]
+PAPER_WEIGHT_SHAPES = [(50, 1, 3, 7), (100, 50, 3, 5), (70, 100, 3, 3), (100, 1, 3, 5), (70, 100, 3, 3),
+                       (70, 1, 3, 3), (70, 210, 3, 3), (70, 70, 3, 3), (5040, 500), (500, 50)]
 
 
 def original_draws(rng, shapes=PAPER_WEIGHT_SHAPES):
