@@ -414,8 +414,7 @@ ORIGINAL_LAYERS = ("branch1.0.0", "branch1.2.0", "branch1.4.0", "branch2.0.0", "
 
 
 class BatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d whose running variance follows the batch's biased variance (/n), as the
-    original's did (PyTorch's takes the unbiased /(n-1)): running = (1 - m) running + m batch."""
+    """BatchNorm1d whose running variance tracks the batch's biased one (/n, not /(n-1)), as the original."""
 
     def forward(self, x):
         if not self.training:
