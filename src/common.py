@@ -287,6 +287,15 @@ N_CLIPS = 25863  # rows of MTAT's annotations_final.csv
 # shuffling (conv: out, in, kh, kw; dense: in, out)
 PAPER_WEIGHT_SHAPES = [(50, 1, 3, 7), (100, 50, 3, 5), (70, 100, 3, 3), (100, 1, 3, 5), (70, 100, 3, 3),
                        (70, 1, 3, 3), (70, 210, 3, 3), (70, 70, 3, 3), (5040, 500), (500, 50)]
+SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # the clean split's lists (README there)
+CLEAN_SPLIT_FILES = ("mtat_clean_train.txt", "mtat_clean_valid.txt", "mtat_clean_test.txt")
+# The three MTAT clips whose MP3 holds no audio (clip ids 35644, 55753, 57881), by their
+# mp3_path: the split is a rule on paths, and a path names the broken file itself.
+BROKEN_CLIPS = ("6/norine_braun-now_and_zen-08-gently-117-146.mp3",
+                "8/jacob_heringman-josquin_des_prez_lute_settings-19-gintzler__pater_noster-204-233.mp3",
+                "9/american_baroque-dances_and_suites_of_rameau_and_couperin-25-le_petit_rien_xiveme_ordre_"
+                "couperin-88-117.mp3")
+FOLDER_PARTS = ("0123456789ab", "c", "def")  # MTAT's folders of training, validation, test
 
 
 def original_draws(rng, shapes=PAPER_WEIGHT_SHAPES):
@@ -332,10 +341,6 @@ def random_split(n_clips, n_train, n_val, seed=1337):
     return np.sort(train), np.sort(val), np.sort(test)
 
 
-SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # the clean split's lists (README there)
-CLEAN_SPLIT_FILES = ("mtat_clean_train.txt", "mtat_clean_valid.txt", "mtat_clean_test.txt")
-
-
 def clean_split(clip_ids, splits_dir=SPLITS_DIR):
     """The field's song-disjoint split (Lee et al. 2017; splits/README.md): clip_ids (N,) -> sorted int64
     train, val, test rows, (15244,), (1529,), (4332,); ValueError naming the listed clips missing."""
@@ -351,15 +356,6 @@ def clean_split(clip_ids, splits_dir=SPLITS_DIR):
                          f"{', ...' if len(missing) > 5 else ''}); the clean split needs MTAT's "
                          "full annotations_final.csv")
     return tuple(parts)
-
-
-# The three MTAT clips whose MP3 holds no audio (clip ids 35644, 55753, 57881), by their
-# mp3_path: the split is a rule on paths, and a path names the broken file itself.
-BROKEN_CLIPS = ("6/norine_braun-now_and_zen-08-gently-117-146.mp3",
-                "8/jacob_heringman-josquin_des_prez_lute_settings-19-gintzler__pater_noster-204-233.mp3",
-                "9/american_baroque-dances_and_suites_of_rameau_and_couperin-25-le_petit_rien_xiveme_ordre_"
-                "couperin-88-117.mp3")
-FOLDER_PARTS = ("0123456789ab", "c", "def")  # MTAT's folders of training, validation, test
 
 
 def folder_split(mp3_paths):
