@@ -29,6 +29,7 @@ import plumbing
 SAVE_EVERY_S = 5.0  # the progress file is rewritten this often while rows come in (and on exit)
 COPY_ROWS = 256  # rows per chunk when a finished or partial file is carried over to a new N
 DEFAULT_WORKERS = 8  # the original's
+out_rows = None  # each worker's (N, N_MELS, N_FRAMES) memmap of the partial file, opened once
 
 
 def parse_args(argv=None):
@@ -51,9 +52,6 @@ def parse_args(argv=None):
         print(f"note: --workers {args.workers} is more than the {cores} CPU cores this process may use; "
               f"{cores} would be faster", file=sys.stderr)
     return args
-
-
-out_rows = None  # each worker's (N, N_MELS, N_FRAMES) memmap of the partial file, opened once
 
 
 def init_worker(partial_path):
