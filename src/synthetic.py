@@ -51,6 +51,9 @@ SPELLINGS = {  # every tag a clip can get (merged name) -> the MTAT spellings it
 # ---- Sound: wavetable lines (timbre = harmonic spectra + envelope), a formant voice, drums
 TABLE_SIZE = 4096  # samples per wavetable period (a power of two: phase wraps by masking)
 VIBRATO = np.sin(2 * np.pi * 5.5 * np.arange(CLIP_SAMPLES) / CLIP_SAMPLE_RATE)  # 5.5 Hz
+# Formants F1-F3 (Hz) of a man's a, e, i, o, u (Peterson and Barney); a woman's are ~17% higher
+VOWELS = np.array([[730, 1090, 2440], [530, 1840, 2480], [270, 2290, 3010],
+                   [570, 840, 2410], [300, 870, 2240]])
 
 
 def wavetable(amplitudes):
@@ -97,10 +100,6 @@ for timbre in TIMBRES.values():  # the wavetables: table, and attack_table given
     timbre["table"] = wavetable(timbre["spectrum"])
     if "attack_spectrum" in timbre:
         timbre["attack_table"] = wavetable(timbre["attack_spectrum"])
-
-# Formants F1-F3 (Hz) of a man's a, e, i, o, u (Peterson and Barney); a woman's are ~17% higher
-VOWELS = np.array([[730, 1090, 2440], [530, 1840, 2480], [270, 2290, 3010],
-                   [570, 840, 2410], [300, 870, 2240]])
 
 
 def render_line(onsets, midi, timbre, rng, detune=1.0):
