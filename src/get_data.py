@@ -303,7 +303,7 @@ def main(argv=None):
     p.add_argument("--base-url", help=f"a mirror with the four files (default: try {', then '.join(HOSTS)})")
     p.add_argument("--from-dir", help="take annotations_final.csv and mp3.zip.001..003 from here, no network")
     p.add_argument("--keep-archives", action="store_true", help="keep the downloaded mp3.zip.00N")
-    p.add_argument("--synthetic", type=int, metavar="N", help="a synthetic set of N clips instead of MTAT")
+    p.add_argument("--synthetic", type=int, metavar="N", help="instead, N synthetic clips in MTAT's layout")
     p.add_argument("--seed", type=int, default=0, help="random seed of --synthetic (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="--synthetic: replace annotations not MTAT's")
     args = p.parse_args(argv)
