@@ -12,8 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-# -----------------------------------------------------------------------------
-# Features: log-mel spectrogram, 128 bands x 628 frames for a 29.1 s MTAT clip
+# ---- Features: log-mel spectrogram, 128 bands x 628 frames for a 29.1 s MTAT clip
 SAMPLE_RATE = 11025  # Hz, audio is resampled to this on load
 N_FFT = 2048  # samples per FFT window (186 ms at 11,025 Hz)
 HOP_LENGTH = 512  # samples between frames (46 ms)
@@ -40,7 +39,6 @@ def decode(path, block_s=BLOCK_S):
     """Audio file -> (sample rate, mono float32 blocks (n,) of block_s seconds, None: one); soundfile, else
     librosa whole. ValueError naming the file: not a regular file, empty, or samples not finite."""
     import soundfile
-
     if not os.path.isfile(path):
         raise ValueError(f"{path}: {'not a regular file' if os.path.exists(path) else 'no such file'}")
     if os.path.getsize(path) == 0:
@@ -54,7 +52,6 @@ def decode(path, block_s=BLOCK_S):
     except soundfile.LibsndfileError:  # audioread, as librosa.load(path) would, with any name
         import audioread
         import librosa
-
         with audioread.audio_open(path) as source:
             audio, rate = librosa.load(source, sr=None, mono=True)
         return rate, finite_blocks(path, iter([audio]), rate)
@@ -82,13 +79,11 @@ def resample(rate, blocks, resampler=None):
     """Mono blocks at `rate` -> blocks at SAMPLE_RATE, ceil(n * SAMPLE_RATE / rate) samples in all as
     librosa.resample gives; soxr_hq streams, kaiser_best (resampy) yields the whole file as one block."""
     import soxr
-
     if rate == SAMPLE_RATE:
         yield from blocks
         return
     if (resampler or RESAMPLER) == "kaiser_best":
         import librosa
-
         audio = np.concatenate([np.zeros(0, np.float32), *blocks])
         if len(audio):  # resampy refuses an empty signal
             audio = librosa.resample(audio, orig_sr=rate, target_sr=SAMPLE_RATE, res_type="kaiser_best")
@@ -112,7 +107,6 @@ def log_mel_frames(blocks):
     """Mono blocks at SAMPLE_RATE -> float32 (N_MELS, k) per block: librosa's centred mel power spectrogram
     of the whole waveform, clipped at LOG_FLOOR, natural log; 1 + n_samples // HOP_LENGTH frames in all."""
     import librosa
-
     half, started = N_FFT // 2, False
     blocks = iter(blocks)
     pending, upcoming = np.zeros(0, np.float32), next(blocks, None)
@@ -190,8 +184,7 @@ def fit_frames(spec, n_frames=N_FRAMES):
     return np.concatenate([spec, pad], axis=1)
 
 
-# -----------------------------------------------------------------------------
-# Tags: read MTAT annotations, merge synonyms, keep the most frequent
+# ---- Tags: read MTAT annotations, merge synonyms, keep the most frequent
 SYNONYMS = [
     ["beat", "beats"], ["chant", "chanting"], ["choir", "choral"], ["classical", "clasical", "classic"],
     ["drum", "drums"], ["electro", "electronic", "electronica", "electric"], ["fast", "fast beat", "quick"],
@@ -209,11 +202,10 @@ SYNONYMS = [
 
 
 def read_annotations(csv_path):
-    """MTAT's annotations_final.csv (quoted, tab-separated, CRLF line ends), or a gzip of it ->
-    (clip_ids int64 (N,), tags uint8 0/1 (N, T), tag_names (T str, the file's column order; T = 188),
-    mp3_paths (N str relative to the mp3 folder, e.g. 'f/artist-...mp3')).
-    ValueError naming the file (and line) when it is neither text nor gzip, or not MTAT's form: header
-    'clip_id', tag names..., 'mp3_path' (no byte-order mark), >= 1 row as long, int ids, tags 0 or 1."""
+    """MTAT's annotations_final.csv (quoted, tab-separated, CRLF), or a gzip of it -> (clip_ids int64 (N,),
+    tags uint8 0/1 (N, T), tag_names (T = 188 str, the file's column order), mp3_paths (N str under mp3/:
+    'f/artist-...mp3')). ValueError naming the file (and line) when neither text nor gzip, or not MTAT's form:
+    header 'clip_id', tag names..., 'mp3_path' (no byte-order mark), >= 1 row as long, int ids, tags 0/1."""
     with open(csv_path, "rb") as f:  # gzip by its magic bytes, whatever the name
         opener = gzip.open if f.read(2) == b"\x1f\x8b" else open
     try:
@@ -289,14 +281,21 @@ def load_tags(csv_path, n_tags=50, merge=True):
     return clip_ids, tags, tag_names, mp3_paths
 
 
-# -----------------------------------------------------------------------------
-# Splits
+# ---- Splits
 N_CLIPS = 25863  # rows of MTAT's annotations_final.csv
 # The original's weight tensors, in the order it drew them from the split's RandomState before
 # shuffling (conv: out, in, kh, kw; dense: in, out)
-PAPER_WEIGHT_SHAPES = [(50, 1, 3, 7), (100, 50, 3, 5), (70, 100, 3, 3), (100, 1, 3, 5),
-                       (70, 100, 3, 3), (70, 1, 3, 3), (70, 210, 3, 3), (70, 70, 3, 3),
-                       (5040, 500), (500, 50)]
+PAPER_WEIGHT_SHAPES = [(50, 1, 3, 7), (100, 50, 3, 5), (70, 100, 3, 3), (100, 1, 3, 5), (70, 100, 3, 3),
+                       (70, 1, 3, 3), (70, 210, 3, 3), (70, 70, 3, 3), (5040, 500), (500, 50)]
+SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # the clean split's lists (README there)
+CLEAN_SPLIT_FILES = ("mtat_clean_train.txt", "mtat_clean_valid.txt", "mtat_clean_test.txt")
+# The three MTAT clips whose MP3 holds no audio (clip ids 35644, 55753, 57881), by their
+# mp3_path: the split is a rule on paths, and a path names the broken file itself.
+BROKEN_CLIPS = ("6/norine_braun-now_and_zen-08-gently-117-146.mp3",
+                "8/jacob_heringman-josquin_des_prez_lute_settings-19-gintzler__pater_noster-204-233.mp3",
+                "9/american_baroque-dances_and_suites_of_rameau_and_couperin-25-le_petit_rien_xiveme_ordre_"
+                "couperin-88-117.mp3")
+FOLDER_PARTS = ("0123456789ab", "c", "def")  # MTAT's folders of training, validation, test
 
 
 def original_draws(rng, shapes=PAPER_WEIGHT_SHAPES):
@@ -342,10 +341,6 @@ def random_split(n_clips, n_train, n_val, seed=1337):
     return np.sort(train), np.sort(val), np.sort(test)
 
 
-SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # the clean split's lists (README there)
-CLEAN_SPLIT_FILES = ("mtat_clean_train.txt", "mtat_clean_valid.txt", "mtat_clean_test.txt")
-
-
 def clean_split(clip_ids, splits_dir=SPLITS_DIR):
     """The field's song-disjoint split (Lee et al. 2017; splits/README.md): clip_ids (N,) -> sorted int64
     train, val, test rows, (15244,), (1529,), (4332,); ValueError naming the listed clips missing."""
@@ -363,15 +358,6 @@ def clean_split(clip_ids, splits_dir=SPLITS_DIR):
     return tuple(parts)
 
 
-# The three MTAT clips whose MP3 holds no audio (clip ids 35644, 55753, 57881), by their
-# mp3_path: the split is a rule on paths, and a path names the broken file itself.
-BROKEN_CLIPS = ("6/norine_braun-now_and_zen-08-gently-117-146.mp3",
-                "8/jacob_heringman-josquin_des_prez_lute_settings-19-gintzler__pater_noster-204-233.mp3",
-                "9/american_baroque-dances_and_suites_of_rameau_and_couperin-25-le_petit_rien_xiveme_ordre_"
-                "couperin-88-117.mp3")
-FOLDER_PARTS = ("0123456789ab", "c", "def")  # MTAT's folders of training, validation, test
-
-
 def folder_split(mp3_paths):
     """MTAT's folder split (MARBLE's): '<folder>/<name>.mp3' paths (N,) -> sorted int64 train, val, test
     rows, (18706,), (1825,), (5329,), BROKEN_CLIPS left out; ValueError naming a path outside 0..f."""
@@ -381,9 +367,8 @@ def folder_split(mp3_paths):
     if outside:
         raise ValueError(f"{len(outside):,} mp3_path(s) are not in one of MTAT's folders 0..f (e.g. "
                          f"'{outside[0]}'); the folder split needs MTAT's layout '<folder>/<name>.mp3'")
-    broken = set(BROKEN_CLIPS)
     return tuple(np.array([row for row, (folder, path) in enumerate(zip(folders, mp3_paths))
-                           if folder in part and path not in broken], dtype=np.int64)
+                           if folder in part and path not in BROKEN_CLIPS], dtype=np.int64)
                  for part in FOLDER_PARTS)
 
 
@@ -410,8 +395,7 @@ def split_overlap(mp3_paths, train_idx, eval_idx):
     return dict(n_clips=len(eval_idx), **shared, unparsed=evaluated.count(None))
 
 
-# -----------------------------------------------------------------------------
-# The multi-scale CNN
+# ---- The multi-scale CNN
 def conv(in_channels, out_channels, kernel):
     """'same'-padded convolution followed by ReLU (odd kernels only)."""
     return nn.Sequential(
@@ -426,8 +410,7 @@ ORIGINAL_LAYERS = ("branch1.0.0", "branch1.2.0", "branch1.4.0", "branch2.0.0", "
 
 
 class BatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d whose running variance follows the batch's biased variance (/n), as the
-    original's did (PyTorch's takes the unbiased /(n-1)): running = (1 - m) running + m batch."""
+    """BatchNorm1d whose running variance tracks the batch's biased one (/n, not /(n-1)), as the original."""
 
     def forward(self, x):
         if not self.training:
@@ -530,33 +513,28 @@ def score(model, log_mel_batch, norm_mean, norm_std, bf16=False, embed=False):
         return torch.sigmoid(model.head[-1](embeddings).float()), embeddings.float()
 
 
-# -----------------------------------------------------------------------------
-# Metrics
-def _per_tag(metric, y_true, y_score):
+# ---- Metrics
+def _per_tag(metric, y_true, y_score, per_tag):
     y_true, y_score = np.asarray(y_true), np.asarray(y_score)
     positives = y_true.sum(axis=0)
     scores = np.full(y_true.shape[1], np.nan)
     scorable = (positives > 0) & (positives < len(y_true))
     if scorable.any():  # one call for all tags, not one per tag
         scores[scorable] = metric(y_true[:, scorable], y_score[:, scorable], average=None)
-    return scores
+    return scores if per_tag else macro_mean(scores)
 
 
 def roc_auc(y_true, y_score, per_tag=False):
     """Macro ROC-AUC of 0/1 y_true (N, T) by any monotone y_score (N, T) over the tags with both
     classes: float (NaN if none); per_tag: the (T,) AUCs instead, NaN for the tags skipped."""
     from sklearn.metrics import roc_auc_score
-
-    scores = _per_tag(roc_auc_score, y_true, y_score)
-    return scores if per_tag else macro_mean(scores)
+    return _per_tag(roc_auc_score, y_true, y_score, per_tag)
 
 
 def pr_auc(y_true, y_score, per_tag=False):
     """Macro PR-AUC (average precision) over the tags with both classes; as roc_auc."""
     from sklearn.metrics import average_precision_score
-
-    scores = _per_tag(average_precision_score, y_true, y_score)
-    return scores if per_tag else macro_mean(scores)
+    return _per_tag(average_precision_score, y_true, y_score, per_tag)
 
 
 def macro_mean(scores):

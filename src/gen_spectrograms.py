@@ -29,6 +29,7 @@ import plumbing
 SAVE_EVERY_S = 5.0  # the progress file is rewritten this often while rows come in (and on exit)
 COPY_ROWS = 256  # rows per chunk when a finished or partial file is carried over to a new N
 DEFAULT_WORKERS = 8  # the original's
+out_rows = None  # each worker's (N, N_MELS, N_FRAMES) memmap of the partial file, opened once
 
 
 def parse_args(argv=None):
@@ -51,9 +52,6 @@ def parse_args(argv=None):
         print(f"note: --workers {args.workers} is more than the {cores} CPU cores this process may use; "
               f"{cores} would be faster", file=sys.stderr)
     return args
-
-
-out_rows = None  # each worker's (N, N_MELS, N_FRAMES) memmap of the partial file, opened once
 
 
 def init_worker(partial_path):
@@ -124,10 +122,9 @@ def intact_rows(npy, meta):
 
 def failures_of(n, failed):
     """Whether `failed` lists failures as this code writes them: rows of n clips, each with its error."""
-    def whole(f):
-        return isinstance(f, dict) and type(f.get("row")) is int and 0 <= f["row"] < n and isinstance(
-            f.get("error"), str)
-    return type(n) is int and isinstance(failed, list) and all(map(whole, failed))
+    return type(n) is int and isinstance(failed, list) and all(
+        isinstance(f, dict) and type(f.get("row")) is int and 0 <= f["row"] < n
+        and isinstance(f.get("error"), str) for f in failed)
 
 
 def read_progress(files):

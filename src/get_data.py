@@ -9,6 +9,7 @@ DATA/mp3/. A rerun picks up finished and `.part` files; on a complete DATA/ it t
 """
 import argparse
 import bisect
+import contextlib
 import errno
 import io
 import itertools
@@ -26,9 +27,8 @@ from tqdm import tqdm
 
 import plumbing  # no torch: --help and downloads start at once
 
-# The default host, then the older one that the original code used.
-HOSTS = ["https://mirg.city.ac.uk/datasets/magnatagatune/",
-         "http://mi.soi.city.ac.uk/datasets/magnatagatune/"]
+HOSTS = ["https://mirg.city.ac.uk/datasets/magnatagatune/",  # the default host
+         "http://mi.soi.city.ac.uk/datasets/magnatagatune/"]  # the older one, which the original code used
 ANNOTATIONS = "annotations_final.csv"
 ARCHIVE = "mp3.zip"
 PARTS = ["mp3.zip.001", "mp3.zip.002", "mp3.zip.003"]  # a zip split by byte concatenation
@@ -108,10 +108,9 @@ def download(name, hosts, part):
     for host in hosts:
         url = host.rstrip("/") + "/" + name
         print(f"trying {url}", flush=True)
-        failure = fetch(url, part)
-        if failure is None:
+        failures.append(fetch(url, part))
+        if failures[-1] is None:
             return
-        failures.append(failure)
     raise SystemExit(f"error: could not download {name}: {'; '.join(failures)}. Check the "
                      "network or point --base-url at a mirror; a rerun resumes the download")
 
@@ -161,11 +160,9 @@ def get_archive(data_dir, hosts, from_dir):
     marker = data_dir / VERIFIED
     stamps = {"md5": MD5[ARCHIVE], "parts": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
                                              for p in paths]}
-    try:  # the marker (the parts checked) only saves rereading 2.7 GB: a damaged one means "check again"
+    with contextlib.suppress(ValueError):  # the marker only saves rereading 2.7 GB; damaged: check again
         if marker.exists() and plumbing.read_json(marker) == stamps:
             return paths
-    except ValueError:
-        pass
     actual = plumbing.file_digest(paths, progress=f"md5 {paths[0].name}")
     if actual != MD5[ARCHIVE]:
         marker.unlink(missing_ok=True)
@@ -226,8 +223,7 @@ def safe_target(mp3_dir, name):
 
 
 def extract(archive_paths, mp3_dir):
-    """Extract the zip over archive_paths into mp3_dir, each file via `.part`, one there at its size skipped;
-    the names are checked first. -> the number of files."""
+    """Unzip archive_paths to mp3_dir -> n files: names checked first, each via `.part` unless there whole."""
     with zipfile.ZipFile(io.BufferedReader(ConcatenatedFile(archive_paths), CHUNK_BYTES)) as zf:
         entries = [info for info in zf.infolist() if not info.is_dir()]
         targets = [safe_target(mp3_dir, info.filename) for info in entries]
@@ -303,16 +299,13 @@ def get_mtat(data_dir, hosts=None, from_dir=None, keep_archives=False):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", help="where the annotations and mp3/ go (default: data; data/demo for "
-                   "--synthetic)")
+    p.add_argument("--data-dir", help="where annotations and mp3/ go (default: data; --synthetic: data/demo)")
     p.add_argument("--base-url", help=f"a mirror with the four files (default: try {', then '.join(HOSTS)})")
     p.add_argument("--from-dir", help="take annotations_final.csv and mp3.zip.001..003 from here, no network")
     p.add_argument("--keep-archives", action="store_true", help="keep the downloaded mp3.zip.00N")
-    p.add_argument("--synthetic", type=int, metavar="N",
-                   help="instead of MTAT, write a synthetic set of N clips in the same layout")
+    p.add_argument("--synthetic", type=int, metavar="N", help="instead, N synthetic clips in MTAT's layout")
     p.add_argument("--seed", type=int, default=0, help="random seed of --synthetic (default: 0)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="--synthetic: replace other annotations in --data-dir (never MTAT's)")
+    p.add_argument("--overwrite", action="store_true", help="--synthetic: replace annotations not MTAT's")
     args = p.parse_args(argv)
     if args.data_dir is None:
         args.data_dir = "data/demo" if args.synthetic is not None else "data"

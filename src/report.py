@@ -317,8 +317,7 @@ def comparison_lines(c, n_resamples):
         point, low, high, p = c[metric]
         means = (f"{np.mean([pair[side][key] for pair in c['pairs']]):.4f}" for side in (0, 1))
         seeds = ", ".join(f"{run_a[key] - run_b[key]:+.4f} ({seed})" for run_a, run_b, seed in c["pairs"])
-        difference = (f"{point:+.4f}", interval(low, high, "+.4f"), f"{p:.4f}")
-        lines.append(row(name, *means, *difference, seeds))
+        lines.append(row(name, *means, f"{point:+.4f}", interval(low, high, "+.4f"), f"{p:.4f}", seeds))
     signs = {np.sign(run_a["test_roc_auc"] - run_b["test_roc_auc"]) for run_a, run_b, _ in c["pairs"]}
     disagree = " The seed pairs disagree in sign: the seeds move the difference more than its interval shows."
     lines += ["", "The difference is the mean over the seed pairs (same seed, same clips) of the first "

@@ -18,22 +18,21 @@ import plumbing
 
 # MTAT's tag columns, in order (from the real annotations_final.csv, whose MD5 get_data.py checks)
 MTAT_TAG_NAMES = (
-    "no voice,singer,duet,plucking,hard rock,world,bongos,harpsichord,female singing,clasical,sitar,"
-    "chorus,female opera,male vocal,vocals,clarinet,heavy,silence,beats,men,woodwind,funky,no strings,"
-    "chimes,foreign,no piano,horns,classical,female,no voices,soft rock,eerie,spacey,jazz,guitar,quiet,"
-    "no beat,banjo,electric,solo,violins,folk,female voice,wind,happy,ambient,new age,synth,funk,"
-    "no singing,middle eastern,trumpet,percussion,drum,airy,voice,repetitive,birds,space,strings,bass,"
-    "harpsicord,medieval,male voice,girl,keyboard,acoustic,loud,classic,string,drums,electronic,"
-    "not classical,chanting,no violin,not rock,no guitar,organ,no vocal,talking,choral,weird,opera,"
-    "soprano,fast,acoustic guitar,electric guitar,male singer,man singing,classical guitar,country,"
-    "violin,electro,reggae,tribal,dark,male opera,no vocals,irish,electronica,horn,operatic,arabic,lol,"
-    "low,instrumental,trance,chant,strange,drone,synthesizer,heavy metal,modern,disco,bells,man,deep,"
-    "fast beat,industrial,hard,harp,no flute,jungle,pop,lute,female vocal,oboe,mellow,orchestral,viola,"
-    "light,echo,piano,celtic,male vocals,orchestra,eastern,old,flutes,punk,spanish,sad,sax,slow,male,"
-    "blues,vocal,indian,no singer,scary,india,woman,woman singing,rock,dance,piano solo,guitars,no drums,"
-    "jazzy,singing,cello,calm,female vocals,voices,different,techno,clapping,house,monks,flute,not opera,"
-    "not english,oriental,beat,upbeat,soft,noise,choir,female singer,rap,metal,hip hop,quick,water,"
-    "baroque,women,fiddle,english").split(",")
+    "no voice,singer,duet,plucking,hard rock,world,bongos,harpsichord,female singing,clasical,sitar,chorus,"
+    "female opera,male vocal,vocals,clarinet,heavy,silence,beats,men,woodwind,funky,no strings,chimes,"
+    "foreign,no piano,horns,classical,female,no voices,soft rock,eerie,spacey,jazz,guitar,quiet,no beat,"
+    "banjo,electric,solo,violins,folk,female voice,wind,happy,ambient,new age,synth,funk,no singing,"
+    "middle eastern,trumpet,percussion,drum,airy,voice,repetitive,birds,space,strings,bass,harpsicord,"
+    "medieval,male voice,girl,keyboard,acoustic,loud,classic,string,drums,electronic,not classical,chanting,"
+    "no violin,not rock,no guitar,organ,no vocal,talking,choral,weird,opera,soprano,fast,acoustic guitar,"
+    "electric guitar,male singer,man singing,classical guitar,country,violin,electro,reggae,tribal,dark,"
+    "male opera,no vocals,irish,electronica,horn,operatic,arabic,lol,low,instrumental,trance,chant,strange,"
+    "drone,synthesizer,heavy metal,modern,disco,bells,man,deep,fast beat,industrial,hard,harp,no flute,"
+    "jungle,pop,lute,female vocal,oboe,mellow,orchestral,viola,light,echo,piano,celtic,male vocals,orchestra,"
+    "eastern,old,flutes,punk,spanish,sad,sax,slow,male,blues,vocal,indian,no singer,scary,india,woman,"
+    "woman singing,rock,dance,piano solo,guitars,no drums,jazzy,singing,cello,calm,female vocals,voices,"
+    "different,techno,clapping,house,monks,flute,not opera,not english,oriental,beat,upbeat,soft,noise,choir,"
+    "female singer,rap,metal,hip hop,quick,water,baroque,women,fiddle,english").split(",")
 
 CLIP_SAMPLE_RATE = 16000  # Hz, as MTAT's MP3s
 CLIP_SAMPLES = 466400  # 29.15 s: decodes to 321,379 samples at 11,025 Hz = 628 frames, no padding needed
@@ -52,6 +51,9 @@ SPELLINGS = {  # every tag a clip can get (merged name) -> the MTAT spellings it
 # ---- Sound: wavetable lines (timbre = harmonic spectra + envelope), a formant voice, drums
 TABLE_SIZE = 4096  # samples per wavetable period (a power of two: phase wraps by masking)
 VIBRATO = np.sin(2 * np.pi * 5.5 * np.arange(CLIP_SAMPLES) / CLIP_SAMPLE_RATE)  # 5.5 Hz
+# Formants F1-F3 (Hz) of a man's a, e, i, o, u (Peterson and Barney); a woman's are ~17% higher
+VOWELS = np.array([[730, 1090, 2440], [530, 1840, 2480], [270, 2290, 3010],
+                   [570, 840, 2410], [300, 870, 2240]])
 
 
 def wavetable(amplitudes):
@@ -98,10 +100,6 @@ for timbre in TIMBRES.values():  # the wavetables: table, and attack_table given
     timbre["table"] = wavetable(timbre["spectrum"])
     if "attack_spectrum" in timbre:
         timbre["attack_table"] = wavetable(timbre["attack_spectrum"])
-
-# Formants F1-F3 (Hz) of a man's a, e, i, o, u (Peterson and Barney); a woman's are ~17% higher
-VOWELS = np.array([[730, 1090, 2440], [530, 1840, 2480], [270, 2290, 3010],
-                   [570, 840, 2410], [300, 870, 2240]])
 
 
 def render_line(onsets, midi, timbre, rng, detune=1.0):
