@@ -27,9 +27,11 @@ RESAMPLER = "soxr_hq"  # the default of the functions below; a script sets it fr
 
 
 def feature_params(resampler=None):
-    """The feature parameters as a dict; stored with spectrograms and checkpoints."""
-    return dict(sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH, n_mels=N_MELS,
-                n_frames=N_FRAMES, log_floor=LOG_FLOOR, pad_mode=PAD_MODE, resampler=resampler or RESAMPLER)
+    """The feature parameters as a dict (resampler: one of RESAMPLERS, else RESAMPLER); stored with
+    spectrograms and checkpoints, whose readers compare theirs with feature_params(their resampler)."""
+    return dict(sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH, n_mels=N_MELS, n_frames=N_FRAMES,
+                log_floor=LOG_FLOOR, pad_mode=PAD_MODE,
+                resampler=resampler if resampler in RESAMPLERS else RESAMPLER)
 
 
 # The pipeline decode -> resample -> log-mel passes blocks along, so memory does not grow with a file.

@@ -5,7 +5,6 @@ import math
 import os
 import shlex
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -28,15 +27,13 @@ def make_card(name, model, checkpoint, run_dir):
         if value is not None and (value is not False or key in ("fused_adam", "resident", "cudnn_benchmark")):
             words += [f"--{'no-' * (value is False)}{key.replace('_', '-')}",
                       *(value if isinstance(value, list) else [] if isinstance(value, bool) else [value])]
-    commit = shutil.which("git") and subprocess.run(["git", "-C", Path(__file__).parent, "rev-parse", "HEAD"],
-                                                    capture_output=True, text=True).stdout.strip()
     prov, warning = checkpoint["provenance"], formats.describe_training(checkpoint)[1]
     overlap = plumbing.read_json(run_dir / "results.json").get("split_overlap")
     return dict(name=name, model="MSCNN (Dabral et al. 2018), PyTorch", tags=checkpoint["tag_names"],
                 network=dict(scales=list(model.scales), n_tags=len(checkpoint["tag_names"])),
                 feature_params=checkpoint["feature_params"], training_data=prov["data"], metrics=metrics,
                 split=dict(prov["split"], overlap=overlap),
-                trained_with=shlex.join(map(str, words)), code_commit=commit or None,
+                trained_with=shlex.join(map(str, words)), code_commit=prov.get("code_commit"),
                 weights_licence="CC BY-NC-SA 3.0 (MTAT's)" if prov["data"]["dataset"] == "MTAT" else None,
                 source_checkpoint_sha256=checkpoint["sha256"], warning=warning and warning[len("warning: "):])
 

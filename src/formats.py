@@ -5,6 +5,8 @@ import hashlib
 import io
 import math
 import re
+import shutil
+import subprocess
 import time
 import zipfile
 from pathlib import Path
@@ -43,7 +45,8 @@ def annotations_path(data_dir):
 
 
 def open_spectrograms(data_dir, mp3_paths=None):
-    """DATA/spectrograms.npy, a read-only memmap, checked (given mp3_paths: for NaN, inf too); else exit."""
+    """-> DATA/spectrograms.npy as a read-only memmap, checked (given mp3_paths: for NaN, inf too), and its
+    .json's dict; else exit in one line."""
     npy, meta_path = data_dir / "spectrograms.npy", data_dir / "spectrograms.json"
     rerun = f"python src/gen_spectrograms.py --data-dir {data_dir}"
     again = f"compute the spectrograms again: {rerun} --overwrite"
@@ -56,7 +59,7 @@ def open_spectrograms(data_dir, mp3_paths=None):
     if (version := meta.get("format_version")) != SPECTROGRAMS_FORMAT:
         raise SystemExit(f"error: {meta_path} is of format {version}, this code reads {SPECTROGRAMS_FORMAT}; "
                          f"{again}")
-    wanted = common.feature_params()
+    wanted = common.feature_params(meta.get("resampler"))
     found = {key: meta.get(key) for key in wanted}
     if found != wanted:
         raise SystemExit(f"error: {meta_path} was made with feature parameters {found}, but this code "
@@ -83,7 +86,7 @@ def open_spectrograms(data_dir, mp3_paths=None):
             raise SystemExit(f"error: {npy} holds NaN or inf in {len(bad)} row(s) (the first: row {bad[0]}, "
                              f"{mp3_paths[bad[0]]}): the file is damaged; run {rerun}: it computes those "
                              "rows again")
-    return spectrograms
+    return spectrograms, meta
 
 
 def non_finite_rows(rows, chunk_rows=256):
@@ -123,18 +126,21 @@ def dataset_of(csv_path, annotations_md5):
     return "other"
 
 
-def provenance(args, split):
-    """What a run trains on, for its .pt files and results.json: {'data': ..., 'split': ...}, plain types."""
+def provenance(args, split, meta):
+    """What a run trains on (meta: spectrograms.json's), for its .pt files and results.json: {'data': ...,
+    'split': ..., 'code_commit': this clone's git commit or None}, plain types."""
     csv_path = annotations_path(args.data_dir)
     md5 = file_digest(csv_path)
-    meta = read_json(args.data_dir / "spectrograms.json")  # checked by open_spectrograms
+    git = shutil.which("git") and subprocess.run(["git", "-C", Path(__file__).parent, "rev-parse", "HEAD"],
+                                                 capture_output=True, text=True)
     rows_md5 = hashlib.md5(b"|".join(np.asarray(part, np.int64).tobytes() for part in split)).hexdigest()
     return dict(data=dict(annotations=str(csv_path), annotations_md5=md5, dataset=dataset_of(csv_path, md5),
                           spectrograms=str(args.data_dir / "spectrograms.npy"),
                           **{key: meta.get(key) for key in DATA_IDENTITY[1:]}),
                 split=dict(name=args.split, split_seed=args.split_seed if args.split == "random" else None,
                            **{f"n_{part}": len(rows) for part, rows in zip(("train", "val", "test"), split)},
-                           rows_md5=rows_md5))
+                           rows_md5=rows_md5),
+                code_commit=git.stdout.strip() if git and git.returncode == 0 else None)
 
 
 def check_same_provenance(saved, current, run_dir):
@@ -300,8 +306,7 @@ def load_model(checkpoint_path, device="cpu"):
     """A best_model.pt or model folder read once -> (its MSCNN on `device`, eval mode; its dict + sha256)"""
     checkpoint = (read_model_folder(checkpoint_path) if is_model_folder(checkpoint_path) else
                   read_checkpoint(checkpoint_path, CHECKPOINT_KEYS, "a PyTorch checkpoint of this project"))
-    resampler = checkpoint["feature_params"].get("resampler")  # either of RESAMPLERS: the caller uses it
-    wanted = common.feature_params(resampler if resampler in common.RESAMPLERS else None)
+    wanted = common.feature_params(checkpoint["feature_params"].get("resampler"))  # the caller uses it
     if checkpoint["feature_params"] != wanted:
         raise ValueError(f"{checkpoint_path}: trained on features {checkpoint['feature_params']}, "
                          f"but this code computes {wanted}")

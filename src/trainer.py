@@ -8,7 +8,6 @@ Reads DATA/annotations_final.csv (or .csv.gz) and DATA/spectrograms.npy (+ .json
 OUT/RUN/best_model.pt, last.pt, metrics.csv, results.json and test_scores.npz (see experiments/README.md).
 """
 import argparse
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -117,13 +116,10 @@ def load_data(args):
     except ValueError as error:  # it names the file and what is wrong in it
         raise SystemExit(f"error: {error}; restore the file (python src/get_data.py --data-dir "
                          f"{args.data_dir} for MTAT) or correct it") from None
-    with contextlib.suppress(OSError, ValueError):  # open_spectrograms names what is wrong with the file
-        resampler = plumbing.read_json(args.data_dir / "spectrograms.json").get("resampler")
-        if resampler in common.RESAMPLERS:
-            common.RESAMPLER = resampler  # checkpoints record it, predict.py computes the same
-    spectrograms = formats.open_spectrograms(args.data_dir, mp3_paths)  # these annotations' rows, finite
+    spectrograms, meta = formats.open_spectrograms(args.data_dir, mp3_paths)  # these rows, finite
+    common.RESAMPLER = meta["resampler"]  # checkpoints record it, predict.py computes the same
     n = len(spectrograms)
-    return labels[:n], tag_names, clip_ids[:n], mp3_paths[:n], spectrograms
+    return labels[:n], tag_names, clip_ids[:n], mp3_paths[:n], spectrograms, meta
 
 
 def make_split(args, n_clips, clip_ids=None, mp3_paths=None):
@@ -306,12 +302,12 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     # data: labels, spectrograms, the split and its audit, per-band statistics of training
-    labels, tag_names, clip_ids, mp3_paths, spectrograms = load_data(args)
+    labels, tag_names, clip_ids, mp3_paths, spectrograms, meta = load_data(args)
     log(devices.resolve_speed_choices(args, device, spectrograms.nbytes))  # --precision, --resident, ...
     train_idx, val_idx, test_idx = make_split(args, len(spectrograms), clip_ids, mp3_paths)
     overlap = audit_split(args, mp3_paths, train_idx, val_idx, test_idx)
     check_split(args, labels, tag_names, train_idx, val_idx, test_idx)
-    provenance = formats.provenance(args, (train_idx, val_idx, test_idx))  # saved in every checkpoint
+    provenance = formats.provenance(args, (train_idx, val_idx, test_idx), meta)  # in every checkpoint
     source = devices.to_device_source(spectrograms, device, args.resident)
     norm = band_stats(source, train_idx, device)
     labels_on_device = torch.from_numpy(labels).float().to(device)

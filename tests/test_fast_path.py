@@ -238,7 +238,7 @@ def test_resident_data_gives_the_same_training_as_the_memmap(small_data_dir):
     """The GPU path's data handling (the array uploaded whole, batches and band statistics
     read from it by device-side indices), run on the CPU against the host memmap."""
     cpu = torch.device("cpu")
-    spectrograms = formats.open_spectrograms(small_data_dir)
+    spectrograms = formats.open_spectrograms(small_data_dir)[0]
     resident = devices.upload(spectrograms, cpu, chunk_rows=20)
     assert resident.dtype == torch.float16 and torch.equal(resident, torch.from_numpy(np.array(spectrograms)))
     train_idx = np.arange(0, 48, 3)
@@ -314,7 +314,7 @@ def test_gpu_choices_on_the_cpu_match_fp32_step_by_step(small_data_dir):
     second step.
     """
     cpu = torch.device("cpu")
-    spectrograms = formats.open_spectrograms(small_data_dir)
+    spectrograms = formats.open_spectrograms(small_data_dir)[0]
     resident = devices.to_device_source(spectrograms, cpu, resident=True)
     assert isinstance(resident, torch.Tensor) and resident.dtype == torch.float16
     train_idx, val_idx = np.arange(0, 48, 4), np.arange(1, 48, 4)
